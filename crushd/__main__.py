@@ -1,0 +1,3 @@
+from crushd.cli import main
+
+main()

@@ -1,0 +1,97 @@
+"""The Flask application factory and the one place errors become JSON."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from typing import Any
+
+from flask import Flask, g, request
+from werkzeug.exceptions import HTTPException
+
+from crushd.config import Config
+from crushd.errors import CrushdError, Unauthorized
+from crushd.server import Server
+
+logger = logging.getLogger("crushd.http")
+
+HTTP_CODES = {
+    400: "invalid_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+}
+
+
+def error_body(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message}}
+
+
+def create_app(config: Config | None = None, server: Server | None = None) -> Flask:
+    """Build the WSGI app.  With no ``server`` one is created (and owned) for
+    ``config`` — opening the data directory, its lock and every registered
+    workspace; the caller stops it with ``app.extensions["crushd"].stop()``."""
+    if server is None:
+        server = Server(config or Config.load())
+    config = server.config
+    app = Flask("crushd")
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body
+    app.json.sort_keys = False
+    app.extensions["crushd"] = server
+
+    from crushd.routes import api
+
+    app.register_blueprint(api)
+
+    @app.before_request
+    def _authenticate() -> None:
+        g.started = time.monotonic()
+        if server.token is None or request.path == "/v1/health":
+            return
+        header = request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), server.token.encode()
+        ):
+            raise Unauthorized("missing or wrong bearer token")
+
+    @app.after_request
+    def _log(response: Any) -> Any:
+        elapsed = time.monotonic() - g.get("started", time.monotonic())
+        logger.info(
+            "event=request method=%s path=%s status=%d ms=%.1f",
+            request.method,
+            request.path,
+            response.status_code,
+            elapsed * 1000,
+        )
+        return response
+
+    @app.errorhandler(CrushdError)
+    def _crushd_error(exc: CrushdError) -> Any:
+        headers = exc.headers()
+        if exc.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return error_body(exc.code, exc.message), exc.status, headers
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Any:
+        status = exc.code or 500
+        code = HTTP_CODES.get(status, "internal_error" if status >= 500 else "invalid_request")
+        message = {
+            404: "no such route",
+            405: f"method {request.method} not allowed here",
+            413: f"request body is larger than {config.max_body} bytes",
+        }.get(status, exc.description or exc.name)
+        headers = dict(exc.get_headers())
+        headers.pop("Content-Type", None)
+        return error_body(code, message), status, headers
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Any:
+        logger.exception("event=request_failed method=%s path=%s", request.method, request.path)
+        return error_body("internal_error", "internal server error"), 500
+
+    return app

@@ -1,0 +1,225 @@
+"""Workspace events: sequence numbers, replay buffer, fan-out and SSE framing.
+
+Every event of a workspace gets the next ``seq``, is rendered once to its
+SSE frame, kept in a ring buffer for replay and offered to each subscriber's
+bounded queue.  A subscriber whose queue is full is dropped (its stream ends
+and the client reconnects with ``Last-Event-ID``), so one stalled reader can
+never hold back a run or grow memory without bound.
+
+Events are also sent through the app's blinker ``event_published`` signal
+(one permanent receiver per app, see :mod:`crushd.signals`); SSE fan-out does
+not use blinker because its connect/disconnect is not thread-safe.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from crushd.store import utcnow
+
+logger = logging.getLogger(__name__)
+
+SEQ_RESERVE_BLOCK = 10_000
+SUBSCRIBER_QUEUE = 4_096
+
+_CLOSE = object()
+
+
+@dataclass(frozen=True)
+class Event:
+    seq: int
+    type: str
+    session_id: str | None
+    data: dict[str, Any]
+    frame: bytes  # the rendered SSE frame
+
+
+class Subscriber:
+    def __init__(self, session_id: str | None) -> None:
+        self.session_id = session_id
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=SUBSCRIBER_QUEUE)
+        self.dropped = False  # set by the hub when the queue overflowed
+
+    def wants(self, event: Event) -> bool:
+        return self.session_id is None or event.session_id in (None, self.session_id)
+
+
+class EventHub:
+    """Per-workspace event sequence and fan-out.  Thread-safe.
+
+    ``reserve(n)`` is called (under the hub lock) whenever ``seq`` is about to
+    pass the last reserved number, so that after a restart — even a crash —
+    numbering continues above anything a client may have seen.
+    """
+
+    def __init__(
+        self,
+        workspace_id: str,
+        first_seq: int = 1,
+        buffer_size: int = 10_000,
+        reserve: Callable[[int], None] | None = None,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> None:
+        self.workspace_id = workspace_id
+        self._lock = threading.Lock()
+        self._seq = first_seq - 1  # guarded by _lock
+        self._reserved = self._seq  # guarded by _lock
+        self._buffer: collections.deque[Event] = collections.deque(maxlen=buffer_size)
+        self._subscribers: set[Subscriber] = set()  # guarded by _lock
+        self._closed = False  # guarded by _lock
+        self._reserve = reserve
+        self._on_event = on_event
+
+    @property
+    def last_seq(self) -> int:
+        with self._lock:
+            return self._seq
+
+    @property
+    def subscriber_count(self) -> int:
+        with self._lock:
+            return len(self._subscribers)
+
+    def publish(self, type: str, session_id: str | None, payload: dict[str, Any]) -> Event | None:
+        """Number, buffer and fan out one event; returns None after close."""
+        with self._lock:
+            if self._closed:
+                logger.debug("event=event_after_close type=%s", type)
+                return None
+            self._seq += 1
+            if self._seq > self._reserved and self._reserve is not None:
+                self._reserved = self._seq + SEQ_RESERVE_BLOCK
+                try:
+                    self._reserve(self._reserved)
+                except Exception:  # numbering still works in memory; log and go on
+                    logger.exception("event=seq_reserve_failed workspace=%s", self.workspace_id)
+            data = {
+                "seq": self._seq,
+                "type": type,
+                "workspace_id": self.workspace_id,
+                "session_id": session_id,
+                "time": utcnow(),
+                "payload": payload,
+            }
+            frame = f"id: {self._seq}\nevent: {type}\ndata: {json.dumps(data)}\n\n".encode()
+            event = Event(self._seq, type, session_id, data, frame)
+            self._buffer.append(event)
+            for sub in list(self._subscribers):
+                if not sub.wants(event):
+                    continue
+                try:
+                    sub.queue.put_nowait(event)
+                except queue.Full:
+                    sub.dropped = True
+                    self._subscribers.discard(sub)
+                    logger.warning(
+                        "event=subscriber_dropped workspace=%s reason=queue_full", self.workspace_id
+                    )
+        if self._on_event is not None:
+            self._on_event(event)
+        return event
+
+    def subscribe(
+        self, since: int | None, session_id: str | None
+    ) -> tuple[Subscriber, list[Event], Event | None]:
+        """Register a subscriber and return it with the backlog after ``since``.
+
+        Registration and backlog are taken under one lock, so no event falls
+        between them.  If ``since`` is older than the buffer (or newer than
+        anything published) the third value is a ``reset`` event to send first.
+        """
+        sub = Subscriber(session_id)
+        with self._lock:
+            backlog: list[Event] = []
+            reset: Event | None = None
+            if since is not None:
+                oldest = self._buffer[0].seq if self._buffer else self._seq + 1
+                if since > self._seq or since < oldest - 1:
+                    data = {
+                        "seq": self._seq,
+                        "type": "reset",
+                        "workspace_id": self.workspace_id,
+                        "session_id": None,
+                        "time": utcnow(),
+                        "payload": {"requested": since, "oldest": oldest, "latest": self._seq},
+                    }
+                    frame = (
+                        f"id: {self._seq}\nevent: reset\ndata: {json.dumps(data)}\n\n"
+                    ).encode()
+                    reset = Event(self._seq, "reset", None, data, frame)
+                else:
+                    backlog = [e for e in self._buffer if e.seq > since and sub.wants(e)]
+            if self._closed:
+                sub.queue.put_nowait(_CLOSE)
+            else:
+                self._subscribers.add(sub)
+        return sub, backlog, reset
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        with self._lock:
+            self._subscribers.discard(sub)
+
+    def close(self) -> None:
+        """End every subscriber's stream; later publishes are dropped."""
+        with self._lock:
+            self._closed = True
+            subscribers, self._subscribers = self._subscribers, set()
+        for sub in subscribers:
+            try:
+                sub.queue.put_nowait(_CLOSE)
+            except queue.Full:
+                sub.dropped = True
+
+
+def sse_stream(
+    hub: EventHub,
+    sub: Subscriber,
+    backlog: list[Event],
+    reset: Event | None,
+    *,
+    ping_interval: float,
+    client_gone: Callable[[], bool],
+    on_close: Callable[[], None],
+    poll: float = 1.0,
+) -> Iterator[bytes]:
+    """The body of one SSE response.
+
+    It never touches the database.  It polls ``client_gone`` between queue
+    waits (at most ``poll`` seconds apart) and pings every ``ping_interval``,
+    so a vanished client frees its server thread within one ping interval.
+    ``on_close`` always runs, however the stream ends.
+    """
+    try:
+        yield b": open\n\n"
+        if reset is not None:
+            yield reset.frame
+        for event in backlog:
+            yield event.frame
+        next_ping = time.monotonic() + ping_interval
+        while True:
+            timeout = max(0.0, min(poll, next_ping - time.monotonic()))
+            try:
+                item = sub.queue.get(timeout=timeout)
+            except queue.Empty:
+                if client_gone():
+                    return
+                if sub.dropped:
+                    return
+                if time.monotonic() >= next_ping:
+                    next_ping = time.monotonic() + ping_interval
+                    yield b": ping\n\n"
+                continue
+            if item is _CLOSE:
+                return
+            yield item.frame
+    finally:
+        hub.unsubscribe(sub)
+        on_close()

@@ -1,0 +1,181 @@
+"""peewee models and schema migrations.
+
+Several workspace databases are open at once and used from many threads,
+so no model is bound to a global database: :func:`workspace_models` and
+:func:`registry_models` build a fresh model set for each database.
+
+The schema is created and changed only by the numbered migrations below,
+applied at open and recorded in ``PRAGMA user_version``.  A migration is
+never edited once released; a change is a new migration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import peewee as pw
+from playhouse.migrate import SchemaMigrator, migrate
+
+Migration = Callable[[pw.Database], None]
+
+
+def _sql(*statements: str) -> Migration:
+    def apply(db: pw.Database) -> None:
+        for statement in statements:
+            db.execute_sql(statement)
+
+    return apply
+
+
+def _add_usage_columns(db: pw.Database) -> None:
+    migrator = SchemaMigrator.from_database(db)
+    with migrator.migration_context():
+        migrate(
+            migrator.add_column("run", "prompt_tokens", pw.IntegerField(default=0)),
+            migrator.add_column("run", "completion_tokens", pw.IntegerField(default=0)),
+            migrator.add_column("session", "prompt_tokens", pw.IntegerField(default=0)),
+            migrator.add_column("session", "completion_tokens", pw.IntegerField(default=0)),
+        )
+
+
+WORKSPACE_MIGRATIONS: list[Migration] = [
+    # 1: sessions, messages with JSON parts, runs, key/value meta.
+    _sql(
+        """CREATE TABLE session (
+            pk INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            title TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL)""",
+        """CREATE TABLE message (
+            pk INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            session_id TEXT NOT NULL REFERENCES session (id) ON DELETE CASCADE,
+            run_id TEXT,
+            role TEXT NOT NULL,
+            parts TEXT NOT NULL,
+            model TEXT,
+            provider TEXT,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL)""",
+        "CREATE INDEX message_session ON message (session_id, pk)",
+        "CREATE INDEX message_run ON message (run_id)",
+        """CREATE TABLE run (
+            pk INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            session_id TEXT NOT NULL REFERENCES session (id) ON DELETE CASCADE,
+            prompt TEXT NOT NULL,
+            status TEXT NOT NULL,
+            error TEXT,
+            message_id TEXT,
+            text TEXT,
+            created_at TEXT NOT NULL,
+            started_at TEXT,
+            finished_at TEXT)""",
+        "CREATE INDEX run_session ON run (session_id, pk)",
+        "CREATE INDEX run_status ON run (status, pk)",
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    ),
+    # 2: token usage per run and per session.
+    _add_usage_columns,
+]
+
+REGISTRY_MIGRATIONS: list[Migration] = [
+    _sql(
+        """CREATE TABLE workspace (
+            pk INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            path TEXT NOT NULL UNIQUE,
+            yolo INTEGER NOT NULL DEFAULT 0,
+            registered INTEGER NOT NULL DEFAULT 1,
+            created_at TEXT NOT NULL)""",
+    ),
+]
+
+
+def apply_migrations(db: pw.Database, migrations: list[Migration]) -> int:
+    """Bring ``db`` up to ``len(migrations)``; return the version it had.
+
+    Each migration runs in its own transaction together with the bump of
+    ``user_version``, so a crash mid-migration leaves the old version intact.
+    """
+    (version,) = db.execute_sql("PRAGMA user_version").fetchone()
+    if version > len(migrations):
+        raise RuntimeError(
+            f"database {db.database} has schema version {version}, newer than this "
+            f"crushd understands ({len(migrations)}); upgrade crushd"
+        )
+    for number in range(version + 1, len(migrations) + 1):
+        with db.atomic():
+            migrations[number - 1](db)
+            db.execute_sql(f"PRAGMA user_version = {number}")
+    return version
+
+
+def workspace_models(db: pw.Database) -> SimpleNamespace:
+    class Base(pw.Model):
+        class Meta:
+            database = db
+            legacy_table_names = False
+
+    class Session(Base):
+        pk = pw.AutoField()
+        id = pw.CharField(unique=True)
+        title = pw.TextField()
+        created_at = pw.TextField()
+        updated_at = pw.TextField()
+        prompt_tokens = pw.IntegerField(default=0)
+        completion_tokens = pw.IntegerField(default=0)
+
+    class Message(Base):
+        pk = pw.AutoField()
+        id = pw.CharField(unique=True)
+        session_id = pw.CharField()
+        run_id = pw.CharField(null=True)
+        role = pw.CharField()
+        parts = pw.TextField()
+        model = pw.CharField(null=True)
+        provider = pw.CharField(null=True)
+        created_at = pw.TextField()
+        updated_at = pw.TextField()
+
+    class Run(Base):
+        pk = pw.AutoField()
+        id = pw.CharField(unique=True)
+        session_id = pw.CharField()
+        prompt = pw.TextField()
+        status = pw.CharField()
+        error = pw.TextField(null=True)
+        message_id = pw.CharField(null=True)
+        text = pw.TextField(null=True)
+        created_at = pw.TextField()
+        started_at = pw.TextField(null=True)
+        finished_at = pw.TextField(null=True)
+        prompt_tokens = pw.IntegerField(default=0)
+        completion_tokens = pw.IntegerField(default=0)
+
+    class Setting(Base):
+        key = pw.CharField(primary_key=True)
+        value = pw.TextField()
+
+        class Meta:
+            table_name = "meta"
+
+    return SimpleNamespace(Session=Session, Message=Message, Run=Run, Setting=Setting)
+
+
+def registry_models(db: pw.Database) -> SimpleNamespace:
+    class Workspace(pw.Model):
+        pk = pw.AutoField()
+        id = pw.CharField(unique=True)
+        path = pw.TextField(unique=True)
+        yolo = pw.BooleanField(default=False)
+        registered = pw.BooleanField(default=True)
+        created_at = pw.TextField()
+
+        class Meta:
+            database = db
+            legacy_table_names = False
+
+    return SimpleNamespace(Workspace=Workspace)

@@ -1,0 +1,129 @@
+"""The provider interface: one model step as a stream of events.
+
+A provider turns a conversation (the session's stored messages, in the same
+JSON shape the API returns) into one streamed model request and yields
+provider-neutral events.  The run loop owns everything else: persistence,
+events, tools, permissions and cleanup.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from crushd.cancel import CancelToken
+
+FINISH_REASONS = (
+    "end_turn",
+    "max_tokens",
+    "tool_use",
+    "canceled",
+    "error",
+    "permission_denied",
+    "unknown",
+)
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ReasoningDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCallStart:
+    """A tool call begins; its arguments follow as :class:`ToolCallDelta`."""
+
+    id: str
+    name: str
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A fragment of the JSON text of a tool call's arguments."""
+
+    id: str
+    input_delta: str
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of this step (not cumulative across steps)."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class StepFinish:
+    """The model ended the step; ``reason`` is one of ``end_turn``,
+    ``max_tokens``, ``tool_use`` or ``unknown``."""
+
+    reason: str
+
+
+StreamEvent = TextDelta | ReasoningDelta | ToolCallStart | ToolCallDelta | Usage | StepFinish
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    name: str
+    description: str
+    parameters: dict[str, Any]  # JSON schema of the arguments object
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    """Everything a provider needs for one model step.
+
+    ``messages`` are stored messages, oldest first, each
+    ``{"role": "user"|"assistant"|"tool", "parts": [...]}`` with the part
+    shapes of the API (``text``, ``reasoning``, ``tool_call``,
+    ``tool_result``, ``finish``).
+    """
+
+    system: str
+    messages: list[dict[str, Any]]
+    tools: list[ToolSpec] = field(default_factory=list)
+
+
+class ProviderError(Exception):
+    """A model request failed.
+
+    ``title`` is a short human message (the finish part's ``message``),
+    ``details`` the provider's own error text (the finish part's ``details``
+    and the run's ``error``).
+    """
+
+    def __init__(self, title: str, details: str = "") -> None:
+        super().__init__(f"{title}: {details}" if details else title)
+        self.title = title
+        self.details = details
+
+
+class Provider(ABC):
+    """One configured model endpoint.  Instances are shared by all runs of a
+    server and must be safe to use from several threads at once."""
+
+    name: str = ""
+    model: str = ""
+
+    @abstractmethod
+    def stream(self, request: StepRequest, token: CancelToken) -> Iterator[StreamEvent]:
+        """Yield the events of one model step.
+
+        Must raise :class:`crushd.cancel.Cancelled` within 1 s of ``token``
+        being cancelled, even while blocked on a socket that never sends
+        another byte (register ``token.on_cancel`` to close it).  Raises
+        :class:`ProviderError` for HTTP errors, refused connections and
+        streams that end early.  Ends with a :class:`StepFinish`.
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release pooled connections; the default has none."""

@@ -1,0 +1,322 @@
+"""HTTP views: parse and validate, call the server or a workspace, shape JSON.
+
+No Flask object crosses into a worker thread; everything handed to a
+workspace is a plain value.  Bodies are read as JSON whatever the content
+type says (``curl -d`` sends a form content type).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+from typing import Any
+
+from flask import Blueprint, Response, current_app, request
+
+from crushd import __version__
+from crushd.errors import InvalidRequest, NotFound, ShuttingDown, TooManyStreams
+from crushd.events import sse_stream
+from crushd.server import Server
+
+api = Blueprint("api", __name__, url_prefix="/v1")
+
+RUN_STATUSES = ("queued", "running", "completed", "cancelled", "failed", "interrupted")
+MAX_WAIT = 300.0
+
+
+def server() -> Server:
+    return current_app.extensions["crushd"]
+
+
+def body(optional: bool = False) -> dict[str, Any]:
+    raw = request.get_data(cache=False)
+    if not raw.strip():
+        if optional:
+            return {}
+        raise InvalidRequest("request body must be a JSON object")
+    try:
+        value = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return value
+
+
+def text_field(data: dict[str, Any], name: str, required: bool = True) -> str | None:
+    value = data.get(name)
+    if value is None:
+        if required:
+            raise InvalidRequest(f"field {name!r} is required")
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequest(f"field {name!r} must be a string")
+    if not value.strip():
+        raise InvalidRequest(f"field {name!r} must not be empty")
+    return value
+
+
+def bool_field(data: dict[str, Any], name: str) -> bool | None:
+    value = data.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise InvalidRequest(f"field {name!r} must be true or false")
+    return value
+
+
+def number_arg(name: str, low: float, high: float, kind: type = float) -> Any:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise InvalidRequest(f"query parameter {name!r} must be a number") from None
+    if not low <= value <= high:
+        raise InvalidRequest(f"query parameter {name!r} must be between {low:g} and {high:g}")
+    return value
+
+
+def bool_arg(name: str) -> bool:
+    raw = request.args.get(name, "false").lower()
+    if raw not in ("true", "false", "1", "0", "yes", "no"):
+        raise InvalidRequest(f"query parameter {name!r} must be true or false")
+    return raw in ("true", "1", "yes")
+
+
+def session_or_404(workspace: Any, session_id: str) -> dict[str, Any]:
+    session = workspace.store.get_session(session_id)
+    if session is None:
+        raise NotFound(f"session {session_id} not found")
+    return session
+
+
+# -- server ------------------------------------------------------------------
+
+
+@api.get("/health")
+def health() -> Any:
+    state = server().health()
+    return state, 503 if state["status"] != "ok" else 200
+
+
+@api.get("/version")
+def version() -> Any:
+    return {"version": __version__}
+
+
+@api.get("/openapi.json")
+def openapi() -> Any:
+    document = (importlib.resources.files("crushd") / "openapi.json").read_text()
+    return Response(document, mimetype="application/json")
+
+
+# -- workspaces --------------------------------------------------------------
+
+
+@api.post("/workspaces")
+def create_workspace() -> Any:
+    data = body()
+    path = text_field(data, "path")
+    workspace, created = server().register(path, bool_field(data, "yolo"))
+    return workspace, 201 if created else 200
+
+
+@api.get("/workspaces")
+def list_workspaces() -> Any:
+    return [w.to_dict() for w in server().workspaces()]
+
+
+@api.get("/workspaces/<wid>")
+def get_workspace(wid: str) -> Any:
+    return server().get(wid).to_dict()
+
+
+@api.delete("/workspaces/<wid>")
+def delete_workspace(wid: str) -> Any:
+    server().unregister(wid, purge=bool_arg("purge"))
+    return "", 204
+
+
+# -- sessions and messages ---------------------------------------------------
+
+
+@api.post("/workspaces/<wid>/sessions")
+def create_session(wid: str) -> Any:
+    workspace = server().get(wid)
+    title = text_field(body(optional=True), "title", required=False) or "New session"
+    session = workspace.store.create_session(title)
+    workspace.hub.publish("session.created", session["id"], session)
+    return session, 201
+
+
+@api.get("/workspaces/<wid>/sessions")
+def list_sessions(wid: str) -> Any:
+    return server().get(wid).store.list_sessions()
+
+
+@api.get("/workspaces/<wid>/sessions/<sid>")
+def get_session(wid: str, sid: str) -> Any:
+    return session_or_404(server().get(wid), sid)
+
+
+@api.put("/workspaces/<wid>/sessions/<sid>")
+def update_session(wid: str, sid: str) -> Any:
+    workspace = server().get(wid)
+    title = text_field(body(), "title")
+    session = workspace.store.update_session(sid, title)
+    if session is None:
+        raise NotFound(f"session {sid} not found")
+    workspace.hub.publish("session.updated", sid, session)
+    return session
+
+
+@api.delete("/workspaces/<wid>/sessions/<sid>")
+def delete_session(wid: str, sid: str) -> Any:
+    workspace = server().get(wid)
+    if not workspace.store.delete_session(sid):
+        raise NotFound(f"session {sid} not found")
+    workspace.hub.publish("session.deleted", sid, {"id": sid})
+    return "", 204
+
+
+@api.get("/workspaces/<wid>/sessions/<sid>/messages")
+def list_messages(wid: str, sid: str) -> Any:
+    workspace = server().get(wid)
+    session_or_404(workspace, sid)
+    return workspace.store.list_messages(sid)
+
+
+# -- prompts and runs --------------------------------------------------------
+
+
+@api.post("/workspaces/<wid>/agent")
+def submit_prompt(wid: str) -> Any:
+    srv = server()
+    if srv.stopping.is_set():
+        raise ShuttingDown("the server is stopping; prompts are not accepted")
+    workspace = srv.get(wid)
+    data = body()
+    prompt = text_field(data, "prompt")
+    session_id = text_field(data, "session_id", required=False)
+    run_id = text_field(data, "run_id", required=False)
+    if run_id is not None and (len(run_id) > 128 or not run_id.isprintable()):
+        raise InvalidRequest("run_id must be printable and at most 128 characters")
+    run, created = workspace.submit(prompt, session_id, run_id)
+    return run, 202 if created else 200
+
+
+@api.get("/workspaces/<wid>/runs")
+def list_runs(wid: str) -> Any:
+    workspace = server().get(wid)
+    status = request.args.get("status") or None
+    if status is not None and status not in RUN_STATUSES:
+        raise InvalidRequest(f"status must be one of {', '.join(RUN_STATUSES)}")
+    limit = number_arg("limit", 1, 1000, int) or 100
+    return workspace.store.list_runs(
+        session_id=request.args.get("session_id") or None, status=status, limit=limit
+    )
+
+
+@api.get("/workspaces/<wid>/runs/<run_id>")
+def get_run(wid: str, run_id: str) -> Any:
+    srv = server()
+    workspace = srv.get(wid)
+    wait = number_arg("wait", 0, MAX_WAIT)
+    if not wait:
+        return workspace.get_run(run_id)
+    # A long poll holds a server thread like a stream does, so it takes a
+    # stream slot; with none free it answers at once instead of starving others.
+    if not srv.acquire_stream():
+        return workspace.get_run(run_id)
+    try:
+        return workspace.wait_run(run_id, wait)
+    finally:
+        srv.release_stream()
+
+
+@api.post("/workspaces/<wid>/runs/<run_id>/cancel")
+def cancel_run(wid: str, run_id: str) -> Any:
+    run, changed = server().get(wid).cancel_run(run_id)
+    return run, 202 if changed else 200
+
+
+@api.post("/workspaces/<wid>/sessions/<sid>/cancel")
+def cancel_session(wid: str, sid: str) -> Any:
+    return {"cancelled": server().get(wid).cancel_session(sid)}
+
+
+@api.get("/workspaces/<wid>/sessions/<sid>/queue")
+def get_queue(wid: str, sid: str) -> Any:
+    return server().get(wid).queued_runs(sid)
+
+
+@api.delete("/workspaces/<wid>/sessions/<sid>/queue")
+def clear_queue(wid: str, sid: str) -> Any:
+    return {"cancelled": server().get(wid).cancel_session(sid, queued_only=True)}
+
+
+# -- permissions -------------------------------------------------------------
+
+
+@api.get("/workspaces/<wid>/permissions")
+def list_permissions(wid: str) -> Any:
+    return server().get(wid).permissions.pending()
+
+
+@api.post("/workspaces/<wid>/permissions/<pid>")
+def decide_permission(wid: str, pid: str) -> Any:
+    workspace = server().get(wid)
+    decision = text_field(body(), "decision")
+    return workspace.permissions.decide(pid, decision)
+
+
+# -- events ------------------------------------------------------------------
+
+
+@api.get("/workspaces/<wid>/events")
+def events(wid: str) -> Any:
+    srv = server()
+    workspace = srv.get(wid)
+    since_raw = request.headers.get("Last-Event-ID") or request.args.get("since")
+    since = None
+    if since_raw not in (None, ""):
+        try:
+            since = int(since_raw)
+        except ValueError:
+            raise InvalidRequest("Last-Event-ID / since must be an integer") from None
+        if since < 0:
+            raise InvalidRequest("Last-Event-ID / since must not be negative")
+    session_id = request.args.get("session_id") or None
+    if session_id is not None:
+        session_or_404(workspace, session_id)
+    if not srv.acquire_stream():
+        raise TooManyStreams(f"at most {srv.config.max_streams} event streams at once")
+    sub, backlog, reset = workspace.hub.subscribe(since, session_id)
+    released = False
+
+    def release() -> None:
+        # Runs from the generator's finally or from the response close,
+        # whichever comes first (a generator never started has no finally).
+        nonlocal released
+        if not released:
+            released = True
+            workspace.hub.unsubscribe(sub)
+            srv.release_stream()
+
+    client_gone = request.environ.get("waitress.client_disconnected") or (lambda: False)
+    stream = sse_stream(
+        workspace.hub,
+        sub,
+        backlog,
+        reset,
+        ping_interval=srv.config.ping_interval,
+        client_gone=client_gone,
+        on_close=release,
+    )
+    response = Response(
+        stream,
+        mimetype="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+    response.call_on_close(release)
+    return response

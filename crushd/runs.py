@@ -1,0 +1,550 @@
+"""One agent turn: user message, model steps, tools, and the final records.
+
+A :class:`Run` executes on a workspace executor thread.  Whatever ends it
+(the model finishing, a cancel, a provider error, a bug) it leaves the same
+records behind, written under a *detached* cleanup deadline so a cancel stops
+the model but not the bookkeeping:
+
+* every assistant message ends with a ``finish`` part;
+* every ``tool_call`` part is ``finished`` with valid JSON ``input``;
+* every tool call has a ``tool_result``;
+* the run has its terminal status and ``finished_at``;
+* then, and only then, ``run.completed`` is published.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from crushd.cancel import Cancelled, CancelToken, Deadline
+from crushd.events import EventHub
+from crushd.providers.base import (
+    Provider,
+    ProviderError,
+    ReasoningDelta,
+    StepFinish,
+    StepRequest,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallStart,
+    ToolSpec,
+    Usage,
+)
+from crushd.store import WorkspaceStore, lock_budget, utcnow
+from crushd.tools.base import Tool, ToolContext, ToolError, ToolResult
+
+if TYPE_CHECKING:
+    from crushd.permissions import PermissionBroker
+
+logger = logging.getLogger(__name__)
+
+CANCELED_MESSAGE = "Request canceled"
+TOOL_CANCELED = "Tool execution canceled"
+WRITE_INTERVAL = 0.2  # seconds between coalesced writes of one streaming message
+
+SYSTEM_PROMPT = """\
+You are crushd, an AI coding agent working in the project directory {root}.
+You help with software engineering tasks: reading, writing and changing code,
+running commands and explaining what you find. Use the tools to inspect the
+project before you change it; paths are relative to the project directory.
+Tools available: {tools}.
+Some tools ask the user for permission first; if a call is denied, stop and
+explain what you wanted to do. Be concise, and say what you changed.
+"""
+
+
+@dataclass
+class RunEnv:
+    """Everything a run needs from its workspace: plain values, no Flask."""
+
+    workspace_id: str
+    root: Path
+    yolo: bool
+    store: WorkspaceStore
+    hub: EventHub
+    provider: Provider
+    tools: dict[str, Tool]
+    permissions: PermissionBroker
+    max_steps: int = 50
+    cleanup_timeout: float = 5.0
+    bash_timeout: float = 120.0
+    allowed_tools: frozenset[str] = frozenset()
+    on_completed: Callable[[dict[str, Any]], None] = lambda run: None
+    clock: Callable[[], float] = time.monotonic
+
+
+# -- sealing stored messages ------------------------------------------------
+
+
+def _closed_input(text: str) -> str:
+    try:
+        json.loads(text)
+    except (TypeError, ValueError):
+        return "{}"
+    return text if text.strip() else "{}"
+
+
+def seal_run_messages(
+    env: RunEnv,
+    run_id: str,
+    session_id: str,
+    reason: str,
+    message: str,
+    details: str,
+    result_text: str,
+) -> None:
+    """Give every stored message of a run its closing parts.
+
+    Assistant messages without a ``finish`` get one with ``reason``; their
+    tool calls are marked finished (unparsable input becomes ``"{}"``); tool
+    calls without a result get a ``tool`` message of error results.  Used on
+    every exit path of a run and for runs a crash left ``running``.
+    """
+    messages = env.store.run_messages(run_id)
+    answered = {
+        p["tool_call_id"]
+        for m in messages
+        if m["role"] == "tool"
+        for p in m["parts"]
+        if p["type"] == "tool_result"
+    }
+    unanswered: list[dict[str, Any]] = []
+    last = None
+    for msg in messages:
+        if msg["role"] != "assistant":
+            continue
+        last = msg
+        parts = msg["parts"]
+        changed = False
+        for part in parts:
+            if part["type"] == "tool_call":
+                if part["id"] not in answered:
+                    unanswered.append(part)
+                closed = _closed_input(part["input"])
+                if not part["finished"] or closed != part["input"]:
+                    part.update(finished=True, input=closed)
+                    changed = True
+        if not any(p["type"] == "finish" for p in parts):
+            parts.append(
+                {
+                    "type": "finish",
+                    "reason": reason,
+                    "message": message,
+                    "details": details,
+                    "time": utcnow(),
+                }
+            )
+            changed = True
+        if changed:
+            updated = env.store.update_message(msg["id"], parts)
+            env.hub.publish("message.updated", session_id, updated)
+    if unanswered:
+        results = [
+            {
+                "type": "tool_result",
+                "tool_call_id": p["id"],
+                "name": p["name"],
+                "content": result_text,
+                "is_error": True,
+            }
+            for p in unanswered
+        ]
+        model = last["model"] if last else None
+        provider = last["provider"] if last else None
+        created = env.store.create_message(session_id, run_id, "tool", results, model, provider)
+        env.hub.publish("message.created", session_id, created)
+
+
+# -- the streaming message -------------------------------------------------
+
+
+class MessageWriter:
+    """The parts of one streaming assistant message, persisted coalesced.
+
+    Deltas are published at once; the database sees at most one write per
+    ``interval`` plus a forced one at step end and on every exit path.
+    Thread-safe: the workspace may flush it from its shutdown thread.
+    """
+
+    def __init__(
+        self, env: RunEnv, message: dict[str, Any], run_id: str, interval: float = WRITE_INTERVAL
+    ) -> None:
+        self._env = env
+        self.message = message
+        self.run_id = run_id
+        self._interval = interval
+        self._lock = threading.Lock()
+        self.parts: list[dict[str, Any]] = []  # guarded by _lock
+        self._dirty = False  # guarded by _lock
+        self._last_write = float("-inf")  # guarded by _lock
+        self._closed = False  # guarded by _lock
+        self.writes = 0
+
+    @property
+    def id(self) -> str:
+        return self.message["id"]
+
+    def delta(self, kind: str, text: str) -> None:
+        if not text:
+            return
+        with self._lock:
+            if self.parts and self.parts[-1]["type"] == kind:
+                self.parts[-1]["text"] += text
+            else:
+                self.parts.append({"type": kind, "text": text})
+            self._dirty = True
+            # Publish under the lock so the stored text and the published
+            # deltas can never disagree about order.
+            self._env.hub.publish(
+                "message.delta",
+                self.message["session_id"],
+                {"message_id": self.id, "run_id": self.run_id, "kind": kind, "delta": text},
+            )
+        self.maybe_flush()
+
+    def tool_call_start(self, call_id: str, name: str) -> None:
+        with self._lock:
+            self.parts.append(
+                {"type": "tool_call", "id": call_id, "name": name, "input": "", "finished": False}
+            )
+            self._dirty = True
+        self.maybe_flush()
+
+    def tool_call_input(self, call_id: str, fragment: str) -> None:
+        with self._lock:
+            for part in reversed(self.parts):
+                if part["type"] == "tool_call" and part["id"] == call_id:
+                    part["input"] += fragment
+                    self._dirty = True
+                    break
+        self.maybe_flush()
+
+    def finish_tool_calls(self) -> list[dict[str, Any]]:
+        """Mark every tool call finished; return copies of them in order."""
+        with self._lock:
+            calls = []
+            for part in self.parts:
+                if part["type"] == "tool_call":
+                    part["finished"] = True
+                    part["input"] = _closed_input(part["input"]) if part["input"] else "{}"
+                    calls.append(dict(part))
+            self._dirty = True
+            return calls
+
+    def add_finish(self, reason: str, message: str = "", details: str = "") -> None:
+        with self._lock:
+            self.parts.append(
+                {
+                    "type": "finish",
+                    "reason": reason,
+                    "message": message,
+                    "details": details,
+                    "time": utcnow(),
+                }
+            )
+            self._dirty = True
+
+    def text(self) -> str:
+        with self._lock:
+            return "".join(p["text"] for p in self.parts if p["type"] == "text")
+
+    def maybe_flush(self) -> None:
+        with self._lock:
+            if self._dirty and self._env.clock() - self._last_write >= self._interval:
+                self._write()
+
+    def flush(self) -> dict[str, Any] | None:
+        """Write pending parts now; return the stored message if written."""
+        with self._lock:
+            return self._write() if self._dirty else None
+
+    def close(self) -> None:
+        """Flush and refuse later writes (the sealing code takes over)."""
+        with self._lock:
+            if self._dirty:
+                self._write()
+            self._closed = True
+
+    def _write(self) -> dict[str, Any] | None:
+        if self._closed:
+            return None
+        stored = self._env.store.update_message(self.id, json.loads(json.dumps(self.parts)))
+        self._dirty = False
+        self._last_write = self._env.clock()
+        self.writes += 1
+        return stored
+
+
+# -- the run ---------------------------------------------------------------
+
+
+@dataclass
+class _Step:
+    writer: MessageWriter
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    calls: list[dict[str, Any]] = field(default_factory=list)
+    results_written: bool = False
+
+
+class Run:
+    """Executes one accepted run.  Not thread-safe: one executor thread owns it;
+    only :attr:`writer` is touched from outside (the shutdown flush)."""
+
+    def __init__(self, env: RunEnv, run: dict[str, Any], token: CancelToken) -> None:
+        self.env = env
+        self.run = run
+        self.token = token
+        self.step: _Step | None = None
+        self.tools_ctx = ToolContext(root=env.root, token=token, bash_timeout=env.bash_timeout)
+
+    @property
+    def writer(self) -> MessageWriter | None:
+        return self.step.writer if self.step else None
+
+    @property
+    def id(self) -> str:
+        return self.run["id"]
+
+    @property
+    def session_id(self) -> str:
+        return self.run["session_id"]
+
+    def publish(self, type: str, payload: dict[str, Any]) -> None:
+        self.env.hub.publish(type, self.session_id, payload)
+
+    def execute(self) -> dict[str, Any] | None:
+        """Run the turn to a terminal record; returns the terminal run.
+
+        ``self.run`` must already be ``running`` (``WorkspaceStore.start_run``).
+        """
+        env = self.env
+        try:
+            self.publish("run.started", self.run)
+            user = env.store.create_message(
+                self.session_id, self.id, "user", [{"type": "text", "text": self.run["prompt"]}]
+            )
+            self.publish("message.created", user)
+            self._new_step()
+            denied = self._loop()
+        except Cancelled:
+            return self._finalize("cancelled", "canceled", CANCELED_MESSAGE, "", None)
+        except ProviderError as exc:
+            logger.warning(
+                "event=provider_error run=%s title=%s details=%s",
+                self.id,
+                exc.title,
+                exc.details[:500],
+            )
+            return self._finalize(
+                "failed", "error", exc.title, exc.details, exc.details or exc.title
+            )
+        except Exception as exc:  # thread boundary: a bug still ends in a terminal record
+            logger.exception("event=run_crashed run=%s", self.id)
+            return self._finalize("failed", "error", "Internal error", repr(exc), repr(exc))
+        return self._finalize("completed", None, "", "", denied)
+
+    def _new_step(self) -> None:
+        message = self.env.store.create_message(
+            self.session_id,
+            self.id,
+            "assistant",
+            [],
+            self.env.provider.model,
+            self.env.provider.name,
+        )
+        self.publish("message.created", message)
+        self.step = _Step(MessageWriter(self.env, message, self.id))
+
+    def _loop(self) -> str | None:
+        """Model steps until the model stops; returns a denial error or None."""
+        env = self.env
+        specs = [ToolSpec(t.name, t.description, t.parameters) for t in env.tools.values()]
+        system = SYSTEM_PROMPT.format(root=env.root, tools=", ".join(env.tools) or "none")
+        history = env.store.list_messages(self.session_id)
+        history = [m for m in history if m["id"] != self.step.writer.id]
+        steps = 0
+        while True:
+            steps += 1
+            step = self.step
+            reason = "unknown"
+            self.token.raise_if_cancelled()
+            for event in env.provider.stream(StepRequest(system, history, specs), self.token):
+                if isinstance(event, TextDelta):
+                    step.writer.delta("text", event.text)
+                elif isinstance(event, ReasoningDelta):
+                    step.writer.delta("reasoning", event.text)
+                elif isinstance(event, ToolCallStart):
+                    step.writer.tool_call_start(event.id, event.name)
+                elif isinstance(event, ToolCallDelta):
+                    step.writer.tool_call_input(event.id, event.input_delta)
+                elif isinstance(event, Usage):
+                    env.store.add_usage(
+                        self.id, self.session_id, event.prompt_tokens, event.completion_tokens
+                    )
+                elif isinstance(event, StepFinish):
+                    reason = event.reason
+            self.token.raise_if_cancelled()
+            step.calls = step.writer.finish_tool_calls()
+            if not step.calls:
+                step.writer.add_finish(reason if reason != "tool_use" else "unknown")
+                self._flush_step()
+                return None
+            self._flush_step()
+            denied = self._run_tools(step)
+            step.writer.add_finish(
+                "permission_denied" if denied else "tool_use",
+                "Permission denied" if denied else "",
+                denied or "",
+            )
+            self._flush_step()
+            self._write_results(step)
+            if denied:
+                return denied
+            if steps >= env.max_steps:
+                raise ProviderError(
+                    "Too many steps", f"stopped after --max-steps={env.max_steps} model steps"
+                )
+            history = env.store.list_messages(self.session_id)
+            self._new_step()
+
+    def _flush_step(self) -> None:
+        stored = self.step.writer.flush()
+        if stored is not None:
+            self.publish("message.updated", stored)
+
+    # -- tools -------------------------------------------------------------
+
+    def _run_tools(self, step: _Step) -> str | None:
+        """Run the step's tool calls in order; return a denial message or None."""
+        from crushd.tools.paths import is_inside
+
+        denied = None
+        for call in step.calls:
+            self.token.raise_if_cancelled()
+            if denied:
+                step.results[call["id"]] = self._result(
+                    call, ToolResult("Skipped: an earlier tool call was denied", True)
+                )
+                continue
+            tool = self.env.tools.get(call["name"])
+            try:
+                if tool is None:
+                    raise ToolError(f"unknown tool {call['name']!r}")
+                params = json.loads(call["input"] or "{}")
+                if not isinstance(params, dict):
+                    raise ToolError("tool arguments must be a JSON object")
+                outside = [
+                    p for p in tool.paths(params, self.tools_ctx) if not is_inside(p, self.env.root)
+                ]
+                if self._needs_permission(tool, outside):
+                    ask = tool.describe(params, self.tools_ctx)
+                    decision = self.env.permissions.request(
+                        session_id=self.session_id,
+                        run_id=self.id,
+                        tool_call_id=call["id"],
+                        tool=tool.name,
+                        action=ask.action,
+                        path=ask.path,
+                        params=params,
+                        token=self.token,
+                    )
+                    if decision in ("deny", "timeout"):
+                        denied = (
+                            f"Permission denied: {tool.name}"
+                            if decision == "deny"
+                            else f"Permission request timed out: {tool.name}"
+                        )
+                        step.results[call["id"]] = self._result(
+                            call, ToolResult(f"{denied}. The user did not allow this call.", True)
+                        )
+                        continue
+                result = tool.run(params, self.tools_ctx)
+            except ToolError as exc:
+                result = ToolResult(str(exc), True)
+            except ValueError as exc:  # bad JSON arguments from the model
+                result = ToolResult(f"invalid tool arguments: {exc}", True)
+            step.results[call["id"]] = self._result(call, result)
+        return denied
+
+    def _needs_permission(self, tool: Tool, outside: list[Path]) -> bool:
+        if outside:
+            return True
+        if not tool.mutating or self.env.yolo:
+            return False
+        return not (
+            tool.name in self.env.allowed_tools
+            or self.env.permissions.is_allowed(self.session_id, tool.name)
+        )
+
+    @staticmethod
+    def _result(call: dict[str, Any], result: ToolResult) -> dict[str, Any]:
+        return {
+            "type": "tool_result",
+            "tool_call_id": call["id"],
+            "name": call["name"],
+            "content": result.content,
+            "is_error": result.is_error,
+        }
+
+    def _write_results(self, step: _Step, missing: str = TOOL_CANCELED) -> None:
+        if step.results_written or not step.calls:
+            return
+        parts = [
+            step.results.get(c["id"])
+            or {
+                "type": "tool_result",
+                "tool_call_id": c["id"],
+                "name": c["name"],
+                "content": missing,
+                "is_error": True,
+            }
+            for c in step.calls
+        ]
+        created = self.env.store.create_message(
+            self.session_id, self.id, "tool", parts, self.env.provider.model, self.env.provider.name
+        )
+        step.results_written = True
+        self.publish("message.created", created)
+
+    # -- the end -----------------------------------------------------------
+
+    def _finalize(
+        self, status: str, reason: str | None, message: str, details: str, error: str | None
+    ) -> dict[str, Any] | None:
+        """Write the closing records under a detached deadline, then publish
+        ``run.completed``.  Runs even though the token is cancelled."""
+        deadline = Deadline(self.env.cleanup_timeout)
+        result_text = (
+            TOOL_CANCELED if status == "cancelled" else (details or message or TOOL_CANCELED)
+        )
+        try:
+            with lock_budget(max(deadline.remaining(), 0.01)):
+                text, message_id = "", None
+                if self.step is not None:
+                    writer = self.step.writer
+                    writer.close()
+                    self._write_results(self.step, result_text)
+                    text, message_id = writer.text(), writer.id
+                if reason is not None:
+                    seal_run_messages(
+                        self.env, self.id, self.session_id, reason, message, details, result_text
+                    )
+                terminal = self.env.store.finish_run(
+                    self.id, status, error=error, text=text, message_id=message_id
+                )
+        except Exception:  # the database is gone or stuck past the deadline
+            logger.exception("event=run_cleanup_failed run=%s status=%s", self.id, status)
+            return None
+        if deadline.expired:
+            logger.warning("event=run_cleanup_slow run=%s", self.id)
+        if terminal is not None:
+            self.publish("run.completed", terminal)
+            self.env.on_completed(terminal)
+        return terminal

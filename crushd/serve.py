@@ -1,0 +1,215 @@
+"""``crushd serve``: the server under waitress, with signals and systemd.
+
+Stop sequence (SIGTERM or SIGINT):
+
+1. The signal handler only sets flags and starts the stop thread: prompts
+   get 503 from now on and systemd hears ``STOPPING=1``.
+2. The stop thread runs :meth:`Server.stop` — every workspace's shutdown
+   order, in parallel, with the drain; their SSE streams end.
+3. It then asks waitress's loop (through its trigger, on the loop's own
+   thread) to close every channel, so ``run()`` returns on the main thread.
+4. The main thread stops waitress's worker threads and exits 0.
+
+A second signal cuts the drain short.  waitress has no graceful-stop API and
+closing its server from another thread breaks its ``select()``; the trigger
+runs our thunk inside the loop instead.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import threading
+from typing import Any
+
+import httpx
+from waitress import wasyncore
+from waitress.server import create_server
+from waitress.trigger import trigger as WaitressTrigger
+
+from crushd import systemd
+from crushd.app import create_app
+from crushd.config import Config
+from crushd.server import Server
+
+logger = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """The server cannot start; the message says why and what to do."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def waitress_options(config: Config) -> dict[str, Any]:
+    return {
+        "threads": config.threads,
+        # Streams hold connections; leave room for them plus ordinary requests.
+        "connection_limit": max(100, config.threads * 4),
+        # Lets an SSE generator see a vanished client at once.
+        "channel_request_lookahead": 1,
+        # waitress buffers a body before the app sees it; past this it answers
+        # 413 itself, below it the app answers 413 in the JSON error shape.
+        "max_request_body_size": max(16 * config.max_body, 16 * 1024 * 1024),
+        "ident": "crushd",
+        "clear_untrusted_proxy_headers": True,
+    }
+
+
+class Runner:
+    """Owns the waitress server, the stop thread and the watchdog."""
+
+    def __init__(self, config: Config) -> None:
+        inherited = systemd.listen_fds()
+        if (
+            not inherited
+            and not config.unix_socket
+            and not is_loopback(config.host)
+            and config.resolved_token() is None
+        ):
+            raise StartupError(
+                f"refusing to listen on {config.host} without a token: anyone who can reach "
+                "it could run commands in your workspaces. Set --token-file FILE (or "
+                "CRUSHD_TOKEN), or listen on 127.0.0.1"
+            )
+        self.config = config
+        self.server = Server(config)
+        try:
+            self.app = create_app(server=self.server)
+            options = waitress_options(config)
+            if inherited:
+                self.wsgi = create_server(self.app, sockets=inherited, **options)
+            elif config.unix_socket:
+                self.wsgi = create_server(
+                    self.app, unix_socket=config.unix_socket, unix_socket_perms="600", **options
+                )
+            else:
+                self.wsgi = create_server(self.app, host=config.host, port=config.port, **options)
+        except BaseException:
+            self.server.stop()
+            raise
+        self._stop_thread: threading.Thread | None = None
+        self._stop_started = threading.Event()
+        self._watchdog: systemd.Watchdog | None = None
+
+    @property
+    def addresses(self) -> list[str]:
+        names = []
+        for dispatcher in list(self._map().values()):
+            sock = getattr(dispatcher, "socket", None)
+            if getattr(dispatcher, "accepting", False) and sock is not None:
+                name = sock.getsockname()
+                names.append(name if isinstance(name, str) else f"{name[0]}:{name[1]}")
+        return names
+
+    def _map(self) -> dict[int, Any]:
+        # A single-socket server keeps its channel map in ``_map``; the
+        # multi-socket one (several inherited sockets) in ``map``.
+        return self.wsgi._map if hasattr(self.wsgi, "_map") else self.wsgi.map
+
+    # -- signals ---------------------------------------------------------------
+
+    def install_signals(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if not self._stop_started.is_set():
+            self.begin_stop(signal.Signals(signum).name)
+        else:
+            self.server.skip_drain.set()
+
+    def begin_stop(self, reason: str) -> None:
+        """Start the stop sequence on its own thread; idempotent."""
+        if self._stop_started.is_set():
+            return
+        self._stop_started.set()
+        self.server.stopping.set()
+        self._stop_thread = threading.Thread(target=self._stop, args=(reason,), name="crushd-stop")
+        self._stop_thread.start()
+
+    def _stop(self, reason: str) -> None:
+        logger.info("event=stop_requested reason=%s", reason)
+        systemd.stopping(self._status_text("stopping"))
+        try:
+            self.server.stop()
+        finally:
+            self._close_listeners()
+
+    def _close_listeners(self) -> None:
+        channels = self._map()
+        trigger = next((d for d in list(channels.values()) if isinstance(d, WaitressTrigger)), None)
+        if trigger is None:  # the loop is already gone
+            return
+        trigger.pull_trigger(lambda: wasyncore.close_all(channels))
+
+    # -- systemd -------------------------------------------------------------
+
+    def _status_text(self, state: str) -> str:
+        health = self.server.health()
+        return f"{state}: {health['workspaces']} workspaces, {health['active_runs']} active runs"
+
+    def _self_check(self) -> bool:
+        """A real request to our own listener: proves the loop and a worker thread serve."""
+        addresses = self.addresses
+        if not addresses:
+            return False
+        address = addresses[0]
+        try:
+            if address.startswith("/"):
+                transport = httpx.HTTPTransport(uds=address)
+                with httpx.Client(transport=transport, timeout=5) as client:
+                    ok = client.get("http://crushd/v1/health").status_code == 200
+            else:
+                host, _, port = address.rpartition(":")
+                host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+                host = "[::1]" if host == "::" else (f"[{host}]" if ":" in host else host)
+                with httpx.Client(timeout=5) as client:
+                    ok = client.get(f"http://{host}:{port}/v1/health").status_code == 200
+        except httpx.HTTPError:
+            return False
+        if ok:
+            systemd.status(self._status_text("serving"))
+        return ok
+
+    # -- main ----------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until stopped; blocks the calling (main) thread."""
+        logger.info(
+            "event=listening addresses=%s threads=%d max_streams=%d",
+            ",".join(self.addresses),
+            self.config.threads,
+            self.config.max_streams,
+        )
+        systemd.ready(self._status_text("serving"))
+        interval = systemd.watchdog_interval()
+        if interval:
+            self._watchdog = systemd.Watchdog(interval, self._self_check, threading.Event())
+            self._watchdog.start()
+        try:
+            self.wsgi.run()
+        finally:
+            if self._watchdog is not None:
+                self._watchdog.stop()
+            self.begin_stop("loop ended")
+            if self._stop_thread is not None:
+                self._stop_thread.join()
+            self.wsgi.task_dispatcher.shutdown(timeout=5)
+            wasyncore.close_all(self._map())
+        logger.info("event=exit status=0")
+        return 0
+
+
+def serve(config: Config) -> int:
+    runner = Runner(config)
+    runner.install_signals()
+    return runner.run()

@@ -1,0 +1,232 @@
+"""The process-wide server: workspace registry, data-directory lock, stop.
+
+:class:`Server` owns every open :class:`~crushd.workspace.Workspace`, the
+registry database, the provider and the SSE stream slots.  It knows nothing
+about HTTP; :mod:`crushd.app` puts Flask in front of it and
+:mod:`crushd.serve` runs it under waitress with signals and systemd.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from crushd import __version__
+from crushd.config import Config
+from crushd.errors import CrushdError, InvalidRequest, NotFound, ShuttingDown, WorkspaceClosing
+from crushd.providers import create_provider
+from crushd.signals import Signals
+from crushd.store import RegistryStore
+from crushd.tools import default_tools
+from crushd.workspace import Workspace
+
+logger = logging.getLogger(__name__)
+
+LOCK_NAME = "crushd.lock"
+
+
+class AlreadyRunning(CrushdError):
+    code = "already_running"
+
+
+class DataDirLock:
+    """An exclusive ``flock`` on ``<data dir>/crushd.lock``, held for the
+    process lifetime; the kernel drops it if the process dies."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / LOCK_NAME
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self._fd)
+            raise AlreadyRunning(
+                f"another crushd process (pid {holder}) is already using the data directory "
+                f"{data_dir}; stop it or choose another --data-dir"
+            ) from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = -1
+
+
+class Server:
+    """Registry of open workspaces.  Thread-safe."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.version = __version__
+        self.data_dir = config.resolved_data_dir()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._dir_lock = DataDirLock(self.data_dir)
+        try:
+            self.registry = RegistryStore(self.data_dir / "registry.db")
+            self.provider = create_provider(
+                config.provider,
+                model=config.model,
+                base_url=config.base_url,
+                api_key=config.api_key(),
+                echo_delay=config.echo_delay,
+            )
+        except BaseException:
+            self._dir_lock.release()
+            raise
+        self.signals = Signals()
+        self.token = config.resolved_token()
+        self.started = time.monotonic()
+        self.stopping = threading.Event()  # set once a stop began: prompts get 503
+        self.skip_drain = threading.Event()  # a second signal: stop waiting for turns
+        self._lock = threading.Lock()
+        self._workspaces: dict[str, Workspace] = {}  # guarded by _lock
+        self._streams = threading.BoundedSemaphore(config.max_streams)
+        self._closed = False
+        for record in self.registry.registered():
+            self._open(record)
+        logger.info(
+            "event=server_ready data_dir=%s workspaces=%d provider=%s version=%s",
+            self.data_dir,
+            len(self._workspaces),
+            config.provider,
+            __version__,
+        )
+
+    def _open(self, record: dict[str, Any]) -> Workspace:
+        workspace = Workspace(
+            record, self.data_dir, self.config, self.provider, default_tools(), self.signals
+        )
+        with self._lock:
+            self._workspaces[workspace.id] = workspace
+        workspace.recover()
+        logger.info("event=workspace_opened workspace=%s path=%s", workspace.id, workspace.path)
+        return workspace
+
+    # -- workspaces ------------------------------------------------------------
+
+    def resolve_path(self, raw: str) -> str:
+        if not raw or "\0" in raw:
+            raise InvalidRequest("path must be a non-empty string")
+        path = Path(raw).expanduser()
+        if not path.is_absolute():
+            raise InvalidRequest(f"path must be absolute: {raw}")
+        real = Path(os.path.realpath(path))
+        if not real.is_dir():
+            raise InvalidRequest(f"path is not an existing directory: {raw}")
+        roots = [Path(os.path.realpath(Path(r).expanduser())) for r in self.config.allow_roots]
+        if roots and not any(real == r or real.is_relative_to(r) for r in roots):
+            raise InvalidRequest(
+                f"path {real} is outside the allowed roots ({', '.join(map(str, roots))})"
+            )
+        return str(real)
+
+    def register(self, raw_path: str, yolo: bool | None) -> tuple[dict[str, Any], bool]:
+        """Register a directory; returns ``(workspace, created)``."""
+        if self.stopping.is_set():
+            raise ShuttingDown("the server is stopping")
+        path = self.resolve_path(raw_path)
+        with self._lock:
+            for workspace in self._workspaces.values():
+                if str(workspace.path) == path:
+                    if workspace.closing:
+                        raise WorkspaceClosing(f"workspace {workspace.id} is closing")
+                    return workspace.to_dict(), False
+            record, how = self.registry.register(path, yolo)
+        workspace = self._open(record)
+        logger.info("event=workspace_registered workspace=%s how=%s", workspace.id, how)
+        return workspace.to_dict(), how != "existing"
+
+    def get(self, workspace_id: str) -> Workspace:
+        with self._lock:
+            workspace = self._workspaces.get(workspace_id)
+        if workspace is None:
+            raise NotFound(f"workspace {workspace_id} not found")
+        return workspace
+
+    def workspaces(self) -> list[Workspace]:
+        with self._lock:
+            return list(self._workspaces.values())
+
+    def unregister(self, workspace_id: str, purge: bool = False) -> None:
+        """Close a workspace in the contract's order, then forget it.  Blocks."""
+        workspace = self.get(workspace_id)
+        workspace.close()
+        with self._lock:
+            if self._workspaces.get(workspace_id) is not workspace:
+                return  # a concurrent DELETE finished first
+            del self._workspaces[workspace_id]
+        self.registry.unregister(workspace_id, purge)
+        if purge:
+            shutil.rmtree(workspace.directory, ignore_errors=True)
+        logger.info("event=workspace_unregistered workspace=%s purge=%s", workspace_id, purge)
+
+    # -- streams -------------------------------------------------------------
+
+    def acquire_stream(self) -> bool:
+        return self._streams.acquire(blocking=False)
+
+    def release_stream(self) -> None:
+        self._streams.release()
+
+    # -- health --------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        workspaces = self.workspaces()
+        return {
+            "status": "stopping" if self.stopping.is_set() else "ok",
+            "version": __version__,
+            "workspaces": len(workspaces),
+            "active_runs": sum(w.active_run_count() for w in workspaces),
+            "uptime_s": round(time.monotonic() - self.started, 3),
+        }
+
+    # -- stop ----------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Server stop: every workspace runs the shutdown order in parallel,
+        with the drain, keeping queued runs for the next start.  Blocks;
+        idempotent.  Then the registry and the data-directory lock are released."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.stopping.set()
+        workspaces = self.workspaces()
+        logger.info(
+            "event=server_stopping workspaces=%d drain_timeout=%s",
+            len(workspaces),
+            self.config.drain_timeout,
+        )
+        threads = [
+            threading.Thread(target=self._close_quietly, args=(w,), name=f"crushd-close-{w.id[:8]}")
+            for w in workspaces
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        with self._lock:
+            self._workspaces.clear()
+        self.provider.close()
+        self.registry.close()
+        self._dir_lock.release()
+        logger.info("event=server_stopped")
+
+    def _close_quietly(self, workspace: Workspace) -> None:
+        try:
+            workspace.close(
+                keep_queued=True,
+                drain_timeout=self.config.drain_timeout,
+                skip_drain=self.skip_drain,
+            )
+        except Exception:  # one workspace must not keep the others open
+            logger.exception("event=workspace_close_failed workspace=%s", workspace.id)

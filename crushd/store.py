@@ -1,0 +1,453 @@
+"""Persistence: the registry database and one database per workspace.
+
+Each database is one SQLite file with one connection, shared by every
+thread and serialized by the store's lock.  That trades concurrent readers
+(which SQLite barely gives a single process anyway, since writes are
+serialized) for three properties the shutdown order relies on: no
+"database is locked" between our own threads, a ``close()`` that closes the
+only connection there is, and a ``closed`` flag checked under the same lock
+as every query, so nothing touches the database after it is closed.
+
+All public methods are thread-safe and block only on the lock (bounded, see
+:func:`lock_budget`); they return plain dicts in the API's JSON shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import peewee as pw
+
+from crushd.errors import CrushdError, StoreClosed
+from crushd.models import (
+    REGISTRY_MIGRATIONS,
+    WORKSPACE_MIGRATIONS,
+    apply_migrations,
+    registry_models,
+    workspace_models,
+)
+
+DEFAULT_LOCK_WAIT = 30.0
+TERMINAL_STATUSES = frozenset({"completed", "cancelled", "failed", "interrupted"})
+
+_budget = threading.local()
+
+
+def utcnow() -> str:
+    """The current time as an RFC 3339 UTC string with microseconds (sortable)."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+@contextlib.contextmanager
+def lock_budget(seconds: float) -> Iterator[None]:
+    """Bound how long store calls on this thread wait for the database lock.
+
+    Cleanup after a cancel runs under its own detached deadline; this makes
+    its writes give up (``StoreBusy``) instead of hanging past it.
+    """
+    previous = getattr(_budget, "seconds", None)
+    _budget.seconds = seconds
+    try:
+        yield
+    finally:
+        _budget.seconds = previous
+
+
+class StoreBusy(CrushdError):
+    status = 503
+    code = "shutting_down"
+
+
+def open_sqlite(path: Path) -> pw.SqliteDatabase:
+    db = pw.SqliteDatabase(
+        str(path),
+        thread_safe=False,  # one shared connection, serialized by the store lock
+        check_same_thread=False,
+        autoconnect=False,
+        timeout=5,
+        pragmas={
+            "journal_mode": "wal",
+            "foreign_keys": 1,
+            "synchronous": "normal",
+            "busy_timeout": 5000,
+        },
+    )
+    db.connect()
+    return db
+
+
+class _Store:
+    def __init__(self, path: Path, migrations: list) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        self._closed = False  # guarded by _lock
+        self.db = open_sqlite(path)
+        with self._use():
+            self.previous_version = apply_migrations(self.db, migrations)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @contextlib.contextmanager
+    def _use(self, write: bool = False) -> Iterator[None]:
+        timeout = getattr(_budget, "seconds", None)
+        if not self._lock.acquire(timeout=DEFAULT_LOCK_WAIT if timeout is None else timeout):
+            raise StoreBusy(f"database {self.path.name} is busy")
+        try:
+            if self._closed:
+                raise StoreClosed(f"database {self.path} is closed")
+            if write:
+                with self.db.atomic():
+                    yield
+            else:
+                yield
+        finally:
+            self._lock.release()
+
+    def close(self) -> None:
+        """Close the connection; idempotent.  Later calls raise StoreClosed."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            with contextlib.suppress(pw.OperationalError):
+                self.db.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+            self.db.close()
+
+
+class RegistryStore(_Store):
+    """The list of registered workspaces (``registry.db``)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, REGISTRY_MIGRATIONS)
+        self.m = registry_models(self.db)
+
+    @staticmethod
+    def _dict(row: Any) -> dict[str, Any]:
+        return {
+            "id": row.id,
+            "path": row.path,
+            "yolo": bool(row.yolo),
+            "created_at": row.created_at,
+            "registered": bool(row.registered),
+        }
+
+    def registered(self) -> list[dict[str, Any]]:
+        W = self.m.Workspace
+        with self._use():
+            return [self._dict(r) for r in W.select().where(W.registered == True).order_by(W.pk)]  # noqa: E712
+
+    def get(self, workspace_id: str) -> dict[str, Any] | None:
+        W = self.m.Workspace
+        with self._use():
+            row = W.get_or_none(W.id == workspace_id)
+            return self._dict(row) if row else None
+
+    def register(self, path: str, yolo: bool | None) -> tuple[dict[str, Any], str]:
+        """Register ``path``; return the record and one of ``created``,
+        ``restored`` (known but unregistered: same id) or ``existing``."""
+        W = self.m.Workspace
+        with self._use(write=True):
+            row = W.get_or_none(W.path == path)
+            if row is None:
+                row = W.create(
+                    id=new_id(), path=path, yolo=bool(yolo), registered=True, created_at=utcnow()
+                )
+                return self._dict(row), "created"
+            if row.registered:
+                return self._dict(row), "existing"
+            row.registered = True
+            if yolo is not None:
+                row.yolo = yolo
+            row.save()
+            return self._dict(row), "restored"
+
+    def unregister(self, workspace_id: str, purge: bool) -> None:
+        W = self.m.Workspace
+        with self._use(write=True):
+            if purge:
+                W.delete().where(W.id == workspace_id).execute()
+            else:
+                W.update(registered=False).where(W.id == workspace_id).execute()
+
+
+class WorkspaceStore(_Store):
+    """Sessions, messages and runs of one workspace."""
+
+    def __init__(self, path: Path, workspace_id: str) -> None:
+        super().__init__(path, WORKSPACE_MIGRATIONS)
+        self.workspace_id = workspace_id
+        self.m = workspace_models(self.db)
+
+    # -- settings ----------------------------------------------------------
+
+    def get_setting(self, key: str, default: str | None = None) -> str | None:
+        S = self.m.Setting
+        with self._use():
+            row = S.get_or_none(S.key == key)
+            return row.value if row else default
+
+    def set_setting(self, key: str, value: str) -> None:
+        S = self.m.Setting
+        with self._use(write=True):
+            S.replace(key=key, value=value).execute()
+
+    # -- sessions ----------------------------------------------------------
+
+    def _session_dict(self, row: Any) -> dict[str, Any]:
+        M, R = self.m.Message, self.m.Run
+        message_count = M.select().where(M.session_id == row.id).count()
+        counts = dict(
+            R.select(R.status, pw.fn.COUNT(R.pk))
+            .where((R.session_id == row.id) & (R.status.in_(("queued", "running"))))
+            .group_by(R.status)
+            .tuples()
+        )
+        queued = counts.get("queued", 0)
+        return {
+            "id": row.id,
+            "title": row.title,
+            "created_at": row.created_at,
+            "updated_at": row.updated_at,
+            "message_count": message_count,
+            "prompt_tokens": row.prompt_tokens,
+            "completion_tokens": row.completion_tokens,
+            "is_busy": bool(queued or counts.get("running", 0)),
+            "queued_runs": queued,
+        }
+
+    def create_session(self, title: str) -> dict[str, Any]:
+        now = utcnow()
+        with self._use(write=True):
+            row = self.m.Session.create(id=new_id(), title=title, created_at=now, updated_at=now)
+            return self._session_dict(row)
+
+    def get_session(self, session_id: str) -> dict[str, Any] | None:
+        S = self.m.Session
+        with self._use():
+            row = S.get_or_none(S.id == session_id)
+            return self._session_dict(row) if row else None
+
+    def list_sessions(self) -> list[dict[str, Any]]:
+        S = self.m.Session
+        with self._use():
+            return [
+                self._session_dict(r) for r in S.select().order_by(S.created_at.desc(), S.pk.desc())
+            ]
+
+    def update_session(self, session_id: str, title: str) -> dict[str, Any] | None:
+        S = self.m.Session
+        with self._use(write=True):
+            S.update(title=title, updated_at=utcnow()).where(S.id == session_id).execute()
+            row = S.get_or_none(S.id == session_id)
+            return self._session_dict(row) if row else None
+
+    def delete_session(self, session_id: str) -> bool:
+        """Delete a session that has no queued or running run.
+
+        Returns False if it does not exist; raises ``SessionBusy`` if busy.
+        The check and the delete share one transaction.
+        """
+        from crushd.errors import SessionBusy
+
+        S, R = self.m.Session, self.m.Run
+        with self._use(write=True):
+            if S.get_or_none(S.id == session_id) is None:
+                return False
+            busy = (
+                R.select()
+                .where((R.session_id == session_id) & R.status.in_(("queued", "running")))
+                .exists()
+            )
+            if busy:
+                raise SessionBusy("session has an active or queued run; cancel it first")
+            S.delete().where(S.id == session_id).execute()
+            return True
+
+    # -- messages ----------------------------------------------------------
+
+    @staticmethod
+    def _message_dict(row: Any) -> dict[str, Any]:
+        return {
+            "id": row.id,
+            "session_id": row.session_id,
+            "run_id": row.run_id,
+            "role": row.role,
+            "parts": json.loads(row.parts),
+            "model": row.model,
+            "provider": row.provider,
+            "created_at": row.created_at,
+            "updated_at": row.updated_at,
+        }
+
+    def create_message(
+        self,
+        session_id: str,
+        run_id: str | None,
+        role: str,
+        parts: list[dict[str, Any]],
+        model: str | None = None,
+        provider: str | None = None,
+    ) -> dict[str, Any]:
+        now = utcnow()
+        with self._use(write=True):
+            row = self.m.Message.create(
+                id=new_id(),
+                session_id=session_id,
+                run_id=run_id,
+                role=role,
+                parts=json.dumps(parts),
+                model=model,
+                provider=provider,
+                created_at=now,
+                updated_at=now,
+            )
+            self.m.Session.update(updated_at=now).where(self.m.Session.id == session_id).execute()
+            return self._message_dict(row)
+
+    def update_message(self, message_id: str, parts: list[dict[str, Any]]) -> dict[str, Any]:
+        M = self.m.Message
+        now = utcnow()
+        with self._use(write=True):
+            M.update(parts=json.dumps(parts), updated_at=now).where(M.id == message_id).execute()
+            return self._message_dict(M.get(M.id == message_id))
+
+    def list_messages(self, session_id: str) -> list[dict[str, Any]]:
+        M = self.m.Message
+        with self._use():
+            query = M.select().where(M.session_id == session_id).order_by(M.pk)
+            return [self._message_dict(r) for r in query]
+
+    def run_messages(self, run_id: str) -> list[dict[str, Any]]:
+        M = self.m.Message
+        with self._use():
+            return [
+                self._message_dict(r) for r in M.select().where(M.run_id == run_id).order_by(M.pk)
+            ]
+
+    # -- runs --------------------------------------------------------------
+
+    def _run_dict(self, row: Any) -> dict[str, Any]:
+        return {
+            "id": row.id,
+            "workspace_id": self.workspace_id,
+            "session_id": row.session_id,
+            "prompt": row.prompt,
+            "status": row.status,
+            "error": row.error,
+            "message_id": row.message_id,
+            "text": row.text,
+            "created_at": row.created_at,
+            "started_at": row.started_at,
+            "finished_at": row.finished_at,
+            "usage": {
+                "prompt_tokens": row.prompt_tokens,
+                "completion_tokens": row.completion_tokens,
+            },
+        }
+
+    def create_run(self, run_id: str, session_id: str, prompt: str) -> dict[str, Any]:
+        with self._use(write=True):
+            row = self.m.Run.create(
+                id=run_id,
+                session_id=session_id,
+                prompt=prompt,
+                status="queued",
+                created_at=utcnow(),
+            )
+            return self._run_dict(row)
+
+    def get_run(self, run_id: str) -> dict[str, Any] | None:
+        R = self.m.Run
+        with self._use():
+            row = R.get_or_none(R.id == run_id)
+            return self._run_dict(row) if row else None
+
+    def list_runs(
+        self,
+        session_id: str | None = None,
+        status: str | None = None,
+        limit: int = 100,
+        oldest_first: bool = False,
+    ) -> list[dict[str, Any]]:
+        R = self.m.Run
+        query = R.select()
+        if session_id:
+            query = query.where(R.session_id == session_id)
+        if status:
+            query = query.where(R.status == status)
+        query = query.order_by(R.pk if oldest_first else R.pk.desc()).limit(limit)
+        with self._use():
+            return [self._run_dict(r) for r in query]
+
+    def count_runs(self, status: str, session_id: str | None = None) -> int:
+        R = self.m.Run
+        query = R.select().where(R.status == status)
+        if session_id:
+            query = query.where(R.session_id == session_id)
+        with self._use():
+            return query.count()
+
+    def update_run(self, run_id: str, **fields: Any) -> dict[str, Any]:
+        R = self.m.Run
+        with self._use(write=True):
+            R.update(**fields).where(R.id == run_id).execute()
+            return self._run_dict(R.get(R.id == run_id))
+
+    def start_run(self, run_id: str) -> dict[str, Any] | None:
+        """``queued`` -> ``running``; None if the run is no longer queued."""
+        R = self.m.Run
+        with self._use(write=True):
+            updated = (
+                R.update(status="running", started_at=utcnow())
+                .where((R.id == run_id) & (R.status == "queued"))
+                .execute()
+            )
+            return self._run_dict(R.get(R.id == run_id)) if updated else None
+
+    def finish_run(
+        self, run_id: str, status: str, *, only_from: str | None = None, **fields: Any
+    ) -> dict[str, Any] | None:
+        """Move a run to a terminal status unless it already has one (or,
+        with ``only_from``, unless its status is something else).
+
+        Returns the terminal run, or None when nothing changed, so exactly
+        one caller publishes ``run.completed``.
+        """
+        R = self.m.Run
+        condition = (R.id == run_id) & R.status.not_in(tuple(TERMINAL_STATUSES))
+        if only_from is not None:
+            condition &= R.status == only_from
+        with self._use(write=True):
+            updated = (
+                R.update(status=status, finished_at=utcnow(), **fields).where(condition).execute()
+            )
+            if not updated:
+                return None
+            return self._run_dict(R.get(R.id == run_id))
+
+    def add_usage(
+        self, run_id: str, session_id: str, prompt_tokens: int, completion_tokens: int
+    ) -> None:
+        R, S = self.m.Run, self.m.Session
+        with self._use(write=True):
+            R.update(
+                prompt_tokens=R.prompt_tokens + prompt_tokens,
+                completion_tokens=R.completion_tokens + completion_tokens,
+            ).where(R.id == run_id).execute()
+            S.update(
+                prompt_tokens=S.prompt_tokens + prompt_tokens,
+                completion_tokens=S.completion_tokens + completion_tokens,
+            ).where(S.id == session_id).execute()

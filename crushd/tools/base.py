@@ -1,0 +1,69 @@
+"""The tool interface.
+
+A tool is a named action the model may call with a JSON object of
+arguments.  Tools never raise into the run loop for ordinary failures: they
+raise :class:`ToolError`, which the run loop turns into a ``tool_result``
+with ``is_error: true``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crushd.cancel import CancelToken
+
+DEFAULT_MAX_OUTPUT = 30_000  # characters of tool output kept for the model
+
+
+class ToolError(Exception):
+    """A tool call failed in a way the model should hear about."""
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    content: str
+    is_error: bool = False
+
+
+@dataclass
+class ToolContext:
+    """What a tool call may use.  ``root`` is the resolved workspace path."""
+
+    root: Path
+    token: CancelToken
+    bash_timeout: float = 120.0
+    max_output: int = DEFAULT_MAX_OUTPUT
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PermissionAsk:
+    """What a permission request shows a person: ``action`` is a one-line
+    summary (``run: ls -la``, ``write file``), ``path`` the main path."""
+
+    action: str
+    path: str
+
+
+class Tool(ABC):
+    name: str = ""
+    description: str = ""
+    parameters: dict[str, Any] = {}  # JSON schema of the arguments object
+    mutating: bool = False  # asks permission unless the workspace is yolo
+
+    def paths(self, params: dict[str, Any], ctx: ToolContext) -> list[Path]:
+        """Resolved paths this call touches; any outside ``ctx.root`` needs
+        permission even in yolo mode.  Raises :class:`ToolError` on bad params."""
+        return []
+
+    def describe(self, params: dict[str, Any], ctx: ToolContext) -> PermissionAsk:
+        paths = self.paths(params, ctx)
+        return PermissionAsk(action=self.name, path=str(paths[0]) if paths else str(ctx.root))
+
+    @abstractmethod
+    def run(self, params: dict[str, Any], ctx: ToolContext) -> ToolResult:
+        """Carry the call out.  Blocking work must stop promptly when
+        ``ctx.token`` is cancelled (raise :class:`crushd.cancel.Cancelled`)."""

@@ -1,0 +1,448 @@
+"""The workspace runtime: prompt queue, executor, cancellation and shutdown.
+
+A run belongs to its workspace, not to the HTTP request that submitted it.
+The workspace accepts a prompt only while it is open, writes it as
+``queued`` before answering, and — however it later closes — brings every
+accepted run to a terminal record (or, on a server stop, leaves the queued
+ones on disk for the next start).  :meth:`Workspace.close` is the shutdown
+order of the contract, written out step by step.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crushd.cancel import CancelToken, CountdownLatch
+from crushd.config import Config
+from crushd.errors import NotFound, QueueFull, RunIdConflict, WorkspaceClosing
+from crushd.events import EventHub
+from crushd.permissions import PermissionBroker
+from crushd.providers.base import Provider
+from crushd.runs import CANCELED_MESSAGE, Run, RunEnv, seal_run_messages
+from crushd.signals import Signals, send
+from crushd.store import TERMINAL_STATUSES, WorkspaceStore, new_id
+from crushd.tools.base import Tool
+
+logger = logging.getLogger(__name__)
+
+SEQ_SETTING = "event_seq_reserved"
+
+
+def title_from_prompt(prompt: str, limit: int = 80) -> str:
+    first = next((line.strip() for line in prompt.splitlines() if line.strip()), "")
+    if len(first) > limit:
+        first = first[: limit - 1].rstrip() + "…"
+    return first or "New session"
+
+
+@dataclass
+class ActiveRun:
+    """A run handed to the executor: running, or about to start."""
+
+    run_id: str
+    session_id: str
+    token: CancelToken
+    user_cancelled: bool = False
+    run: Run | None = None
+    started: threading.Event = field(default_factory=threading.Event)
+
+
+class Workspace:
+    """One open workspace.  Public methods are thread-safe; those that block
+    say so.  The lock guards the closing flag, the queues and the active map,
+    and submission checks ``closing`` in the same critical section as it
+    queues, so a prompt is never accepted and then dropped."""
+
+    def __init__(
+        self,
+        record: dict[str, Any],
+        data_dir: Path,
+        config: Config,
+        provider: Provider,
+        tools: dict[str, Tool],
+        signals: Signals,
+    ) -> None:
+        self.id: str = record["id"]
+        self.path = Path(record["path"])
+        self.yolo: bool = record["yolo"]
+        self.created_at: str = record["created_at"]
+        self.config = config
+        self._provider = provider
+        self._tools = tools
+        self._signals = signals
+        directory = data_dir / "workspaces" / self.id
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.store = WorkspaceStore(directory / "workspace.db", self.id)
+        first_seq = int(self.store.get_setting(SEQ_SETTING, "0") or 0) + 1
+        self.hub = EventHub(
+            self.id,
+            first_seq,
+            config.event_buffer,
+            reserve=lambda n: self.store.set_setting(SEQ_SETTING, str(n)),
+            on_event=lambda e: send(signals.event_published, self.id, event=e),
+        )
+        self.permissions = PermissionBroker(self.hub, config.permission_timeout)
+        self._lock = threading.Lock()
+        self._closing = False  # guarded by _lock
+        self._keep_queued = False  # guarded by _lock; True on a server stop
+        self._queues: dict[str, collections.deque[str]] = {}  # guarded by _lock
+        self._active: dict[str, ActiveRun] = {}  # session id -> run; guarded by _lock
+        self._token = CancelToken(name=f"workspace:{self.id}")
+        self._latch = CountdownLatch()
+        self._executor = ThreadPoolExecutor(
+            max_workers=config.workers, thread_name_prefix=f"crushd-run-{self.id[:8]}"
+        )
+        self._finished = threading.Condition()  # notified on every run.completed
+        self._closed = threading.Event()
+        self._env = RunEnv(
+            workspace_id=self.id,
+            root=self.path,
+            yolo=self.yolo,
+            store=self.store,
+            hub=self.hub,
+            provider=provider,
+            tools=tools,
+            permissions=self.permissions,
+            max_steps=config.max_steps,
+            cleanup_timeout=config.cleanup_timeout,
+            bash_timeout=config.bash_timeout,
+            allowed_tools=frozenset(config.allowed_tools),
+            on_completed=self._run_completed,
+        )
+
+    # -- state ---------------------------------------------------------------
+
+    @property
+    def closing(self) -> bool:
+        with self._lock:
+            return self._closing
+
+    def to_dict(self) -> dict[str, Any]:
+        with self._lock:
+            closing = self._closing
+        active = queued = 0
+        if not self.store.closed:
+            active = self.store.count_runs("running")
+            queued = self.store.count_runs("queued")
+        return {
+            "id": self.id,
+            "path": str(self.path),
+            "yolo": self.yolo,
+            "created_at": self.created_at,
+            "closing": closing,
+            "active_runs": active,
+            "queued_runs": queued,
+        }
+
+    def active_run_count(self) -> int:
+        with self._lock:
+            return len(self._active)
+
+    # -- startup -------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Finish what a previous process left: runs found ``running`` become
+        ``interrupted``; ``queued`` runs are queued again in their order."""
+        for run in self.store.list_runs(status="running", limit=1_000_000, oldest_first=True):
+            seal_run_messages(
+                self._env,
+                run["id"],
+                run["session_id"],
+                "error",
+                "interrupted",
+                "the server stopped while this run was active",
+                "Tool execution interrupted",
+            )
+            last = [m for m in self.store.run_messages(run["id"]) if m["role"] == "assistant"]
+            text = (
+                "".join(p["text"] for p in last[-1]["parts"] if p["type"] == "text") if last else ""
+            )
+            terminal = self.store.finish_run(
+                run["id"],
+                "interrupted",
+                error="interrupted",
+                text=text,
+                message_id=last[-1]["id"] if last else None,
+            )
+            if terminal is not None:
+                self.hub.publish("run.completed", run["session_id"], terminal)
+                logger.info("event=run_interrupted workspace=%s run=%s", self.id, run["id"])
+        queued = self.store.list_runs(status="queued", limit=1_000_000, oldest_first=True)
+        with self._lock:
+            for run in queued:
+                self._queues.setdefault(run["session_id"], collections.deque()).append(run["id"])
+            for session_id in list(self._queues):
+                self._dispatch(session_id)
+        if queued:
+            logger.info("event=queue_restored workspace=%s runs=%d", self.id, len(queued))
+
+    # -- prompts -------------------------------------------------------------
+
+    def submit(
+        self, prompt: str, session_id: str | None = None, run_id: str | None = None
+    ) -> tuple[dict[str, Any], bool]:
+        """Accept a prompt: the run is stored ``queued`` before this returns.
+
+        Returns ``(run, created)``; ``created`` is False for an idempotent
+        resubmission of an existing ``run_id``.  Never blocks on the model.
+        """
+        if run_id is not None:
+            existing = self.store.get_run(run_id)
+            if existing is not None:
+                return self._replay(existing, prompt, session_id)
+        with self._lock:
+            if self._closing:
+                raise WorkspaceClosing(f"workspace {self.id} is closing")
+            if run_id is not None and (existing := self.store.get_run(run_id)) is not None:
+                return self._replay(existing, prompt, session_id)
+            if session_id is None:
+                session = self.store.create_session(title_from_prompt(prompt))
+                session_id = session["id"]
+                self.hub.publish("session.created", session_id, session)
+            elif self.store.get_session(session_id) is None:
+                raise NotFound(f"session {session_id} not found")
+            if self.store.count_runs("queued", session_id) >= self.config.max_queue:
+                raise QueueFull(
+                    f"session {session_id} already has {self.config.max_queue} queued runs"
+                )
+            run = self.store.create_run(run_id or new_id(), session_id, prompt)
+            self._queues.setdefault(session_id, collections.deque()).append(run["id"])
+            self.hub.publish("run.queued", session_id, run)
+            self._dispatch(session_id)
+        logger.info(
+            "event=run_accepted workspace=%s session=%s run=%s", self.id, session_id, run["id"]
+        )
+        return run, True
+
+    @staticmethod
+    def _replay(
+        existing: dict[str, Any], prompt: str, session_id: str | None
+    ) -> tuple[dict[str, Any], bool]:
+        if existing["prompt"] != prompt or (session_id and existing["session_id"] != session_id):
+            raise RunIdConflict(f"run {existing['id']} exists with a different prompt")
+        return existing, False
+
+    def _dispatch(self, session_id: str) -> None:
+        """Start the session's next queued run if it has none active.  Holds _lock."""
+        if self._closing or session_id in self._active:
+            return
+        queue = self._queues.get(session_id)
+        if not queue:
+            self._queues.pop(session_id, None)
+            return
+        run_id = queue.popleft()
+        active = ActiveRun(run_id, session_id, self._token.child(f"run:{run_id}"))
+        self._active[session_id] = active
+        self._latch.count_up()
+        self._executor.submit(self._execute, active)
+
+    def _execute(self, active: ActiveRun) -> None:
+        """Executor entry point: the thread boundary of a run."""
+        try:
+            if active.token.cancelled:
+                with self._lock:
+                    keep = self._keep_queued and not active.user_cancelled
+                if not keep:  # never started: a cancelled record, no messages
+                    self._cancel_queued(active.run_id)
+                return
+            run = self.store.start_run(active.run_id)
+            if run is None:  # cancelled while it waited for a worker
+                return
+            active.run = Run(self._env, run, active.token)
+            active.started.set()
+            active.run.execute()
+        except Exception:
+            logger.exception("event=run_thread_failed workspace=%s run=%s", self.id, active.run_id)
+        finally:
+            active.token.release()
+            with self._lock:
+                if self._active.get(active.session_id) is active:
+                    del self._active[active.session_id]
+                self._dispatch(active.session_id)
+            self._latch.count_down()
+
+    def _cancel_queued(self, run_id: str) -> dict[str, Any] | None:
+        """Make a run that never started ``cancelled`` and announce it."""
+        terminal = self.store.finish_run(
+            run_id, "cancelled", only_from="queued", error=CANCELED_MESSAGE
+        )
+        if terminal is not None:
+            self.hub.publish("run.completed", terminal["session_id"], terminal)
+            self._run_completed(terminal)
+        return terminal
+
+    def _run_completed(self, run: dict[str, Any]) -> None:
+        logger.info(
+            "event=run_completed workspace=%s run=%s status=%s", self.id, run["id"], run["status"]
+        )
+        with self._finished:
+            self._finished.notify_all()
+
+    # -- runs API ------------------------------------------------------------
+
+    def get_run(self, run_id: str) -> dict[str, Any]:
+        run = self.store.get_run(run_id)
+        if run is None:
+            raise NotFound(f"run {run_id} not found")
+        return run
+
+    def wait_run(self, run_id: str, timeout: float) -> dict[str, Any]:
+        """Block up to ``timeout`` seconds for the run to end; return it.
+
+        Waiting never holds the run: the caller may vanish at any time.
+        """
+        deadline = time.monotonic() + timeout
+        run = self.get_run(run_id)
+        while run["status"] not in TERMINAL_STATUSES:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._closed.is_set():
+                break
+            with self._finished:
+                self._finished.wait(min(remaining, 1.0))
+            if self.store.closed:
+                break
+            run = self.get_run(run_id)
+        return run
+
+    def cancel_run(self, run_id: str) -> tuple[dict[str, Any], bool]:
+        """Cancel one run; returns ``(run, changed)``.  A queued run is
+        cancelled at once; a running one stops within a second."""
+        run = self.get_run(run_id)
+        if run["status"] in TERMINAL_STATUSES:
+            return run, False
+        with self._lock:
+            queue = self._queues.get(run["session_id"])
+            if queue is not None and run_id in queue:
+                queue.remove(run_id)
+                return self._cancel_queued(run_id) or self.get_run(run_id), True
+            active = self._active.get(run["session_id"])
+            if active is not None and active.run_id == run_id:
+                active.user_cancelled = True
+                active.token.cancel("cancelled by request")
+                if not active.started.is_set():  # still waiting for a worker
+                    self._cancel_queued(run_id)
+        return self.get_run(run_id), True
+
+    def cancel_session(self, session_id: str, queued_only: bool = False) -> list[str]:
+        """Cancel the session's queued runs (and its active one unless
+        ``queued_only``); return their ids, active first."""
+        if self.store.get_session(session_id) is None:
+            raise NotFound(f"session {session_id} not found")
+        cancelled: list[str] = []
+        with self._lock:
+            active = self._active.get(session_id)
+            if active is not None and not queued_only:
+                active.user_cancelled = True
+                active.token.cancel("cancelled by request")
+                if not active.started.is_set():
+                    self._cancel_queued(active.run_id)
+                cancelled.append(active.run_id)
+            queue = self._queues.pop(session_id, collections.deque())
+            for run_id in queue:
+                if self._cancel_queued(run_id) is not None:
+                    cancelled.append(run_id)
+        return cancelled
+
+    def queued_runs(self, session_id: str) -> list[dict[str, Any]]:
+        if self.store.get_session(session_id) is None:
+            raise NotFound(f"session {session_id} not found")
+        return self.store.list_runs(
+            session_id=session_id, status="queued", limit=1_000_000, oldest_first=True
+        )
+
+    # -- shutdown --------------------------------------------------------------
+
+    def close(
+        self,
+        *,
+        keep_queued: bool = False,
+        drain_timeout: float = 0.0,
+        skip_drain: threading.Event | None = None,
+        shutdown_timeout: float | None = None,
+    ) -> None:
+        """Close the workspace in the contract's order.  Blocks; idempotent.
+
+        ``keep_queued`` and ``drain_timeout`` are for a server stop: running
+        turns first get ``drain_timeout`` seconds to finish on their own
+        (cut short when ``skip_drain`` is set), and queued runs stay queued
+        on disk for the next start.
+        """
+        timeout = self.config.shutdown_timeout if shutdown_timeout is None else shutdown_timeout
+        # 1. Refuse new prompts: from here on submit() raises WorkspaceClosing.
+        with self._lock:
+            if self._closing:
+                already = True
+            else:
+                already = False
+                self._closing = True
+                self._keep_queued = keep_queued
+                never_started = [rid for q in self._queues.values() for rid in q]
+                self._queues.clear()
+        if already:
+            self._closed.wait(timeout + self.config.cleanup_timeout + 5)
+            return
+        started = time.monotonic()
+        logger.info(
+            "event=workspace_closing workspace=%s active=%d queued=%d keep_queued=%s",
+            self.id,
+            self._latch.count,
+            len(never_started),
+            keep_queued,
+        )
+        self.hub.publish(
+            "workspace.closing", None, {"workspace_id": self.id, "keep_queued": keep_queued}
+        )
+        if drain_timeout > 0 and self._latch.count:
+            self._drain(drain_timeout, skip_drain)
+        # 2. Cancel the workspace token; every run token descends from it.
+        self._token.cancel("workspace closing")
+        # 3. Queued runs that never started become cancelled (not on a server stop).
+        if not keep_queued:
+            for run_id in never_started:
+                self._cancel_queued(run_id)
+        # 4. Wait for every dispatched run to return, bounded.
+        if not self._latch.wait(timeout):
+            with self._lock:
+                stuck = [a.run_id for a in self._active.values()]
+            logger.warning(
+                "event=workspace_runs_stuck workspace=%s runs=%s timeout=%s",
+                self.id,
+                ",".join(stuck),
+                timeout,
+            )
+        # 5. Flush what stuck runs buffered, stop the executor, end the
+        #    streams and close the database — nothing touches it after this.
+        with self._lock:
+            leftovers = list(self._active.values())
+        for active in leftovers:
+            if active.run is not None and active.run.writer is not None:
+                try:
+                    active.run.writer.flush()
+                except Exception:
+                    logger.exception("event=flush_failed run=%s", active.run_id)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.hub.close()
+        self.store.close()
+        self._closed.set()
+        with self._finished:
+            self._finished.notify_all()
+        logger.info(
+            "event=workspace_closed workspace=%s seconds=%.3f", self.id, time.monotonic() - started
+        )
+
+    def _drain(self, drain_timeout: float, skip: threading.Event | None) -> None:
+        deadline = time.monotonic() + drain_timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            if self._latch.wait(min(remaining, 0.1)):
+                return
+            if skip is not None and skip.is_set():
+                logger.info("event=drain_skipped workspace=%s", self.id)
+                return

@@ -1,0 +1,217 @@
+"""The packaged OpenAPI document is valid and describes every route of SPEC §3."""
+
+from __future__ import annotations
+
+import json
+from importlib.resources import files
+
+import pytest
+from openapi_spec_validator import validate
+
+import crushd
+
+HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
+ERROR_REF = "#/components/schemas/Error"
+
+# Every route of SPEC §3, written out from the SPEC rather than derived from the document.
+SPEC_ROUTES = {
+    ("get", "/v1/health"),
+    ("get", "/v1/version"),
+    ("get", "/v1/openapi.json"),
+    ("post", "/v1/workspaces"),
+    ("get", "/v1/workspaces"),
+    ("get", "/v1/workspaces/{id}"),
+    ("delete", "/v1/workspaces/{id}"),
+    ("post", "/v1/workspaces/{id}/sessions"),
+    ("get", "/v1/workspaces/{id}/sessions"),
+    ("get", "/v1/workspaces/{id}/sessions/{sid}"),
+    ("put", "/v1/workspaces/{id}/sessions/{sid}"),
+    ("delete", "/v1/workspaces/{id}/sessions/{sid}"),
+    ("get", "/v1/workspaces/{id}/sessions/{sid}/messages"),
+    ("post", "/v1/workspaces/{id}/agent"),
+    ("get", "/v1/workspaces/{id}/runs"),
+    ("get", "/v1/workspaces/{id}/runs/{run_id}"),
+    ("post", "/v1/workspaces/{id}/runs/{run_id}/cancel"),
+    ("post", "/v1/workspaces/{id}/sessions/{sid}/cancel"),
+    ("get", "/v1/workspaces/{id}/sessions/{sid}/queue"),
+    ("delete", "/v1/workspaces/{id}/sessions/{sid}/queue"),
+    ("get", "/v1/workspaces/{id}/events"),
+    ("get", "/v1/workspaces/{id}/permissions"),
+    ("post", "/v1/workspaces/{id}/permissions/{pid}"),
+}
+
+# The status table of SPEC §3.
+SPEC_ERROR_CODES = {
+    "invalid_request",
+    "unauthorized",
+    "not_found",
+    "method_not_allowed",
+    "workspace_closing",
+    "session_busy",
+    "run_id_conflict",
+    "too_large",
+    "queue_full",
+    "shutting_down",
+    "too_many_streams",
+}
+
+# Error statuses whose body is deliberately not an Error: health reports "stopping".
+NON_ERROR_BODIES = {("get", "/v1/health", "503"): "#/components/schemas/Health"}
+
+
+@pytest.fixture(scope="module")
+def spec() -> dict:
+    return json.loads((files("crushd") / "openapi.json").read_text(encoding="utf-8"))
+
+
+def _operations(spec: dict):
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            if method in HTTP_METHODS:
+                yield method, path, operation
+
+
+def _resolve(spec: dict, obj: dict) -> dict:
+    """Follow a local ``$ref`` chain (``#/components/...``) to the object it names."""
+    while "$ref" in obj:
+        target = spec
+        for key in obj["$ref"].removeprefix("#/").split("/"):
+            target = target[key]
+        obj = target
+    return obj
+
+
+def _json_schema(spec: dict, response: dict) -> dict | None:
+    media = _resolve(spec, response).get("content", {}).get("application/json")
+    return None if media is None else media.get("schema")
+
+
+def test_document_is_valid_openapi_3_1(spec):
+    assert spec["openapi"] == "3.1.0"
+    validate(spec)
+
+
+def test_every_spec_route_is_documented(spec):
+    documented = {(method, path) for method, path, _ in _operations(spec)}
+    missing = SPEC_ROUTES - documented
+    extra = documented - SPEC_ROUTES
+    assert not missing, f"routes of SPEC §3 missing from openapi.json: {sorted(missing)}"
+    assert not extra, f"routes in openapi.json that SPEC §3 does not list: {sorted(extra)}"
+    assert len(SPEC_ROUTES) == 23
+
+
+def test_info_version_matches_package(spec):
+    assert spec["info"]["version"] == crushd.__version__
+
+
+def test_operation_ids_are_present_and_unique(spec):
+    ids = []
+    for method, path, operation in _operations(spec):
+        assert operation.get("operationId"), f"{method.upper()} {path} has no operationId"
+        ids.append(operation["operationId"])
+    assert len(ids) == len(set(ids)), "duplicate operationId"
+
+
+def test_every_error_response_references_error_schema(spec):
+    checked = set()
+    for method, path, operation in _operations(spec):
+        for status, response in operation["responses"].items():
+            if status != "default" and int(status) < 400:
+                continue
+            schema = _json_schema(spec, response)
+            expected = NON_ERROR_BODIES.get((method, path, status), ERROR_REF)
+            assert schema == {"$ref": expected}, (
+                f"{method.upper()} {path} {status} does not reference {expected}"
+            )
+            checked.add((method, path, status))
+    assert set(NON_ERROR_BODIES) <= checked
+
+
+def test_error_code_enum_is_the_spec_status_table(spec):
+    code = spec["components"]["schemas"]["Error"]["properties"]["error"]["properties"]["code"]
+    # internal_error is the 500 code of crushd.errors.CrushdError, outside the table.
+    assert set(code["enum"]) == SPEC_ERROR_CODES | {"internal_error"}
+
+
+def test_error_examples_match_their_code(spec):
+    for name, response in spec["components"]["responses"].items():
+        examples = response["content"]["application/json"].get("examples", {})
+        assert examples, f"response {name} has no example"
+        for key, example in examples.items():
+            assert example["value"]["error"]["code"] == key
+            assert key in SPEC_ERROR_CODES
+
+
+def test_security_is_global_bearer_except_health(spec):
+    scheme = spec["components"]["securitySchemes"]["bearerAuth"]
+    assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
+    assert {"bearerAuth": []} in spec["security"]
+    for method, path, operation in _operations(spec):
+        if path == "/v1/health":
+            assert operation["security"] == []
+        else:
+            assert "security" not in operation, f"{method.upper()} {path} overrides security"
+            assert "401" in operation["responses"], f"{method.upper()} {path} lacks 401"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "statuses"),
+    [
+        ("post", "/v1/workspaces", {"200", "201", "400"}),
+        ("delete", "/v1/workspaces/{id}", {"204", "404"}),
+        ("delete", "/v1/workspaces/{id}/sessions/{sid}", {"409"}),
+        ("post", "/v1/workspaces/{id}/agent", {"200", "202", "409", "429", "503"}),
+        ("post", "/v1/workspaces/{id}/runs/{run_id}/cancel", {"200", "202"}),
+        ("get", "/v1/workspaces/{id}/events", {"200", "503"}),
+        ("post", "/v1/workspaces/{id}/permissions/{pid}", {"200", "404"}),
+        ("get", "/v1/health", {"200", "503"}),
+    ],
+)
+def test_spec_status_codes(spec, method, path, statuses):
+    documented = set(spec["paths"][path][method]["responses"])
+    assert statuses <= documented, f"{method.upper()} {path}: missing {statuses - documented}"
+
+
+def test_agent_409_names_both_conflict_codes(spec):
+    response = spec["paths"]["/v1/workspaces/{id}/agent"]["post"]["responses"]["409"]
+    examples = _resolve(spec, response)["content"]["application/json"]["examples"]
+    assert set(examples) == {"run_id_conflict", "workspace_closing"}
+
+
+def test_events_stream_shape(spec):
+    operation = spec["paths"]["/v1/workspaces/{id}/events"]["get"]
+    assert "text/event-stream" in operation["responses"]["200"]["content"]
+    params = {(p["in"], p["name"]) for p in operation["parameters"]}
+    assert {("query", "session_id"), ("query", "since"), ("header", "Last-Event-ID")} <= params
+    too_many = _resolve(spec, operation["responses"]["503"])
+    assert "Retry-After" in too_many["headers"]
+    assert "too_many_streams" in too_many["content"]["application/json"]["examples"]
+
+
+def test_schema_enums(spec):
+    schemas = spec["components"]["schemas"]
+    assert schemas["Run"]["properties"]["status"]["enum"] == [
+        "queued",
+        "running",
+        "completed",
+        "cancelled",
+        "failed",
+        "interrupted",
+    ]
+    assert set(schemas["FinishPart"]["properties"]["reason"]["enum"]) == {
+        "end_turn",
+        "max_tokens",
+        "tool_use",
+        "canceled",
+        "error",
+        "permission_denied",
+        "unknown",
+    }
+    assert set(schemas["Part"]["discriminator"]["mapping"]) == {
+        "text",
+        "reasoning",
+        "tool_call",
+        "tool_result",
+        "finish",
+    }
+    assert "reset" in schemas["Event"]["properties"]["type"]["enum"]
