@@ -1,0 +1,276 @@
+"""The run lifecycle over real HTTP: prompts, queue, cancel, wait, delete."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from conftest import sse_events, wait_for
+
+LONG = " ".join(f"word{i}" for i in range(200))
+TERMINAL = {"completed", "cancelled", "failed", "interrupted"}
+
+
+@pytest.fixture
+def slow(live_factory):
+    """A live server whose echo model takes ~50 ms per word."""
+    return live_factory(echo_delay=0.05, workers=4, max_queue=3)
+
+
+def register(http: httpx.Client, path) -> str:
+    response = http.post("/v1/workspaces", json={"path": str(path)})
+    assert response.status_code in (200, 201), response.text
+    return response.json()["id"]
+
+
+def prompt(http: httpx.Client, wid: str, text: str, **extra) -> httpx.Response:
+    return http.post(f"/v1/workspaces/{wid}/agent", json={"prompt": text, **extra})
+
+
+def wait_terminal(http: httpx.Client, wid: str, rid: str, timeout: float = 20) -> dict:
+    response = http.get(f"/v1/workspaces/{wid}/runs/{rid}", params={"wait": timeout})
+    run = response.json()
+    assert run["status"] in TERMINAL, run
+    return run
+
+
+def messages(http: httpx.Client, wid: str, sid: str) -> list[dict]:
+    return http.get(f"/v1/workspaces/{wid}/sessions/{sid}/messages").json()
+
+
+def finish_of(message: dict) -> dict:
+    finishes = [p for p in message["parts"] if p["type"] == "finish"]
+    assert len(finishes) == 1, message
+    return finishes[0]
+
+
+def test_prompt_is_accepted_before_the_model_runs_and_completes(live, project):
+    with httpx.Client(base_url=live.url, timeout=30) as http:
+        wid = register(http, project)
+        response = prompt(http, wid, "hello there\nsecond line")
+        assert response.status_code == 202
+        run = response.json()
+        assert run["status"] == "queued" and run["workspace_id"] == wid
+        session = http.get(f"/v1/workspaces/{wid}/sessions/{run['session_id']}").json()
+        assert session["title"] == "hello there"
+        done = wait_terminal(http, wid, run["id"])
+        assert done["status"] == "completed"
+        assert done["text"] == "hello there\nsecond line"
+        assert done["usage"]["completion_tokens"] > 0
+        assert done["started_at"] and done["finished_at"]
+        stored = messages(http, wid, run["session_id"])
+        assert [m["role"] for m in stored] == ["user", "assistant"]
+        assert stored[0]["run_id"] == run["id"]
+        assert stored[1]["id"] == done["message_id"]
+        assert stored[1]["provider"] == "echo" and stored[1]["model"] == "echo"
+        assert finish_of(stored[1])["reason"] == "end_turn"
+
+
+def test_run_id_is_an_idempotency_key(live, project):
+    with httpx.Client(base_url=live.url, timeout=30) as http:
+        wid = register(http, project)
+        first = prompt(http, wid, "same", run_id="client-key-1")
+        assert first.status_code == 202 and first.json()["id"] == "client-key-1"
+        again = prompt(http, wid, "same", run_id="client-key-1")
+        assert again.status_code == 200 and again.json()["id"] == "client-key-1"
+        conflict = prompt(http, wid, "different", run_id="client-key-1")
+        assert conflict.status_code == 409
+        assert conflict.json()["error"]["code"] == "run_id_conflict"
+        runs = http.get(f"/v1/workspaces/{wid}/runs").json()
+        assert [r["id"] for r in runs] == ["client-key-1"]
+
+
+def test_session_runs_are_fifo_and_queue_is_bounded(slow, project):
+    with httpx.Client(base_url=slow.url, timeout=30) as http:
+        wid = register(http, project)
+        first = prompt(http, wid, LONG).json()
+        sid = first["session_id"]
+        queued = [prompt(http, wid, f"next {i}", session_id=sid).json() for i in range(3)]
+        assert all(r["status"] == "queued" for r in queued)
+        full = prompt(http, wid, "one too many", session_id=sid)
+        assert full.status_code == 429 and full.json()["error"]["code"] == "queue_full"
+        queue = http.get(f"/v1/workspaces/{wid}/sessions/{sid}/queue").json()
+        assert [r["id"] for r in queue] == [r["id"] for r in queued]
+        session = http.get(f"/v1/workspaces/{wid}/sessions/{sid}").json()
+        assert session["is_busy"] and session["queued_runs"] == 3
+        busy = http.delete(f"/v1/workspaces/{wid}/sessions/{sid}")
+        assert busy.status_code == 409 and busy.json()["error"]["code"] == "session_busy"
+        workspace = http.get(f"/v1/workspaces/{wid}").json()
+        assert workspace["active_runs"] == 1 and workspace["queued_runs"] == 3
+        # Another session runs in parallel with the busy one.
+        other = prompt(http, wid, "parallel").json()
+        assert wait_terminal(http, wid, other["id"])["status"] == "completed"
+        assert http.get(f"/v1/workspaces/{wid}/runs/{first['id']}").json()["status"] == "running"
+        http.post(f"/v1/workspaces/{wid}/runs/{first['id']}/cancel")
+        finished = [wait_terminal(http, wid, r["id"]) for r in queued]
+        assert [r["status"] for r in finished] == ["completed"] * 3
+        starts = [r["started_at"] for r in finished]
+        assert starts == sorted(starts)
+        # No run was refused-but-recorded: exactly the accepted runs exist.
+        assert len(http.get(f"/v1/workspaces/{wid}/runs").json()) == 5
+        assert http.delete(f"/v1/workspaces/{wid}/sessions/{sid}").status_code == 204
+
+
+def test_cancel_mid_stream_keeps_exactly_the_streamed_text(slow, project):
+    with httpx.Client(base_url=slow.url, timeout=30) as http:
+        wid = register(http, project)
+        with http.stream("GET", f"/v1/workspaces/{wid}/events") as stream:
+            lines = stream.iter_lines()
+            run = prompt(http, wid, LONG).json()
+            deltas: list[str] = []
+            events = []
+            while len(deltas) < 5:
+                (event,) = sse_events(lines, 1)
+                events.append(event)
+                if event["event"] == "message.delta":
+                    deltas.append(event["data"]["payload"]["delta"])
+            cancel = http.post(f"/v1/workspaces/{wid}/runs/{run['id']}/cancel")
+            assert cancel.status_code == 202
+            started = time.monotonic()
+            while True:
+                (event,) = sse_events(lines, 1)
+                events.append(event)
+                if event["event"] == "message.delta":
+                    deltas.append(event["data"]["payload"]["delta"])
+                if event["event"] == "run.completed":
+                    break
+            assert time.monotonic() - started < 2.0
+        terminal = event["data"]["payload"]
+        assert terminal["status"] == "cancelled" and terminal["finished_at"]
+        seqs = [int(e["id"]) for e in events]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+        stored = messages(http, wid, run["session_id"])
+        assistant = stored[-1]
+        text = "".join(p["text"] for p in assistant["parts"] if p["type"] == "text")
+        assert text == "".join(deltas)
+        assert 5 <= len(deltas) < 200
+        finish = finish_of(assistant)
+        assert (finish["reason"], finish["message"]) == ("canceled", "Request canceled")
+        assert terminal["text"] == text
+        # Cancelling a finished run is a no-op with 200.
+        again = http.post(f"/v1/workspaces/{wid}/runs/{run['id']}/cancel")
+        assert again.status_code == 200 and again.json()["status"] == "cancelled"
+
+
+def test_cancel_queued_and_session(slow, project):
+    with httpx.Client(base_url=slow.url, timeout=30) as http:
+        wid = register(http, project)
+        first = prompt(http, wid, LONG).json()
+        sid = first["session_id"]
+        second = prompt(http, wid, "second", session_id=sid).json()
+        third = prompt(http, wid, "third", session_id=sid).json()
+        # Cancelling a queued run is immediate and leaves no messages.
+        cancelled = http.post(f"/v1/workspaces/{wid}/runs/{second['id']}/cancel")
+        assert cancelled.status_code == 202 and cancelled.json()["status"] == "cancelled"
+        result = http.post(f"/v1/workspaces/{wid}/sessions/{sid}/cancel").json()
+        assert result == {"cancelled": [first["id"], third["id"]]}
+        assert wait_terminal(http, wid, first["id"])["status"] == "cancelled"
+        assert http.get(f"/v1/workspaces/{wid}/runs/{third['id']}").json()["status"] == (
+            "cancelled")
+        run_ids = {m["run_id"] for m in messages(http, wid, sid)}
+        assert run_ids == {first["id"]}
+        assert http.get(f"/v1/workspaces/{wid}/sessions/{sid}/queue").json() == []
+
+
+def test_cancel_covers_only_the_runs_it_names(slow, project):
+    with httpx.Client(base_url=slow.url, timeout=30) as http:
+        wid = register(http, project)
+        first = prompt(http, wid, LONG).json()
+        sid = first["session_id"]
+        later = prompt(http, wid, "later prompt", session_id=sid).json()
+        http.post(f"/v1/workspaces/{wid}/runs/{first['id']}/cancel")
+        assert wait_terminal(http, wid, first["id"])["status"] == "cancelled"
+        done = wait_terminal(http, wid, later["id"])
+        assert done["status"] == "completed" and done["text"] == "later prompt"
+        # DELETE queue cancels only queued runs, not the active one.
+        active = prompt(http, wid, LONG, session_id=sid).json()
+        queued = prompt(http, wid, "queued", session_id=sid).json()
+        cleared = http.delete(f"/v1/workspaces/{wid}/sessions/{sid}/queue").json()
+        assert cleared == {"cancelled": [queued["id"]]}
+        assert http.get(f"/v1/workspaces/{wid}/runs/{active['id']}").json()["status"] == "running"
+        http.post(f"/v1/workspaces/{wid}/runs/{active['id']}/cancel")
+        wait_terminal(http, wid, active["id"])
+
+
+def test_wait_returns_when_the_run_ends_and_is_bounded(slow, project):
+    with httpx.Client(base_url=slow.url, timeout=30) as http:
+        wid = register(http, project)
+        run = prompt(http, wid, "a b c d e").json()
+        started = time.monotonic()
+        done = http.get(f"/v1/workspaces/{wid}/runs/{run['id']}", params={"wait": 60}).json()
+        assert done["status"] == "completed" and time.monotonic() - started < 10
+        long = prompt(http, wid, LONG).json()
+        started = time.monotonic()
+        still = http.get(f"/v1/workspaces/{wid}/runs/{long['id']}", params={"wait": 0.5}).json()
+        assert still["status"] == "running"
+        assert 0.4 < time.monotonic() - started < 5
+        bad = http.get(f"/v1/workspaces/{wid}/runs/{long['id']}", params={"wait": 301})
+        assert bad.status_code == 400
+        assert http.get(f"/v1/workspaces/{wid}/runs/nope").status_code == 404
+        http.post(f"/v1/workspaces/{wid}/runs/{long['id']}/cancel")
+        wait_terminal(http, wid, long["id"])
+
+
+def test_a_dropped_client_does_not_drop_the_run(slow, project):
+    with httpx.Client(base_url=slow.url, timeout=30) as http:
+        wid = register(http, project)
+        run = prompt(http, wid, "a b c d e f g h").json()
+    # The waiting client goes away mid-wait.
+    with httpx.Client(base_url=slow.url, timeout=0.2) as impatient, pytest.raises(
+            httpx.TimeoutException):
+        impatient.get(f"/v1/workspaces/{wid}/runs/{run['id']}", params={"wait": 30})
+    with httpx.Client(base_url=slow.url, timeout=30) as http:
+        assert wait_terminal(http, wid, run["id"])["status"] == "completed"
+
+
+def test_delete_during_a_hammer_of_prompts_loses_nothing(live_factory, project):
+    live = live_factory(echo_delay=0.01, workers=2, max_queue=1000)
+    with httpx.Client(base_url=live.url, timeout=30) as http:
+        wid = register(http, project)
+        sessions = [http.post(f"/v1/workspaces/{wid}/sessions", json={}).json()["id"]
+                    for _ in range(4)]
+    accepted: list[str] = []
+    refused: list[tuple[int, str]] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def hammer(n: int) -> None:
+        with httpx.Client(base_url=live.url, timeout=30) as http:
+            i = 0
+            while not stop.is_set() and i < 400:
+                i += 1
+                response = prompt(http, wid, f"prompt {n}-{i} " * 3,
+                                  session_id=sessions[n % 4], run_id=f"r-{n}-{i}")
+                with lock:
+                    if response.status_code == 202:
+                        accepted.append(response.json()["id"])
+                    else:
+                        refused.append((response.status_code, f"r-{n}-{i}"))
+                        if response.status_code in (404, 409):
+                            return
+
+    with ThreadPoolExecutor(6, thread_name_prefix="test-hammer") as pool:
+        futures = [pool.submit(hammer, n) for n in range(6)]
+        wait_for(lambda: len(accepted) >= 40, 20)
+        with httpx.Client(base_url=live.url, timeout=60) as http:
+            deleted = http.delete(f"/v1/workspaces/{wid}")
+        stop.set()
+        for future in futures:
+            future.result()
+    assert deleted.status_code == 204
+    assert refused, "the delete happened after the hammer ended"
+    assert {code for code, _ in refused} <= {404, 409}
+    # History stays on disk: register the path again and read every run.
+    with httpx.Client(base_url=live.url, timeout=30) as http:
+        assert register(http, project) == wid
+        runs = {r["id"]: r for r in http.get(f"/v1/workspaces/{wid}/runs",
+                                             params={"limit": 1000}).json()}
+    assert set(runs) == set(accepted)
+    assert all(r["status"] in {"completed", "cancelled"} for r in runs.values())
+    assert not {rid for _, rid in refused} & set(runs)
+    for run in runs.values():
+        if run["status"] == "cancelled" and run["started_at"]:
+            assert run["message_id"] and run["finished_at"]
