@@ -1,0 +1,256 @@
+"""Anthropic Messages API streaming (``POST {base}/v1/messages``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from crushd.cancel import CancelToken
+from crushd.providers import sse
+from crushd.providers.base import (
+    Provider,
+    ProviderError,
+    ReasoningDelta,
+    StepFinish,
+    StepRequest,
+    StreamEvent,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallStart,
+    ToolSpec,
+    Usage,
+)
+
+logger = logging.getLogger(__name__)
+
+API_VERSION = "2023-06-01"
+DEFAULT_BASE_URL = "https://api.anthropic.com"
+
+_STOP_REASONS = {
+    "end_turn": "end_turn",
+    "stop_sequence": "end_turn",
+    "max_tokens": "max_tokens",
+    "tool_use": "tool_use",
+}
+
+
+class AnthropicProvider(Provider):
+    """Streams one step from the Anthropic Messages API.
+
+    ``base_url`` is the host root (``https://api.anthropic.com``).
+    Thread-safe: all runs share one ``httpx.Client``.
+    """
+
+    name = "anthropic"
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str = DEFAULT_BASE_URL,
+        api_key: str | None = None,
+        *,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 300.0,
+        max_tokens: int = 8192,
+        extra_headers: dict[str, str] | None = None,
+    ) -> None:
+        self.model = model
+        self.base_url = base_url.rstrip("/")
+        self.max_tokens = max_tokens
+        self._api_key = api_key
+        self._client = sse.make_client(connect_timeout, read_timeout, extra_headers)
+
+    @property
+    def url(self) -> str:
+        return f"{self.base_url}/v1/messages"
+
+    def close(self) -> None:
+        self._client.close()
+
+    def build_body(self, request: StepRequest) -> dict[str, Any]:
+        """The JSON body of the Messages request for ``request``."""
+        body: dict[str, Any] = {
+            "model": self.model,
+            "max_tokens": self.max_tokens,
+            "messages": to_anthropic_messages(request.messages),
+            "stream": True,
+        }
+        if request.system:
+            body["system"] = request.system
+        if request.tools:
+            body["tools"] = [_tool(spec) for spec in request.tools]
+        return body
+
+    def stream(self, request: StepRequest, token: CancelToken) -> Iterator[StreamEvent]:
+        headers = {
+            "anthropic-version": API_VERSION,
+            "content-type": "application/json",
+            "accept": "text/event-stream",
+        }
+        if self._api_key:
+            headers["x-api-key"] = self._api_key
+        logger.debug(
+            "event=provider_request provider=anthropic model=%s url=%s", self.model, self.url
+        )
+        state = _StepState()
+        events = sse.stream_events(
+            self._client,
+            self.url,
+            headers=headers,
+            body=self.build_body(request),
+            token=token,
+            provider=self.name,
+        )
+        try:
+            for event, data in events:
+                yield from state.feed(event, _decode(data))
+                if state.stopped:
+                    break
+        finally:
+            events.close()
+        if not state.stopped:
+            if state.finish is None:
+                raise ProviderError(
+                    "Provider stream ended early", "no message_stop before end of stream"
+                )
+            logger.warning("event=provider_no_message_stop provider=anthropic")
+        yield Usage(prompt_tokens=state.input_tokens, completion_tokens=state.output_tokens)
+        yield StepFinish(state.finish or "unknown")
+
+
+class _StepState:
+    """Accumulates the events of one step; ``feed`` yields events as they become known."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+        self.finish: str | None = None
+        self.input_tokens = 0
+        self.output_tokens = 0
+        self._tool_ids: dict[int, str] = {}  # content block index -> tool_use id
+
+    def feed(self, event: str, data: dict[str, Any]) -> Iterator[StreamEvent]:
+        kind = data.get("type") or event
+        if kind == "error" or event == "error":
+            error = data.get("error") or {}
+            message = error.get("message") if isinstance(error, dict) else str(error)
+            raise ProviderError("Provider returned an error", message or json.dumps(data))
+        if kind == "message_start":
+            self._usage((data.get("message") or {}).get("usage") or {})
+        elif kind == "content_block_start":
+            yield from self._block_start(data.get("index", 0), data.get("content_block") or {})
+        elif kind == "content_block_delta":
+            yield from self._block_delta(data.get("index", 0), data.get("delta") or {})
+        elif kind == "message_delta":
+            reason = (data.get("delta") or {}).get("stop_reason")
+            if reason:
+                self.finish = _STOP_REASONS.get(reason, "unknown")
+            self._usage(data.get("usage") or {})
+        elif kind == "message_stop":
+            self.stopped = True
+        # content_block_stop, ping and event types added later carry nothing we use.
+
+    def _usage(self, usage: dict[str, Any]) -> None:
+        # Cache reads and writes are input tokens too; message_delta may
+        # restate the input count (newer API versions), output is cumulative.
+        if usage.get("input_tokens") is not None:
+            self.input_tokens = (
+                int(usage.get("input_tokens") or 0)
+                + int(usage.get("cache_creation_input_tokens") or 0)
+                + int(usage.get("cache_read_input_tokens") or 0)
+            )
+        if usage.get("output_tokens") is not None:
+            self.output_tokens = int(usage["output_tokens"])
+
+    def _block_start(self, index: int, block: dict[str, Any]) -> Iterator[StreamEvent]:
+        kind = block.get("type")
+        if kind == "text" and block.get("text"):
+            yield TextDelta(block["text"])
+        elif kind == "thinking" and block.get("thinking"):
+            yield ReasoningDelta(block["thinking"])
+        elif kind == "tool_use":
+            self._tool_ids[index] = block["id"]
+            yield ToolCallStart(id=block["id"], name=block.get("name", ""))
+            if block.get("input"):
+                yield ToolCallDelta(id=block["id"], input_delta=json.dumps(block["input"]))
+
+    def _block_delta(self, index: int, delta: dict[str, Any]) -> Iterator[StreamEvent]:
+        kind = delta.get("type")
+        if kind == "text_delta" and delta.get("text"):
+            yield TextDelta(delta["text"])
+        elif kind == "thinking_delta" and delta.get("thinking"):
+            yield ReasoningDelta(delta["thinking"])
+        elif kind == "input_json_delta" and delta.get("partial_json"):
+            call_id = self._tool_ids.get(index)
+            if call_id is None:
+                raise ProviderError(
+                    "Provider sent invalid data", f"input_json_delta for unknown block {index}"
+                )
+            yield ToolCallDelta(id=call_id, input_delta=delta["partial_json"])
+
+
+def _decode(data: str) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except ValueError:
+        raise ProviderError("Provider sent invalid data", data[:200]) from None
+    if not isinstance(value, dict):
+        raise ProviderError("Provider sent invalid data", data[:200])
+    return value
+
+
+def _tool(spec: ToolSpec) -> dict[str, Any]:
+    return {"name": spec.name, "description": spec.description, "input_schema": spec.parameters}
+
+
+def _parse_input(text: str | None) -> dict[str, Any]:
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def to_anthropic_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Convert stored messages to Messages API messages.
+
+    Tool results travel as a user message of ``tool_result`` blocks;
+    reasoning and finish parts are not sent (thinking blocks would need the
+    signature the API issued, which is not stored); empty text is dropped
+    because the API rejects empty text blocks; consecutive messages of one
+    role are merged because the API requires the roles to alternate.
+    """
+    result: list[dict[str, Any]] = []
+    for message in messages:
+        role = "assistant" if message.get("role") == "assistant" else "user"
+        blocks: list[dict[str, Any]] = []
+        for part in message.get("parts") or []:
+            kind = part.get("type")
+            if kind == "text" and part.get("text"):
+                blocks.append({"type": "text", "text": part["text"]})
+            elif kind == "tool_call" and role == "assistant":
+                blocks.append(
+                    {
+                        "type": "tool_use",
+                        "id": part["id"],
+                        "name": part.get("name", ""),
+                        "input": _parse_input(part.get("input")),
+                    }
+                )
+            elif kind == "tool_result":
+                blocks.append(
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": part["tool_call_id"],
+                        "content": part.get("content", ""),
+                        "is_error": bool(part.get("is_error")),
+                    }
+                )
+        if not blocks:
+            continue
+        if result and result[-1]["role"] == role:
+            result[-1]["content"].extend(blocks)
+        else:
+            result.append({"role": role, "content": blocks})
+    return result

@@ -1,0 +1,224 @@
+"""Server-sent event streams from model providers.
+
+Both HTTP providers do the same thing around their protocol: POST a JSON body,
+turn HTTP and network failures into :class:`ProviderError`, read the
+``text/event-stream`` body as ``(event, data)`` pairs, and make the whole
+request interruptible by a :class:`CancelToken`.  That shared part lives here.
+
+Why cancellation shuts the socket down instead of closing the response: a
+thread blocked in ``recv``/``poll`` is not woken on Linux when another thread
+closes the file descriptor, and closing an httpx response from a foreign
+thread races with the reader.  ``shutdown(SHUT_RDWR)`` wakes the blocked read
+at once (it returns EOF); the reading thread then sees a broken stream, finds
+the token cancelled, raises :class:`Cancelled` and closes the response itself.
+The socket is captured through httpcore's ``trace`` extension as soon as it is
+connected, so a cancel also interrupts the wait for response headers (a model
+server that is still loading the model).  The clients built here keep no idle
+connections: every request opens its own connection, so the socket of the
+request in flight is always the one just connected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+from collections.abc import Generator, Iterable, Iterator
+from typing import Any
+
+import httpx
+
+from crushd.cancel import Cancelled, CancelToken
+from crushd.providers.base import ProviderError
+
+logger = logging.getLogger(__name__)
+
+MAX_ERROR_BODY = 64 * 1024  # bytes of an error response read for its message
+MAX_DETAILS = 2000  # characters of raw error text kept in ProviderError.details
+
+
+def iter_sse(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """Parse ``text/event-stream`` lines into ``(event, data)`` pairs.
+
+    ``event`` is ``""`` when the server named none; several ``data:`` lines of
+    one event are joined with ``\\n``; comments (``: ping``) and ``id:`` /
+    ``retry:`` fields are ignored.  An event not terminated by a blank line
+    before the stream ends is dropped, as the SSE specification says.
+    """
+    event = ""
+    data: list[str] = []
+    for raw in lines:
+        line = raw.rstrip("\r\n")
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "", []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if name == "event":
+            event = value
+        elif name == "data":
+            data.append(value)
+
+
+def make_client(
+    connect_timeout: float, read_timeout: float, extra_headers: dict[str, str] | None
+) -> httpx.Client:
+    """An httpx client for streaming steps; thread-safe, keeps no idle connections."""
+    return httpx.Client(
+        timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+        limits=httpx.Limits(max_keepalive_connections=0),
+        headers=extra_headers or {},
+    )
+
+
+class _SocketBreaker:
+    """Shuts down the socket of one request when its token is cancelled.
+
+    ``attach`` runs on the requesting thread (from httpcore's trace hook),
+    ``fire`` on the cancelling thread; whichever comes second does the
+    shutdown, so a cancel that races with the connect is not lost.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None  # guarded by _lock
+        self._fired = False  # guarded by _lock
+
+    def trace(self, name: str, info: dict[str, Any]) -> None:
+        if name in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            self.attach(info.get("return_value"))
+
+    def attach(self, stream: Any) -> None:
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if not isinstance(sock, socket.socket):
+            return
+        with self._lock:
+            self._sock = sock
+            fired = self._fired
+        if fired:
+            _shutdown(sock)
+
+    def fire(self) -> None:
+        with self._lock:
+            self._fired = True
+            sock = self._sock
+        if sock is not None:
+            _shutdown(sock)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        # The plain socket method, not SSLSocket.shutdown: that one also drops
+        # the SSL object under the feet of the thread reading from it.
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:  # already closed or never connected: nothing to wake
+        pass
+
+
+def stream_events(
+    client: httpx.Client,
+    url: str,
+    *,
+    headers: dict[str, str],
+    body: dict[str, Any],
+    token: CancelToken,
+    provider: str,
+) -> Generator[tuple[str, str], None, None]:
+    """POST ``body`` to ``url`` and yield the SSE ``(event, data)`` pairs of the reply.
+
+    Blocks while reading; safe to run on several threads at once with one
+    ``client``.  Raises :class:`Cancelled` within about a second of ``token``
+    being cancelled, whatever the server does, and :class:`ProviderError` for
+    an HTTP status >= 400, an unreachable server, a timeout or a broken
+    stream.  A stream that simply ends is returned normally: only the caller
+    knows whether its protocol's end marker came.
+    """
+    token.raise_if_cancelled()
+    breaker = _SocketBreaker()
+    handle = token.on_cancel(breaker.fire)
+    received = False
+    try:
+        with client.stream(
+            "POST", url, json=body, headers=headers, extensions={"trace": breaker.trace}
+        ) as response:
+            breaker.attach(response.extensions.get("network_stream"))
+            if response.status_code >= 400:
+                raise _http_error(response, provider)
+            received = True
+            for pair in iter_sse(response.iter_lines()):
+                token.raise_if_cancelled()
+                yield pair
+        token.raise_if_cancelled()
+    except httpx.HTTPError as exc:
+        if token.cancelled:
+            raise Cancelled(token.reason or "cancelled") from None
+        raise _transport_error(exc, url, received, client.timeout.read, provider) from exc
+    finally:
+        token.remove_callback(handle)
+
+
+def _transport_error(
+    exc: httpx.HTTPError, url: str, received: bool, read_timeout: float | None, provider: str
+) -> ProviderError:
+    detail = str(exc) or type(exc).__name__
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.UnsupportedProtocol):
+        logger.warning(
+            "event=provider_unreachable provider=%s url=%s error=%r", provider, url, detail
+        )
+        return ProviderError("Cannot reach provider", f"{url}: {detail}")
+    if isinstance(exc, httpx.TimeoutException):
+        logger.warning("event=provider_timeout provider=%s error=%r", provider, detail)
+        return ProviderError("Provider timed out", f"no data for {read_timeout:g} s: {detail}")
+    logger.warning(
+        "event=provider_stream_broken provider=%s received=%s error=%r", provider, received, detail
+    )
+    if received:
+        return ProviderError("Provider stream ended early", detail)
+    return ProviderError("Provider request failed", detail)
+
+
+def _http_error(response: httpx.Response, provider: str) -> ProviderError:
+    """Read a bounded part of an error response and pull out the provider's message."""
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_bytes():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size >= MAX_ERROR_BODY:
+            break
+    text = b"".join(chunks)[:MAX_ERROR_BODY].decode("utf-8", "replace")
+    details = error_message(text) or response.reason_phrase or ""
+    logger.warning(
+        "event=provider_http_error provider=%s status=%d details=%r",
+        provider,
+        response.status_code,
+        details[:200],
+    )
+    return ProviderError(f"Provider returned HTTP {response.status_code}", details)
+
+
+def error_message(text: str) -> str:
+    """The human message of a provider's error body, else the raw text (bounded).
+
+    Understands ``{"error": {"message": ...}}`` (OpenAI, Anthropic and most
+    compatible servers), ``{"error": "..."}`` (Ollama) and ``{"message": ...}``.
+    """
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return text.strip()[:MAX_DETAILS]
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return error["message"]
+        if isinstance(error, str):
+            return error
+        if isinstance(body.get("message"), str):
+            return body["message"]
+    return text.strip()[:MAX_DETAILS]
