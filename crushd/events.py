@@ -28,7 +28,9 @@ from crushd.store import utcnow
 logger = logging.getLogger(__name__)
 
 SEQ_RESERVE_BLOCK = 10_000
-SUBSCRIBER_QUEUE = 4_096
+# Queued events are the same objects as the replay buffer's, so a full queue
+# costs references, not copies; past this a reader is too slow to keep.
+SUBSCRIBER_QUEUE = 10_000
 
 _CLOSE = object()
 

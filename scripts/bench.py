@@ -1,0 +1,257 @@
+#!/usr/bin/env python3
+"""Benchmarks of crushd; prints one JSON document.
+
+(a) ``submit``: POST /agent latency (p50/p99) and requests/s from 32
+    concurrent clients while >= 200 runs stream, next to GET /v1/health on
+    the same server in the same run.
+(b) ``stream``: message.delta events/s delivered end to end to an SSE
+    client, and database writes per streamed assistant message.
+(c) ``stop``: seconds from SIGTERM to exit with 100 runs streaming across
+    10 workspaces.
+
+Usage: ``python scripts/bench.py [--quick]``.  Everything runs on loopback
+against a real ``crushd serve`` (a) and (c), or waitress on a thread (b).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+LISTENING = re.compile(r"event=listening addresses=(\S+)")
+
+
+class Daemon:
+    def __init__(self, root: Path, *args: str) -> None:
+        self.log_path = root / "daemon.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "crushd",
+                "serve",
+                "--port",
+                "0",
+                "--data-dir",
+                str(root / "data"),
+                *args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+        )
+        deadline = time.monotonic() + 30
+        while not (match := LISTENING.search(self.log_path.read_text())):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(self.log_path.read_text())
+            time.sleep(0.05)
+        self.url = f"http://{match.group(1)}"
+
+    def stop(self) -> float:
+        started = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(120)
+        self._log.close()
+        return time.monotonic() - started
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def make_workspaces(http: httpx.Client, root: Path, count: int) -> list[str]:
+    ids = []
+    for i in range(count):
+        path = root / f"ws{i}"
+        path.mkdir()
+        ids.append(http.post("/v1/workspaces", json={"path": str(path)}).json()["id"])
+    return ids
+
+
+def timed_requests(url: str, clients: int, per_client: int, request) -> dict:
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def worker(n: int) -> None:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            for i in range(per_client):
+                started = time.perf_counter()
+                response = request(http, n, i)
+                elapsed = time.perf_counter() - started
+                if response.status_code >= 300:
+                    raise RuntimeError(f"{response.status_code}: {response.text}")
+                with lock:
+                    latencies.append(elapsed)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        for future in [pool.submit(worker, n) for n in range(clients)]:
+            future.result()
+    wall = time.perf_counter() - started
+    return {
+        "requests": len(latencies),
+        "p50_ms": round(percentile(latencies, 0.5) * 1000, 2),
+        "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
+        "requests_per_s": round(len(latencies) / wall, 1),
+    }
+
+
+def bench_submit(root: Path, quick: bool) -> dict:
+    streaming = 200
+    daemon = Daemon(
+        root, "--echo-delay", "0.05", "--workers", "25", "--threads", "64", "--max-queue", "10000"
+    )
+    try:
+        with httpx.Client(base_url=daemon.url, timeout=60) as http:
+            workspaces = make_workspaces(http, root, 8)
+            long_prompt = " ".join(["streaming"] * 4000)
+            for i in range(streaming):
+                http.post(f"/v1/workspaces/{workspaces[i % 8]}/agent", json={"prompt": long_prompt})
+            deadline = time.monotonic() + 60
+            while http.get("/v1/health").json()["active_runs"] < streaming:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("runs did not start")
+                time.sleep(0.1)
+            per_client = 10 if quick else 40
+            health = timed_requests(daemon.url, 32, per_client, lambda h, n, i: h.get("/v1/health"))
+            submit = timed_requests(
+                daemon.url,
+                32,
+                per_client,
+                lambda h, n, i: h.post(
+                    f"/v1/workspaces/{workspaces[n % 8]}/agent", json={"prompt": "short"}
+                ),
+            )
+            active = http.get("/v1/health").json()["active_runs"]
+    finally:
+        daemon.stop()
+    return {
+        "streaming_runs": streaming,
+        "active_runs_after": active,
+        "clients": 32,
+        "post_agent": submit,
+        "get_health": health,
+        "p50_ratio": round(submit["p50_ms"] / health["p50_ms"], 2),
+    }
+
+
+def bench_stream(root: Path, quick: bool) -> dict:
+    from waitress import wasyncore
+    from waitress.server import create_server
+
+    from crushd.app import create_app
+    from crushd.config import Config
+    from crushd.serve import waitress_options
+    from crushd.server import Server
+    from crushd.store import WorkspaceStore
+
+    writes: dict[str, int] = {}
+    original = WorkspaceStore.update_message
+
+    def counting(self, message_id, parts):
+        writes[message_id] = writes.get(message_id, 0) + 1
+        return original(self, message_id, parts)
+
+    WorkspaceStore.update_message = counting
+    config = Config.from_mapping(
+        {"data_dir": root / "stream-data", "echo_delay": 0.0, "max_body": 8 * 1024 * 1024}
+    )
+    server = Server(config)
+    wsgi = create_server(
+        create_app(server=server), host="127.0.0.1", port=0, **waitress_options(config)
+    )
+    thread = threading.Thread(target=wsgi.run, name="bench-waitress")
+    thread.start()
+    url = f"http://127.0.0.1:{wsgi.effective_port}"
+    words = 20_000 if quick else 100_000
+    try:
+        with httpx.Client(base_url=url, timeout=120) as http:
+            project = root / "stream-project"
+            project.mkdir()
+            wid = http.post("/v1/workspaces", json={"path": str(project)}).json()["id"]
+            started = time.perf_counter()
+            http.post(f"/v1/workspaces/{wid}/agent", json={"prompt": "w " * words})
+            deltas, last_id, done, reconnects = 0, "0", False, -1
+            while not done:  # a client dropped for reading too slowly reconnects
+                reconnects += 1
+                with http.stream(
+                    "GET", f"/v1/workspaces/{wid}/events", headers={"Last-Event-ID": last_id}
+                ) as stream:
+                    for line in stream.iter_lines():
+                        if line.startswith("id: "):
+                            last_id = line[4:]
+                        elif line == "event: message.delta":
+                            deltas += 1
+                        elif line == "event: run.completed":
+                            done = True
+                            break
+            elapsed = time.perf_counter() - started
+    finally:
+        server.stop()
+        wsgi.task_dispatcher.shutdown(timeout=5)
+        wsgi.trigger.pull_trigger(lambda: wasyncore.close_all(wsgi._map))
+        thread.join(10)
+        WorkspaceStore.update_message = original
+    assistant_writes = max(writes.values())
+    return {
+        "words": words,
+        "deltas": deltas,
+        "seconds": round(elapsed, 3),
+        "reconnects": reconnects,
+        "deltas_per_s": round(deltas / elapsed, 1),
+        "db_writes_per_assistant_message": assistant_writes,
+        "db_writes_per_second_of_streaming": round(assistant_writes / elapsed, 2),
+    }
+
+
+def bench_stop(root: Path, quick: bool) -> dict:
+    daemon = Daemon(root, "--echo-delay", "0.05", "--workers", "10")
+    with httpx.Client(base_url=daemon.url, timeout=60) as http:
+        workspaces = make_workspaces(http, root, 10)
+        for wid in workspaces:
+            for _ in range(10):
+                http.post(f"/v1/workspaces/{wid}/agent", json={"prompt": "w " * 5000})
+        deadline = time.monotonic() + 60
+        while http.get("/v1/health").json()["active_runs"] < 100:
+            if time.monotonic() > deadline:
+                raise RuntimeError("runs did not start")
+            time.sleep(0.1)
+    seconds = daemon.stop()
+    return {
+        "streaming_runs": 100,
+        "workspaces": 10,
+        "sigterm_to_exit_s": round(seconds, 3),
+        "exit_code": daemon.proc.returncode,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller runs, for a smoke test")
+    parser.add_argument("--only", choices=["submit", "stream", "stop"])
+    args = parser.parse_args()
+    results = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    benches = {"submit": bench_submit, "stream": bench_stream, "stop": bench_stop}
+    for name, bench in benches.items():
+        if args.only and name != args.only:
+            continue
+        with tempfile.TemporaryDirectory(prefix=f"crushd-bench-{name}-") as tmp:
+            results[name] = bench(Path(tmp), args.quick)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
