@@ -35,6 +35,13 @@ class AlreadyRunning(CrushdError):
     code = "already_running"
 
 
+def _log_event(workspace_id: str, event: Any) -> None:
+    """With --log-level debug, every published event is one log line."""
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("event=published type=%s seq=%d workspace=%s session=%s", event.type,
+                     event.seq, workspace_id, event.session_id)
+
+
 class DataDirLock:
     """An exclusive ``flock`` on ``<data dir>/crushd.lock``, held for the
     process lifetime; the kernel drops it if the process dies."""
@@ -83,6 +90,8 @@ class Server:
             self._dir_lock.release()
             raise
         self.signals = Signals()
+        # One permanent receiver, connected before any workspace opens.
+        self.signals.event_published.connect(_log_event, weak=False)
         self.token = config.resolved_token()
         self.started = time.monotonic()
         self.stopping = threading.Event()  # set once a stop began: prompts get 503

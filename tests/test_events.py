@@ -184,3 +184,22 @@ def test_delete_ends_streams_after_the_last_run_completed(live_factory, project)
                      for e in rest if e["event"] == "run.completed"}
         assert completed == {run["id"]: "cancelled", queued["id"]: "cancelled"}
         assert types.index("workspace.closing") < types.index("run.completed")
+
+
+def test_events_are_sent_through_the_servers_blinker_signal(server, project):
+    received = []
+
+    def receiver(sender, event):
+        received.append((sender, event.type))
+
+    server.signals.event_published.connect(receiver)
+    try:
+        record, _ = server.register(str(project), None)
+        workspace = server.get(record["id"])
+        run, _ = workspace.submit("hi")
+        assert workspace.wait_run(run["id"], 10)["status"] == "completed"
+    finally:
+        server.signals.event_published.disconnect(receiver)
+    assert {sender for sender, _ in received} == {record["id"]}
+    types = [t for _, t in received]
+    assert types[:2] == ["session.created", "run.queued"] and types[-1] == "run.completed"
