@@ -71,3 +71,9 @@ class StoreClosed(CrushdError):
 
     status = 409
     code = "workspace_closing"
+
+
+class SchemaTooNew(CrushdError):
+    """A database was written by a newer crushd than this one."""
+
+    code = "schema_too_new"

@@ -7,6 +7,7 @@ time, level and logger in front.  Values with spaces or quotes are quoted.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -22,6 +23,18 @@ def kv(value: object) -> str:
     return text
 
 
+def _render(record: logging.LogRecord) -> str:
+    """The message with its string arguments quoted as values, so a client's
+    path or a directory name can neither break the line nor forge a key."""
+    if isinstance(record.args, tuple) and record.args:
+        args = tuple(kv(a) if isinstance(a, str | os.PathLike) else a for a in record.args)
+        try:
+            return str(record.msg) % args
+        except (TypeError, ValueError):  # a %d given a str: fall back to the plain message
+            pass
+    return record.getMessage()
+
+
 class KeyValueFormatter(logging.Formatter):
     def __init__(self, journald: bool = False) -> None:
         super().__init__()
@@ -29,9 +42,10 @@ class KeyValueFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        message = _render(record).replace("\n", "\\n")
         line = (
             f"ts={stamp}.{int(record.msecs):03d}Z level={record.levelname.lower()} "
-            f"logger={record.name} {record.getMessage()}"
+            f"logger={record.name} {message}"
         )
         if record.exc_info:
             line += " exc=" + kv(self.formatException(record.exc_info))

@@ -17,6 +17,8 @@ from types import SimpleNamespace
 import peewee as pw
 from playhouse.migrate import SchemaMigrator, migrate
 
+from crushd.errors import SchemaTooNew
+
 Migration = Callable[[pw.Database], None]
 
 
@@ -102,14 +104,27 @@ def apply_migrations(db: pw.Database, migrations: list[Migration]) -> int:
     """
     (version,) = db.execute_sql("PRAGMA user_version").fetchone()
     if version > len(migrations):
-        raise RuntimeError(
+        raise SchemaTooNew(
             f"database {db.database} has schema version {version}, newer than this "
             f"crushd understands ({len(migrations)}); upgrade crushd"
         )
-    for number in range(version + 1, len(migrations) + 1):
-        with db.atomic():
-            migrations[number - 1](db)
-            db.execute_sql(f"PRAGMA user_version = {number}")
+    if version == len(migrations):
+        return version
+    # Table rebuilds (DROP + RENAME) must not cascade: foreign keys can only be
+    # switched off outside a transaction.
+    db.execute_sql("PRAGMA foreign_keys = OFF")
+    try:
+        for number in range(version + 1, len(migrations) + 1):
+            with db.atomic("IMMEDIATE"):
+                (current,) = db.execute_sql("PRAGMA user_version").fetchone()
+                if current >= number:
+                    continue
+                migrations[number - 1](db)
+                if db.execute_sql("PRAGMA foreign_key_check").fetchall():
+                    raise RuntimeError(f"migration {number} broke a foreign key")
+                db.execute_sql(f"PRAGMA user_version = {number}")
+    finally:
+        db.execute_sql("PRAGMA foreign_keys = ON")
     return version
 
 

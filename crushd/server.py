@@ -98,6 +98,7 @@ class Server:
         self.skip_drain = threading.Event()  # a second signal: stop waiting for turns
         self._lock = threading.Lock()
         self._workspaces: dict[str, Workspace] = {}  # guarded by _lock
+        self._register_lock = threading.Lock()  # one registration at a time
         self._streams = threading.BoundedSemaphore(config.max_streams)
         self._closed = False
         for record in self.registry.registered():
@@ -143,14 +144,15 @@ class Server:
         if self.stopping.is_set():
             raise ShuttingDown("the server is stopping")
         path = self.resolve_path(raw_path)
-        with self._lock:
-            for workspace in self._workspaces.values():
-                if str(workspace.path) == path:
-                    if workspace.closing:
-                        raise WorkspaceClosing(f"workspace {workspace.id} is closing")
-                    return workspace.to_dict(), False
-            record, how = self.registry.register(path, yolo)
-        workspace = self._open(record)
+        with self._register_lock:
+            with self._lock:
+                for workspace in self._workspaces.values():
+                    if str(workspace.path) == path:
+                        if workspace.closing:
+                            raise WorkspaceClosing(f"workspace {workspace.id} is closing")
+                        return workspace.to_dict(), False
+                record, how = self.registry.register(path, yolo)
+            workspace = self._open(record)
         logger.info("event=workspace_registered workspace=%s how=%s", workspace.id, how)
         return workspace.to_dict(), how != "existing"
 

@@ -93,8 +93,12 @@ class _Store:
         self._lock = threading.RLock()
         self._closed = False  # guarded by _lock
         self.db = open_sqlite(path)
-        with self._use():
-            self.previous_version = apply_migrations(self.db, migrations)
+        try:
+            with self._use():
+                self.previous_version = apply_migrations(self.db, migrations)
+        except BaseException:
+            self.db.close()
+            raise
 
     @property
     def closed(self) -> bool:
