@@ -227,14 +227,21 @@ class MessageWriter:
         self.maybe_flush()
 
     def finish_tool_calls(self) -> list[dict[str, Any]]:
-        """Mark every tool call finished; return copies of them in order."""
+        """Mark every tool call finished; return copies of them in order.
+
+        The stored ``input`` must be valid JSON (it is sent back to the
+        model), so unparsable arguments are stored as ``"{}"``; each copy
+        keeps the model's own text as ``raw_input`` so the call is reported
+        as invalid instead of being run with no arguments.
+        """
         with self._lock:
             calls = []
             for part in self.parts:
                 if part["type"] == "tool_call":
+                    raw = part["input"]
                     part["finished"] = True
-                    part["input"] = _closed_input(part["input"]) if part["input"] else "{}"
-                    calls.append(dict(part))
+                    part["input"] = _closed_input(raw) if raw else "{}"
+                    calls.append({**part, "raw_input": raw})
             self._dirty = True
             return calls
 
@@ -437,7 +444,10 @@ class Run:
             try:
                 if tool is None:
                     raise ToolError(f"unknown tool {call['name']!r}")
-                params = json.loads(call["input"] or "{}")
+                try:
+                    params = json.loads(call.get("raw_input", call["input"]) or "{}")
+                except ValueError as exc:
+                    raise ToolError(f"invalid tool arguments: not valid JSON ({exc})") from None
                 if not isinstance(params, dict):
                     raise ToolError("tool arguments must be a JSON object")
                 outside = [
@@ -468,8 +478,8 @@ class Run:
                 result = tool.run(params, self.tools_ctx)
             except ToolError as exc:
                 result = ToolResult(str(exc), True)
-            except ValueError as exc:  # bad JSON arguments from the model
-                result = ToolResult(f"invalid tool arguments: {exc}", True)
+            except ValueError as exc:  # a bad value a tool did not check itself
+                result = ToolResult(f"{call['name']}: {exc}", True)
             step.results[call["id"]] = self._result(call, result)
         return denied
 
