@@ -40,19 +40,18 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, message: 
         time.sleep(interval)
 
 
-def _crushd_threads() -> set[threading.Thread]:
-    return {t for t in threading.enumerate() if t.name.startswith("crushd")}
-
-
 @pytest.fixture(autouse=True)
 def no_leaked_threads() -> Iterator[None]:
-    """Fail a test that leaves crushd threads running."""
-    before = _crushd_threads()
+    """Fail a test that leaves any thread running: crushd's, waitress's, the
+    fake model server's or a stream reader's.  Threads get 5 s to finish."""
+    before = set(threading.enumerate())
     yield
     deadline = time.monotonic() + 5
-    while (leaked := _crushd_threads() - before) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not leaked, f"leaked threads: {sorted(t.name for t in leaked)}"
+    leaked = [t for t in threading.enumerate() if t not in before]
+    while leaked and time.monotonic() < deadline:
+        leaked[0].join(max(deadline - time.monotonic(), 0.01))
+        leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    assert not leaked, f"threads left behind: {sorted(t.name for t in leaked)}"
 
 
 def make_config(tmp_path: Path, **overrides: Any) -> Config:

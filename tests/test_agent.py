@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -32,20 +31,6 @@ BOTH = pytest.mark.parametrize("protocol", ["openai", "anthropic"])
 
 
 # ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(autouse=True)
-def no_leaked_threads_of_any_kind() -> Iterator[None]:
-    """Stricter than conftest's check: no thread of any name survives a test
-    (waitress, fake provider handlers, stream readers)."""
-    before = set(threading.enumerate())
-    yield
-    deadline = time.monotonic() + 5
-    leaked = [t for t in threading.enumerate() if t not in before]
-    while leaked and time.monotonic() < deadline:
-        leaked[0].join(max(deadline - time.monotonic(), 0.01))
-        leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
-    assert not leaked, f"threads left behind: {leaked}"
 
 
 @pytest.fixture

@@ -53,18 +53,6 @@ VIEW = ToolSpec(
 )
 
 
-@pytest.fixture(autouse=True)
-def no_leaked_threads_of_any_kind() -> Iterator[None]:
-    before = set(threading.enumerate())
-    yield
-    deadline = time.monotonic() + 2
-    leaked = [t for t in threading.enumerate() if t not in before]
-    while leaked and time.monotonic() < deadline:
-        leaked[0].join(deadline - time.monotonic())
-        leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
-    assert not leaked, f"threads left behind: {leaked}"
-
-
 @pytest.fixture
 def fake() -> Iterator[FakeProvider]:
     with FakeProvider() as server:

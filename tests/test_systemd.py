@@ -21,17 +21,6 @@ ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "scripts"
 
 
-@pytest.fixture(autouse=True)
-def no_leaked_threads():
-    before = set(threading.enumerate())
-    yield
-    new = [t for t in threading.enumerate() if t not in before and t.name.startswith("crushd-")]
-    for thread in new:
-        thread.join(1.0)
-    leaked = [t for t in new if t.is_alive()]
-    assert not leaked, f"leaked threads: {leaked}"
-
-
 @pytest.fixture
 def receiver(tmp_path):
     """A bound AF_UNIX datagram socket standing in for the service manager."""

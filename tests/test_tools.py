@@ -25,14 +25,6 @@ from crushd.tools.paths import is_inside, resolve
 # -- helpers -------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def no_leaked_threads():
-    before = set(threading.enumerate())
-    yield
-    leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
-    assert not leaked, f"threads left behind: {leaked}"
-
-
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
     ws = tmp_path / "ws"

@@ -10,7 +10,6 @@ from typing import Any
 from crushd.cancel import CancelToken
 from crushd.providers import sse
 from crushd.providers.base import (
-    Provider,
     ProviderError,
     ReasoningDelta,
     StepFinish,
@@ -36,11 +35,10 @@ _STOP_REASONS = {
 }
 
 
-class AnthropicProvider(Provider):
+class AnthropicProvider(sse.HTTPProvider):
     """Streams one step from the Anthropic Messages API.
 
     ``base_url`` is the host root (``https://api.anthropic.com``).
-    Thread-safe: all runs share one ``httpx.Client``.
     """
 
     name = "anthropic"
@@ -51,23 +49,14 @@ class AnthropicProvider(Provider):
         base_url: str = DEFAULT_BASE_URL,
         api_key: str | None = None,
         *,
-        connect_timeout: float = 10.0,
-        read_timeout: float = 300.0,
         max_tokens: int = 8192,
-        extra_headers: dict[str, str] | None = None,
+        **options: Any,
     ) -> None:
-        self.model = model
-        self.base_url = base_url.rstrip("/")
-        self.max_tokens = max_tokens
-        self._api_key = api_key
-        self._client = sse.make_client(connect_timeout, read_timeout, extra_headers)
+        super().__init__(model, base_url, api_key, max_tokens=max_tokens, **options)
 
     @property
     def url(self) -> str:
         return f"{self.base_url}/v1/messages"
-
-    def close(self) -> None:
-        self._client.close()
 
     def build_body(self, request: StepRequest) -> dict[str, Any]:
         """The JSON body of the Messages request for ``request``."""
@@ -105,7 +94,7 @@ class AnthropicProvider(Provider):
         )
         try:
             for event, data in events:
-                yield from state.feed(event, _decode(data))
+                yield from state.feed(event, sse.decode_json(data))
                 if state.stopped:
                     break
         finally:
@@ -188,16 +177,6 @@ class _StepState:
                     "Provider sent invalid data", f"input_json_delta for unknown block {index}"
                 )
             yield ToolCallDelta(id=call_id, input_delta=delta["partial_json"])
-
-
-def _decode(data: str) -> dict[str, Any]:
-    try:
-        value = json.loads(data)
-    except ValueError:
-        raise ProviderError("Provider sent invalid data", data[:200]) from None
-    if not isinstance(value, dict):
-        raise ProviderError("Provider sent invalid data", data[:200])
-    return value
 
 
 def _tool(spec: ToolSpec) -> dict[str, Any]:

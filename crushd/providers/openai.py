@@ -12,7 +12,6 @@ from typing import Any
 from crushd.cancel import CancelToken
 from crushd.providers import sse
 from crushd.providers.base import (
-    Provider,
     ProviderError,
     ReasoningDelta,
     StepFinish,
@@ -35,38 +34,17 @@ _FINISH_REASONS = {
 }
 
 
-class OpenAIProvider(Provider):
+class OpenAIProvider(sse.HTTPProvider):
     """Streams one step from an OpenAI-compatible chat completions endpoint.
 
     ``base_url`` includes the version path (``http://localhost:11434/v1``).
-    Thread-safe: all runs share one ``httpx.Client``.
     """
 
     name = "openai"
 
-    def __init__(
-        self,
-        model: str,
-        base_url: str,
-        api_key: str | None,
-        *,
-        connect_timeout: float = 10.0,
-        read_timeout: float = 300.0,
-        max_tokens: int | None = None,
-        extra_headers: dict[str, str] | None = None,
-    ) -> None:
-        self.model = model
-        self.base_url = base_url.rstrip("/")
-        self.max_tokens = max_tokens
-        self._api_key = api_key
-        self._client = sse.make_client(connect_timeout, read_timeout, extra_headers)
-
     @property
     def url(self) -> str:
         return f"{self.base_url}/chat/completions"
-
-    def close(self) -> None:
-        self._client.close()
 
     def build_body(self, request: StepRequest) -> dict[str, Any]:
         """The JSON body of the chat completions request for ``request``."""
@@ -101,7 +79,7 @@ class OpenAIProvider(Provider):
                 if data.strip() == "[DONE]":
                     state.done = True
                     break
-                yield from state.feed(_decode(data))
+                yield from state.feed(sse.decode_json(data))
         finally:
             events.close()
         if not state.done:
@@ -191,16 +169,6 @@ class _StepState:
                 yield ToolCallStart(id=call.id, name=call.name)
                 if call.pending_args:
                     yield ToolCallDelta(id=call.id, input_delta="".join(call.pending_args))
-
-
-def _decode(data: str) -> dict[str, Any]:
-    try:
-        chunk = json.loads(data)
-    except ValueError:
-        raise ProviderError("Provider sent invalid data", data[:200]) from None
-    if not isinstance(chunk, dict):
-        raise ProviderError("Provider sent invalid data", data[:200])
-    return chunk
 
 
 def _tool(spec: ToolSpec) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 
 from crushd.cancel import Cancelled, CancelToken
-from crushd.providers.base import ProviderError
+from crushd.providers.base import Provider, ProviderError
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +75,44 @@ def make_client(
         limits=httpx.Limits(max_keepalive_connections=0),
         headers=extra_headers or {},
     )
+
+
+def decode_json(data: str) -> dict[str, Any]:
+    """One event's ``data`` as a JSON object, or ProviderError."""
+    try:
+        value = json.loads(data)
+    except ValueError:
+        raise ProviderError("Provider sent invalid data", data[:200]) from None
+    if not isinstance(value, dict):
+        raise ProviderError("Provider sent invalid data", data[:200])
+    return value
+
+
+class HTTPProvider(Provider):
+    """What both HTTP providers share: configuration and one pooled client.
+
+    Thread-safe: all runs share the ``httpx.Client``.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 300.0,
+        max_tokens: int | None = None,
+        extra_headers: dict[str, str] | None = None,
+    ) -> None:
+        self.model = model
+        self.base_url = base_url.rstrip("/")
+        self.max_tokens = max_tokens
+        self._api_key = api_key
+        self._client = make_client(connect_timeout, read_timeout, extra_headers)
+
+    def close(self) -> None:
+        self._client.close()
 
 
 class _SocketBreaker:
