@@ -3,8 +3,15 @@ a client of a running daemon (see :mod:`crushd.client`)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import sys
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, NoReturn
 
 import click
 
@@ -93,3 +100,519 @@ def serve(config_file: str | None, **flags: object) -> None:
         click.echo(f"crushd: {message}", err=True)
         sys.exit(1)
     sys.exit(code)
+
+
+# -- client commands -----------------------------------------------------------
+#
+# Everything below talks to a running daemon through crushd.client.  Errors
+# are printed as one ``crushd: ...`` line on stderr with exit status 1;
+# interrupting a command exits 130 (after cancelling the run, for `prompt`).
+
+RUN_STATUSES = ("queued", "running", "completed", "cancelled", "failed", "interrupted")
+TERMINAL = frozenset({"completed", "cancelled", "failed", "interrupted"})
+
+#: Bound on waiting for a cancelled run's terminal record (a cancel takes < 1 s).
+CANCEL_WAIT = 10.0
+
+#: Each fallback long poll; the server caps ``wait`` at 300.
+POLL_WAIT = 30.0
+
+#: Reconnects of a broken event stream before falling back to polling.
+RECONNECTS = 2
+
+
+def client_options(func: Any) -> Any:
+    """The daemon-address and token options shared by every client command."""
+    func = click.option(
+        "--token-file",
+        type=click.Path(dir_okay=False),
+        help="File holding the API token (default $CRUSHD_TOKEN, $CRUSHD_TOKEN_FILE).",
+    )(func)
+    func = click.option(
+        "--unix-socket",
+        type=click.Path(dir_okay=False),
+        help="Talk to a daemon serving on this unix socket.",
+    )(func)
+    func = click.option(
+        "--url", help="Daemon URL (default $CRUSHD_URL, else http://127.0.0.1:7433)."
+    )(func)
+    return func
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"crushd: {message}", err=True)
+    sys.exit(code)
+
+
+@contextlib.contextmanager
+def connected(url: str | None, unix_socket: str | None, token_file: str | None) -> Iterator[Any]:
+    """A client for the command; its errors and Ctrl-C become exit statuses."""
+    from crushd.client import Client, ClientError, resolve_token
+
+    try:
+        with Client(url, unix_socket, resolve_token(token_file)) as client:
+            yield client
+    except ClientError as exc:
+        fail(exc.message)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+
+
+def resolve_workspace(client: Any, value: str | None, register: bool = False) -> dict[str, Any]:
+    """The workspace named by ``--workspace`` (a directory or a workspace id),
+    default the current directory; registered first when ``register``."""
+    from crushd.client import ApiError, ClientError
+
+    if value and "/" not in value and not os.path.isdir(value):
+        try:
+            return client.request("GET", f"/v1/workspaces/{value}")
+        except ApiError as exc:
+            if exc.status != 404:
+                raise
+            raise ClientError(f"{value} is neither a directory nor a workspace id") from None
+    path = os.path.abspath(value or os.getcwd())
+    if register:
+        return client.register(path)
+    workspace = client.find_workspace(path)
+    if workspace is None:
+        raise ClientError(
+            f"no workspace is registered for {os.path.realpath(path)} "
+            f"(`crushd prompt` run there registers it)"
+        )
+    return workspace
+
+
+def print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, ensure_ascii=False))
+
+
+def print_table(headers: list[str], rows: list[list[Any]]) -> None:
+    """Columns aligned on the widest cell; the last column is not padded."""
+    cells = [headers] + [["-" if v is None or v == "" else str(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        padded = [c.ljust(w) for c, w in zip(row[:-1], widths[:-1], strict=True)]
+        click.echo("  ".join([*padded, row[-1]]).rstrip())
+
+
+def short_time(stamp: str | None) -> str | None:
+    """``2024-05-01T12:34:56.123456Z`` -> ``2024-05-01 12:34:56`` (UTC)."""
+    return stamp[:19].replace("T", " ") if stamp else None
+
+
+def one_line(text: str | None, limit: int) -> str:
+    flat = " ".join((text or "").split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+class Output:
+    """Answer text on stdout, flushed per delta; a closed pipe (``| head``)
+    silences it instead of killing the command before the run ends."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.broken = False
+        self.wrote = False
+        self.at_line_start = True
+
+    def write(self, text: str) -> None:
+        if not text or self.broken:
+            return
+        # State first: a Ctrl-C landing right after the flush must still see
+        # the half-printed line, so that it gets its newline.
+        self.wrote = True
+        self.at_line_start = text.endswith("\n")
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except BrokenPipeError:
+            self.broken = True
+            # Point fd 1 at /dev/null so the interpreter's exit flush is quiet.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+
+    def end_line(self) -> None:
+        if self.wrote and not self.at_line_start:
+            self.write("\n")
+
+
+class Follower:
+    """Renders one run's events: text deltas to stdout, reasoning and tool
+    activity as short lines on stderr.  ``handle`` returns the terminal run
+    once the run's ``run.completed`` arrives."""
+
+    def __init__(self, workspace_id: str, run_id: str, quiet: bool) -> None:
+        self.workspace_id = workspace_id
+        self.run_id = run_id
+        self.out = Output(sys.stdout)
+        self.quiet = quiet  # --json: no answer text on stdout
+        self.text: dict[str, str] = {}  # message id -> text printed
+        self.last_message: str | None = None
+        self.thinking = False  # a reasoning line is open on stderr
+        self.tools_shown: set[str] = set()
+
+    def progress(self, line: str, nl: bool = True) -> None:
+        self._close_thinking()
+        if self.out.wrote and not self.out.at_line_start and sys.stdout.isatty():
+            click.echo("", err=True)  # do not glue the line to a half-printed answer
+        click.echo(line, err=True, nl=nl)
+
+    def _close_thinking(self) -> None:
+        if self.thinking:
+            self.thinking = False
+            click.echo("", err=True)
+
+    def handle(self, event: dict[str, Any]) -> dict[str, Any] | None:
+        kind = event.get("type")
+        payload = event.get("payload") or {}
+        if kind == "run.completed" and payload.get("id") == self.run_id:
+            self._close_thinking()
+            return payload
+        if payload.get("run_id") != self.run_id:
+            return None
+        if kind == "message.delta":
+            self._delta(payload)
+        elif kind in ("message.created", "message.updated"):
+            self._message(payload)
+        elif kind == "permission.requested":
+            what = " ".join(str(payload[k]) for k in ("tool", "action", "path") if payload.get(k))
+            decide = f"/v1/workspaces/{self.workspace_id}/permissions/{payload.get('id')}"
+            self.progress(
+                f"· permission needed: {what}; answer with POST {decide} "
+                '{"decision": "allow" | "allow_session" | "deny"}'
+            )
+        elif kind == "permission.resolved":
+            self.progress(f"· permission {payload.get('decision')}: {payload.get('tool')}")
+        return None
+
+    def _delta(self, payload: dict[str, Any]) -> None:
+        delta = payload.get("delta") or ""
+        if payload.get("kind") == "reasoning":
+            if not self.thinking:
+                self.progress("· thinking: ", nl=False)
+                self.thinking = True
+            click.echo(delta.replace("\n", " "), err=True, nl=False)
+            return
+        self._close_thinking()
+        message_id = payload.get("message_id") or ""
+        if message_id != self.last_message and self.out.wrote:
+            self.out.end_line()  # the answer of a later step starts on its own line
+        self.last_message = message_id
+        self.text[message_id] = self.text.get(message_id, "") + delta
+        if not self.quiet:
+            self.out.write(delta)
+
+    def _message(self, message: dict[str, Any]) -> None:
+        for part in message.get("parts") or []:
+            if part.get("type") == "tool_call" and part.get("finished"):
+                if part.get("id") not in self.tools_shown:
+                    self.tools_shown.add(part.get("id"))
+                    self.progress(f"· {part.get('name')} {one_line(part.get('input'), 100)}")
+            elif part.get("type") == "tool_result" and message.get("role") == "tool":
+                content = part.get("content") or ""
+                if part.get("is_error"):
+                    self.progress(f"· {part.get('name')} failed: {one_line(content, 100)}")
+                else:
+                    lines = content.count("\n") + (1 if content else 0)
+                    self.progress(f"· {part.get('name')} done ({lines} lines)")
+
+    def finish(self, run: dict[str, Any]) -> None:
+        """Print what the stream did not show (after a fallback to polling)
+        and end the answer with a newline."""
+        if not self.quiet and run.get("text"):
+            shown = self.text.get(run.get("message_id") or "", "")
+            if run["text"].startswith(shown):
+                if shown == "" and self.out.wrote:
+                    self.out.end_line()
+                self.out.write(run["text"][len(shown) :])
+        self.out.end_line()
+
+
+def follow_run(
+    client: Any,
+    follower: Follower,
+    stream: Any | None,
+    workspace_id: str,
+    session_id: str | None,
+    run_id: str,
+) -> dict[str, Any]:
+    """Read events until the run ends; reconnect a broken stream with
+    ``since`` a few times, then fall back to long polls of the run."""
+    from crushd.client import ClientError, StreamBroken
+
+    reconnects = 0
+    while stream is not None:
+        try:
+            for event in stream:
+                if event.get("type") == "reset":  # events were lost: ask for the run
+                    break
+                terminal = follower.handle(event)
+                if terminal is not None:
+                    return terminal
+        except StreamBroken:
+            pass
+        finally:
+            stream.close()
+        since, stream = stream.last_seq, None
+        if since is None or reconnects >= RECONNECTS:
+            break
+        reconnects += 1
+        try:
+            stream = client.events(workspace_id, session_id, since=since)
+        except ClientError:
+            break
+    while True:
+        asked = time.monotonic()
+        try:
+            run = client.run(workspace_id, run_id, wait=POLL_WAIT)
+        except ClientError as exc:
+            raise ClientError(
+                f"{exc.message}; lost track of run {run_id} "
+                "(`crushd runs` shows it once the daemon is back)"
+            ) from None
+        if run["status"] in TERMINAL:
+            follower.finish(run)
+            return run
+        if time.monotonic() - asked < 1:  # no long-poll slot was free: do not spin
+            time.sleep(1)
+
+
+def cancel_interrupted(client: Any, workspace_id: str, run_id: str) -> NoReturn:
+    """Ctrl-C while following: cancel the run, wait (bounded) for its end, exit 130."""
+    from crushd.client import ApiError, ClientError
+
+    click.echo(f"crushd: interrupted, cancelling run {run_id}", err=True)
+    try:
+        client.cancel(workspace_id, run_id)
+        run = client.run(workspace_id, run_id, wait=CANCEL_WAIT)
+    except KeyboardInterrupt:
+        fail("interrupted again; the run may still be active", 130)
+    except ApiError as exc:
+        if exc.status == 404:  # interrupted before the daemon accepted it
+            fail("interrupted before the prompt was accepted", 130)
+        fail(f"could not cancel run {run_id}: {exc.message}", 130)
+    except ClientError as exc:
+        fail(f"could not cancel run {run_id}: {exc.message}", 130)
+    fail(f"run {run_id} {run['status']}", 130)
+
+
+@main.command()
+@client_options
+@click.option(
+    "--workspace",
+    "workspace_arg",
+    metavar="DIR",
+    help="Project directory or workspace id (default: the current directory).",
+)
+@click.option("--session", "session_id", metavar="SID", help="Continue this session.")
+@click.option("--no-wait", is_flag=True, help="Print the run id once accepted and return.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run as JSON, not the answer.")
+@click.argument("text", nargs=-1, required=True)
+def prompt(
+    url: str | None,
+    unix_socket: str | None,
+    token_file: str | None,
+    workspace_arg: str | None,
+    session_id: str | None,
+    no_wait: bool,
+    as_json: bool,
+    text: tuple[str, ...],
+) -> None:
+    """Send TEXT to the agent and print the answer as it streams ("-" reads stdin).
+
+    Exits 0 when the run completes, 1 when it fails or is cancelled, and 130
+    after Ctrl-C (which cancels the run).
+    """
+    from crushd.client import ApiError
+
+    message = sys.stdin.read() if text == ("-",) else " ".join(text)
+    if not message.strip():
+        raise click.UsageError("the prompt is empty")
+    # The run id is chosen here so that events can be matched before the
+    # 202 arrives and a Ctrl-C at any moment knows what to cancel.
+    run_id = str(uuid.uuid4())
+    with connected(url, unix_socket, token_file) as client:
+        workspace = resolve_workspace(client, workspace_arg, register=True)
+        wid = workspace["id"]
+        if no_wait:
+            run = client.submit(wid, message, session_id, run_id)
+            if as_json:
+                print_json(run)
+            else:
+                click.echo(run["id"])
+            return
+        # Subscribe before submitting so no delta of the run can be missed;
+        # with --session the stream is filtered (and an unknown session is 404).
+        try:
+            stream = client.events(wid, session_id)
+        except ApiError as exc:
+            if exc.code != "too_many_streams":
+                raise
+            stream = None  # every stream slot is taken: the answer comes by polling
+        follower = Follower(wid, run_id, quiet=as_json)
+        try:
+            client.submit(wid, message, session_id, run_id)
+            run = follow_run(client, follower, stream, wid, session_id, run_id)
+        except KeyboardInterrupt:
+            if stream is not None:
+                stream.close()
+            follower.out.end_line()
+            cancel_interrupted(client, wid, run_id)
+        finally:
+            if stream is not None:
+                stream.close()
+        follower.out.end_line()
+    if as_json:
+        print_json(run)
+    if run["status"] != "completed":
+        error = f": {run['error']}" if run.get("error") else ""
+        fail(f"run {run['id']} {run['status']}{error}")
+    if run.get("error"):  # completed, but e.g. a permission was denied
+        click.echo(f"crushd: {run['error']}", err=True)
+
+
+@main.command()
+@client_options
+@click.option("--workspace", "workspace_arg", metavar="DIR", help="Directory or workspace id.")
+@click.option("--session", "session_id", metavar="SID", help="Only this session's runs.")
+@click.option("--status", type=click.Choice(RUN_STATUSES), help="Only runs in this status.")
+@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+def runs(
+    url: str | None,
+    unix_socket: str | None,
+    token_file: str | None,
+    workspace_arg: str | None,
+    session_id: str | None,
+    status: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List the workspace's runs, newest first."""
+    with connected(url, unix_socket, token_file) as client:
+        workspace = resolve_workspace(client, workspace_arg)
+        items = client.runs(workspace["id"], session_id, status, limit)
+    if as_json:
+        print_json(items)
+        return
+    print_table(
+        ["RUN", "STATUS", "CREATED", "SESSION", "PROMPT"],
+        [
+            [
+                r["id"],
+                r["status"],
+                short_time(r["created_at"]),
+                r["session_id"][:8],
+                one_line(r["prompt"], 50),
+            ]
+            for r in items
+        ],
+    )
+
+
+@main.command()
+@client_options
+@click.argument("run_id", metavar="RUN")
+@click.option("--workspace", "workspace_arg", metavar="DIR", help="Directory or workspace id.")
+@click.option("--json", "as_json", is_flag=True, help="Print the resulting run as JSON.")
+def cancel(
+    url: str | None,
+    unix_socket: str | None,
+    token_file: str | None,
+    run_id: str,
+    workspace_arg: str | None,
+    as_json: bool,
+) -> None:
+    """Cancel RUN and print its resulting status.
+
+    The run is looked up in --workspace, else in the current directory's
+    workspace, else in every registered workspace.
+    """
+    from crushd.client import ApiError, ClientError
+
+    with connected(url, unix_socket, token_file) as client:
+        if workspace_arg:
+            candidates = [resolve_workspace(client, workspace_arg)]
+        else:
+            here = os.path.realpath(os.getcwd())
+            candidates = sorted(client.workspaces(), key=lambda w: w["path"] != here)
+        for workspace in candidates:
+            try:
+                client.run(workspace["id"], run_id)
+            except ApiError as exc:
+                if exc.status == 404:
+                    continue
+                raise
+            break
+        else:
+            raise ClientError(f"run {run_id} not found")
+        wid = workspace["id"]
+        run = client.cancel(wid, run_id)
+        if run["status"] not in TERMINAL:
+            run = client.run(wid, run_id, wait=CANCEL_WAIT)
+    if as_json:
+        print_json(run)
+    else:
+        click.echo(run["status"])
+    if run["status"] not in TERMINAL:
+        fail(f"run {run_id} is still {run['status']} after {CANCEL_WAIT:g} s")
+
+
+@main.command()
+@client_options
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+def workspaces(
+    url: str | None, unix_socket: str | None, token_file: str | None, as_json: bool
+) -> None:
+    """List the registered workspaces."""
+    with connected(url, unix_socket, token_file) as client:
+        items = client.workspaces()
+    if as_json:
+        print_json(items)
+        return
+    print_table(
+        ["WORKSPACE", "ACTIVE", "QUEUED", "CREATED", "PATH"],
+        [
+            [w["id"], w["active_runs"], w["queued_runs"], short_time(w["created_at"]), w["path"]]
+            for w in items
+        ],
+    )
+
+
+@main.command()
+@client_options
+@click.option("--workspace", "workspace_arg", metavar="DIR", help="Directory or workspace id.")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+def sessions(
+    url: str | None,
+    unix_socket: str | None,
+    token_file: str | None,
+    workspace_arg: str | None,
+    as_json: bool,
+) -> None:
+    """List the workspace's sessions, newest first."""
+    with connected(url, unix_socket, token_file) as client:
+        workspace = resolve_workspace(client, workspace_arg)
+        items = client.sessions(workspace["id"])
+    if as_json:
+        print_json(items)
+        return
+
+    def state(s: dict[str, Any]) -> str:
+        busy = "busy" if s["is_busy"] else "idle"
+        return f"{busy}+{s['queued_runs']}q" if s["queued_runs"] else busy
+
+    print_table(
+        ["SESSION", "STATE", "MESSAGES", "UPDATED", "TITLE"],
+        [
+            [
+                s["id"],
+                state(s),
+                s["message_count"],
+                short_time(s["updated_at"]),
+                one_line(s["title"], 60),
+            ]
+            for s in items
+        ],
+    )

@@ -17,8 +17,10 @@ runs our thunk inside the loop instead.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
+import os
 import signal
 import threading
 from typing import Any
@@ -81,15 +83,20 @@ class Runner:
                 "CRUSHD_TOKEN), or listen on 127.0.0.1"
             )
         self.config = config
+        # Absolute, so the logged address and the watchdog's self-check can
+        # tell a socket path from host:port.  None when systemd gave sockets.
+        self._unix_socket = (
+            os.path.abspath(config.unix_socket) if config.unix_socket and not inherited else None
+        )
         self.server = Server(config)
         try:
             self.app = create_app(server=self.server)
             options = waitress_options(config)
             if inherited:
                 self.wsgi = create_server(self.app, sockets=inherited, **options)
-            elif config.unix_socket:
+            elif self._unix_socket:
                 self.wsgi = create_server(
-                    self.app, unix_socket=config.unix_socket, unix_socket_perms="600", **options
+                    self.app, unix_socket=self._unix_socket, unix_socket_perms="600", **options
                 )
             else:
                 self.wsgi = create_server(self.app, host=config.host, port=config.port, **options)
@@ -205,6 +212,9 @@ class Runner:
                 self._stop_thread.join()
             self.wsgi.task_dispatcher.shutdown(timeout=5)
             wasyncore.close_all(self._map())
+            if self._unix_socket:  # clients should see "no such socket", not "refused"
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._unix_socket)
         logger.info("event=exit status=0")
         return 0
 

@@ -38,8 +38,13 @@ class AlreadyRunning(CrushdError):
 def _log_event(workspace_id: str, event: Any) -> None:
     """With --log-level debug, every published event is one log line."""
     if logger.isEnabledFor(logging.DEBUG):
-        logger.debug("event=published type=%s seq=%d workspace=%s session=%s", event.type,
-                     event.seq, workspace_id, event.session_id)
+        logger.debug(
+            "event=published type=%s seq=%d workspace=%s session=%s",
+            event.type,
+            event.seq,
+            workspace_id,
+            event.session_id,
+        )
 
 
 class DataDirLock:

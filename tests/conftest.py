@@ -55,8 +55,11 @@ def no_leaked_threads() -> Iterator[None]:
 
 
 def make_config(tmp_path: Path, **overrides: Any) -> Config:
-    values: dict[str, Any] = {"data_dir": tmp_path / "data", "echo_delay": 0.001,
-                              "shutdown_timeout": 5.0}
+    values: dict[str, Any] = {
+        "data_dir": tmp_path / "data",
+        "echo_delay": 0.001,
+        "shutdown_timeout": 5.0,
+    }
     values.update(overrides)
     return Config.from_mapping(values)
 
@@ -131,8 +134,9 @@ def live(live_factory) -> LiveServer:
 class Daemon:
     """A real ``crushd serve`` process with its stderr captured to a file."""
 
-    def __init__(self, data_dir: Path, log_path: Path, *args: str,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, log_path: Path, *args: str, env: dict[str, str] | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.log_path = log_path
         self.args = args
@@ -144,9 +148,21 @@ class Daemon:
         self._log = self.log_path.open("ab")
         self._offset = self.log_path.stat().st_size
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "crushd", "serve", "--data-dir", str(self.data_dir),
-             "--port", "0", *self.args],
-            stdout=subprocess.DEVNULL, stderr=self._log, env=self.env)
+            [
+                sys.executable,
+                "-m",
+                "crushd",
+                "serve",
+                "--data-dir",
+                str(self.data_dir),
+                "--port",
+                "0",
+                *self.args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+            env=self.env,
+        )
         if wait:
             address = wait_for(self._address, 20, message=f"daemon did not start:\n{self.log()}")
             self.url = f"http://{address}"
@@ -155,7 +171,7 @@ class Daemon:
     def _address(self) -> str | None:
         if self.proc.poll() is not None:
             raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
-        match = LISTENING.search(self.log()[self._offset:])
+        match = LISTENING.search(self.log()[self._offset :])
         return match.group(1) if match else None
 
     def log(self) -> str:
@@ -185,10 +201,15 @@ class Daemon:
 def daemon_factory(tmp_path: Path):
     daemons: list[Daemon] = []
 
-    def make(*args: str, data_dir: Path | None = None, env: dict[str, str] | None = None,
-             start: bool = True) -> Daemon:
-        daemon = Daemon(data_dir or tmp_path / "data", tmp_path / f"daemon{len(daemons)}.log",
-                        *args, env=env)
+    def make(
+        *args: str,
+        data_dir: Path | None = None,
+        env: dict[str, str] | None = None,
+        start: bool = True,
+    ) -> Daemon:
+        daemon = Daemon(
+            data_dir or tmp_path / "data", tmp_path / f"daemon{len(daemons)}.log", *args, env=env
+        )
         daemons.append(daemon)
         return daemon.start() if start else daemon
 

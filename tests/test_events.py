@@ -60,16 +60,20 @@ def test_reconnect_with_last_event_id_gets_every_missed_event(live, project):
         wait_terminal(http, wid, run["id"])
         prompt(http, wid, "four five")
         full_replay = []
-        with http.stream("GET", f"/v1/workspaces/{wid}/events",
-                         params={"since": int(seen[0]["id"]) - 1}) as stream:
+        with http.stream(
+            "GET", f"/v1/workspaces/{wid}/events", params={"since": int(seen[0]["id"]) - 1}
+        ) as stream:
             full_replay = sse_events(stream.iter_lines(), 3)
         assert [e["id"] for e in full_replay] == [e["id"] for e in seen]
-        with http.stream("GET", f"/v1/workspaces/{wid}/events",
-                         headers={"Last-Event-ID": last}) as stream:
+        with http.stream(
+            "GET", f"/v1/workspaces/{wid}/events", headers={"Last-Event-ID": last}
+        ) as stream:
             lines = stream.iter_lines()
             missed = []
-            while not any(e["event"] == "run.completed" and e["data"]["payload"]["text"]
-                          == "four five" for e in missed):
+            while not any(
+                e["event"] == "run.completed" and e["data"]["payload"]["text"] == "four five"
+                for e in missed
+            ):
                 missed.extend(sse_events(lines, 1))
         seqs = [int(e["id"]) for e in missed]
         assert seqs == list(range(int(last) + 1, int(last) + 1 + len(seqs)))
@@ -89,8 +93,9 @@ def test_session_filter_and_reset_for_an_unknown_seq(live, project):
     with httpx.Client(base_url=live.url, timeout=30) as http:
         wid = register(http, project)
         mine = http.post(f"/v1/workspaces/{wid}/sessions", json={"title": "mine"}).json()["id"]
-        with http.stream("GET", f"/v1/workspaces/{wid}/events",
-                         params={"session_id": mine}) as stream:
+        with http.stream(
+            "GET", f"/v1/workspaces/{wid}/events", params={"session_id": mine}
+        ) as stream:
             lines = stream.iter_lines()
             prompt(http, wid, "not mine")
             run = prompt(http, wid, "mine", session_id=mine).json()
@@ -99,8 +104,7 @@ def test_session_filter_and_reset_for_an_unknown_seq(live, project):
                 events.extend(sse_events(lines, 1))
         assert {e["data"]["session_id"] for e in events} == {mine}
         assert events[-1]["data"]["payload"]["id"] == run["id"]
-        with http.stream("GET", f"/v1/workspaces/{wid}/events",
-                         params={"since": 10**9}) as stream:
+        with http.stream("GET", f"/v1/workspaces/{wid}/events", params={"since": 10**9}) as stream:
             (first,) = sse_events(stream.iter_lines(), 1)
         assert first["event"] == "reset"
         missing = http.get(f"/v1/workspaces/{wid}/events", params={"session_id": "nope"})
@@ -112,8 +116,10 @@ def test_streams_are_capped_below_threads_and_prompts_still_work(live_factory, p
     assert live.server.config.max_streams == 2
     with httpx.Client(base_url=live.url, timeout=10) as http:
         wid = register(http, project)
-        with http.stream("GET", f"/v1/workspaces/{wid}/events") as one, \
-                http.stream("GET", f"/v1/workspaces/{wid}/events") as two:
+        with (
+            http.stream("GET", f"/v1/workspaces/{wid}/events") as one,
+            http.stream("GET", f"/v1/workspaces/{wid}/events") as two,
+        ):
             assert one.status_code == two.status_code == 200
             third = http.get(f"/v1/workspaces/{wid}/events")
             assert third.status_code == 503
@@ -121,9 +127,13 @@ def test_streams_are_capped_below_threads_and_prompts_still_work(live_factory, p
             assert third.headers["Retry-After"]
             run = prompt(http, wid, "still served")
             assert run.status_code == 202
-            done = wait_for(lambda: http.get(
-                f"/v1/workspaces/{wid}/runs/{run.json()['id']}").json()["status"] == "completed",
-                10)
+            done = wait_for(
+                lambda: (
+                    http.get(f"/v1/workspaces/{wid}/runs/{run.json()['id']}").json()["status"]
+                    == "completed"
+                ),
+                10,
+            )
             assert done
             assert http.get("/v1/health").status_code == 200
         # Closed streams give their slots back.
@@ -180,8 +190,11 @@ def test_delete_ends_streams_after_the_last_run_completed(live_factory, project)
             rest = sse_events(lines, 10_000, timeout=10)
         types = [e["event"] for e in rest]
         assert "workspace.closing" in types
-        completed = {e["data"]["payload"]["id"]: e["data"]["payload"]["status"]
-                     for e in rest if e["event"] == "run.completed"}
+        completed = {
+            e["data"]["payload"]["id"]: e["data"]["payload"]["status"]
+            for e in rest
+            if e["event"] == "run.completed"
+        }
         assert completed == {run["id"]: "cancelled", queued["id"]: "cancelled"}
         assert types.index("workspace.closing") < types.index("run.completed")
 

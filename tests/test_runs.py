@@ -169,7 +169,8 @@ def test_cancel_queued_and_session(slow, project):
         assert result == {"cancelled": [first["id"], third["id"]]}
         assert wait_terminal(http, wid, first["id"])["status"] == "cancelled"
         assert http.get(f"/v1/workspaces/{wid}/runs/{third['id']}").json()["status"] == (
-            "cancelled")
+            "cancelled"
+        )
         run_ids = {m["run_id"] for m in messages(http, wid, sid)}
         assert run_ids == {first["id"]}
         assert http.get(f"/v1/workspaces/{wid}/sessions/{sid}/queue").json() == []
@@ -219,8 +220,10 @@ def test_a_dropped_client_does_not_drop_the_run(slow, project):
         wid = register(http, project)
         run = prompt(http, wid, "a b c d e f g h").json()
     # The waiting client goes away mid-wait.
-    with httpx.Client(base_url=slow.url, timeout=0.2) as impatient, pytest.raises(
-            httpx.TimeoutException):
+    with (
+        httpx.Client(base_url=slow.url, timeout=0.2) as impatient,
+        pytest.raises(httpx.TimeoutException),
+    ):
         impatient.get(f"/v1/workspaces/{wid}/runs/{run['id']}", params={"wait": 30})
     with httpx.Client(base_url=slow.url, timeout=30) as http:
         assert wait_terminal(http, wid, run["id"])["status"] == "completed"
@@ -230,8 +233,9 @@ def test_delete_during_a_hammer_of_prompts_loses_nothing(live_factory, project):
     live = live_factory(echo_delay=0.01, workers=2, max_queue=1000)
     with httpx.Client(base_url=live.url, timeout=30) as http:
         wid = register(http, project)
-        sessions = [http.post(f"/v1/workspaces/{wid}/sessions", json={}).json()["id"]
-                    for _ in range(4)]
+        sessions = [
+            http.post(f"/v1/workspaces/{wid}/sessions", json={}).json()["id"] for _ in range(4)
+        ]
     accepted: list[str] = []
     refused: list[tuple[int, str]] = []
     lock = threading.Lock()
@@ -242,8 +246,13 @@ def test_delete_during_a_hammer_of_prompts_loses_nothing(live_factory, project):
             i = 0
             while not stop.is_set() and i < 400:
                 i += 1
-                response = prompt(http, wid, f"prompt {n}-{i} " * 3,
-                                  session_id=sessions[n % 4], run_id=f"r-{n}-{i}")
+                response = prompt(
+                    http,
+                    wid,
+                    f"prompt {n}-{i} " * 3,
+                    session_id=sessions[n % 4],
+                    run_id=f"r-{n}-{i}",
+                )
                 with lock:
                     if response.status_code == 202:
                         accepted.append(response.json()["id"])
@@ -266,8 +275,10 @@ def test_delete_during_a_hammer_of_prompts_loses_nothing(live_factory, project):
     # History stays on disk: register the path again and read every run.
     with httpx.Client(base_url=live.url, timeout=30) as http:
         assert register(http, project) == wid
-        runs = {r["id"]: r for r in http.get(f"/v1/workspaces/{wid}/runs",
-                                             params={"limit": 1000}).json()}
+        runs = {
+            r["id"]: r
+            for r in http.get(f"/v1/workspaces/{wid}/runs", params={"limit": 1000}).json()
+        }
     assert set(runs) == set(accepted)
     assert all(r["status"] in {"completed", "cancelled"} for r in runs.values())
     assert not {rid for _, rid in refused} & set(runs)

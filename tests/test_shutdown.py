@@ -24,8 +24,7 @@ def _running(http: httpx.Client, wid: str, rid: str) -> bool:
 
 def _has_text(http: httpx.Client, wid: str, sid: str) -> bool:
     stored = messages(http, wid, sid)
-    return any(p["type"] == "text" for m in stored if m["role"] == "assistant"
-               for p in m["parts"])
+    return any(p["type"] == "text" for m in stored if m["role"] == "assistant" for p in m["parts"])
 
 
 def test_sigterm_mid_run_then_restart(daemon_factory, project):
@@ -57,7 +56,8 @@ def test_sigterm_mid_run_then_restart(daemon_factory, project):
         first_answer = next(m for m in stored if m["role"] == "assistant")
         assert finish_of(first_answer)["reason"] == "canceled"
         assert stopped["text"] == "".join(
-            p["text"] for p in first_answer["parts"] if p["type"] == "text")
+            p["text"] for p in first_answer["parts"] if p["type"] == "text"
+        )
 
 
 def _try_prompt(http: httpx.Client, wid: str):
@@ -89,8 +89,11 @@ def test_kill_9_mid_run_then_restart_interrupts_and_requeues(daemon_factory, pro
         crashed = http.get(f"/v1/workspaces/{wid}/runs/{active['id']}").json()
         assert crashed["status"] == "interrupted" and crashed["error"] == "interrupted"
         assert crashed["finished_at"]
-        assistant = [m for m in messages(http, wid, sid) if m["run_id"] == active["id"]
-                     and m["role"] == "assistant"][0]
+        assistant = [
+            m
+            for m in messages(http, wid, sid)
+            if m["run_id"] == active["id"] and m["role"] == "assistant"
+        ][0]
         finish = finish_of(assistant)
         assert (finish["reason"], finish["message"]) == ("error", "interrupted")
         assert wait_terminal(http, wid, queued["id"])["text"] == "after the crash"
@@ -100,8 +103,9 @@ def test_kill_9_mid_run_then_restart_interrupts_and_requeues(daemon_factory, pro
             (reset,) = sse_events(s.iter_lines(), 1)
         assert reset["event"] == "reset"
         oldest = reset["data"]["payload"]["oldest"]
-        with http.stream("GET", f"/v1/workspaces/{wid}/events",
-                         params={"since": oldest - 1}) as stream:
+        with http.stream(
+            "GET", f"/v1/workspaces/{wid}/events", params={"since": oldest - 1}
+        ) as stream:
             lines = stream.iter_lines()
             replayed = sse_events(lines, 1, timeout=5)
             while replayed[-1]["event"] != "run.completed":
@@ -123,7 +127,8 @@ def test_drain_lets_turns_finish_and_a_second_signal_cuts_it(daemon_factory, pro
     second = daemon_factory("--echo-delay", "0.05", "--drain-timeout", "60")
     with second.client() as http:
         assert http.get(f"/v1/workspaces/{wid}/runs/{short['id']}").json()["status"] == (
-            "completed")
+            "completed"
+        )
         long = prompt(http, wid, LONG * 3).json()
         wait_for(lambda: _running(http, wid, long["id"]), 10)
         second.signal(signal.SIGTERM)
@@ -135,8 +140,7 @@ def test_drain_lets_turns_finish_and_a_second_signal_cuts_it(daemon_factory, pro
     assert "event=drain_skipped" in second.log()
     third = daemon_factory()
     with third.client() as http:
-        assert http.get(f"/v1/workspaces/{wid}/runs/{long['id']}").json()["status"] == (
-            "cancelled")
+        assert http.get(f"/v1/workspaces/{wid}/runs/{long['id']}").json()["status"] == ("cancelled")
 
 
 class StubbornProvider(Provider):
