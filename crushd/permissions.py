@@ -81,7 +81,7 @@ class PermissionBroker:
         handle = token.on_cancel(pending.done.set)
         self._hub.publish("permission.requested", session_id, request)
         try:
-            answered = pending.done.wait(self._timeout)
+            pending.done.wait(self._timeout)
         finally:
             token.remove_callback(handle)
             with self._lock:
@@ -94,7 +94,6 @@ class PermissionBroker:
                 raise Cancelled(token.reason or "cancelled")
             logger.info("event=permission_timeout id=%s tool=%s run=%s", pid, tool, run_id)
             return "timeout"
-        del answered
         return decision
 
     def decide(self, pid: str, decision: str) -> dict[str, Any]:

@@ -176,15 +176,17 @@ def bench_stream(root: Path, quick: bool) -> dict:
     thread = threading.Thread(target=wsgi.run, name="bench-waitress")
     thread.start()
     url = f"http://127.0.0.1:{wsgi.effective_port}"
-    words = 20_000 if quick else 100_000
+    words = 20_000 if quick else 50_000
     try:
         with httpx.Client(base_url=url, timeout=120) as http:
             project = root / "stream-project"
             project.mkdir()
             wid = http.post("/v1/workspaces", json={"path": str(project)}).json()["id"]
             started = time.perf_counter()
-            http.post(f"/v1/workspaces/{wid}/agent", json={"prompt": "w " * words})
-            deltas, last_id, done, reconnects = 0, "0", False, -1
+            rid = http.post(f"/v1/workspaces/{wid}/agent", json={"prompt": "w " * words}).json()[
+                "id"
+            ]
+            deltas, last_id, done, reconnects, resets = 0, "0", False, -1, 0
             while not done:  # a client dropped for reading too slowly reconnects
                 reconnects += 1
                 with http.stream(
@@ -198,6 +200,12 @@ def bench_stream(root: Path, quick: bool) -> dict:
                         elif line == "event: run.completed":
                             done = True
                             break
+                        elif line == "event: reset":  # fell behind the buffer: refetch
+                            resets += 1
+                            run = http.get(f"/v1/workspaces/{wid}/runs/{rid}").json()
+                            done = run["status"] in ("completed", "cancelled", "failed")
+                            if done:
+                                break
             elapsed = time.perf_counter() - started
     finally:
         server.stop()
@@ -211,6 +219,7 @@ def bench_stream(root: Path, quick: bool) -> dict:
         "deltas": deltas,
         "seconds": round(elapsed, 3),
         "reconnects": reconnects,
+        "resets": resets,
         "deltas_per_s": round(deltas / elapsed, 1),
         "db_writes_per_assistant_message": assistant_writes,
         "db_writes_per_second_of_streaming": round(assistant_writes / elapsed, 2),
