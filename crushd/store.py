@@ -373,6 +373,37 @@ class WorkspaceStore(_Store):
             )
             return self._run_dict(row)
 
+    def accept_run(
+        self, run_id: str, prompt: str, session_id: str | None, title: str, max_queue: int
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Store a prompt as a ``queued`` run in one transaction.
+
+        Without ``session_id`` a session titled ``title`` is created with it.
+        Returns ``(run, new_session_or_None)``.  Raises NotFound for an
+        unknown session and QueueFull when it already has ``max_queue``
+        queued runs; then nothing was written.
+        """
+        from crushd.errors import NotFound, QueueFull
+
+        S, R = self.m.Session, self.m.Run
+        now = utcnow()
+        with self._use(write=True):
+            new_session = None
+            if session_id is None:
+                new_session = S.create(id=new_id(), title=title, created_at=now, updated_at=now)
+                session_id = new_session.id
+            else:
+                if not S.select().where(S.id == session_id).exists():
+                    raise NotFound(f"session {session_id} not found")
+                queued = R.select().where((R.session_id == session_id) & (R.status == "queued"))
+                if queued.count() >= max_queue:
+                    raise QueueFull(f"session {session_id} already has {max_queue} queued runs")
+            run = R.create(
+                id=run_id, session_id=session_id, prompt=prompt, status="queued", created_at=now
+            )
+            session = self._session_dict(new_session) if new_session is not None else None
+            return self._run_dict(run), session
+
     def get_run(self, run_id: str) -> dict[str, Any] | None:
         R = self.m.Run
         with self._use():

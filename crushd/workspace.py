@@ -21,7 +21,7 @@ from typing import Any
 
 from crushd.cancel import CancelToken, CountdownLatch
 from crushd.config import Config
-from crushd.errors import NotFound, QueueFull, RunIdConflict, WorkspaceClosing
+from crushd.errors import NotFound, RunIdConflict, WorkspaceClosing
 from crushd.events import EventHub
 from crushd.permissions import PermissionBroker
 from crushd.providers.base import Provider
@@ -203,17 +203,16 @@ class Workspace:
                 raise WorkspaceClosing(f"workspace {self.id} is closing")
             if run_id is not None and (existing := self.store.get_run(run_id)) is not None:
                 return self._replay(existing, prompt, session_id)
-            if session_id is None:
-                session = self.store.create_session(title_from_prompt(prompt))
-                session_id = session["id"]
+            run, session = self.store.accept_run(
+                run_id or new_id(),
+                prompt,
+                session_id,
+                title_from_prompt(prompt),
+                self.config.max_queue,
+            )
+            session_id = run["session_id"]
+            if session is not None:
                 self.hub.publish("session.created", session_id, session)
-            elif self.store.get_session(session_id) is None:
-                raise NotFound(f"session {session_id} not found")
-            if self.store.count_runs("queued", session_id) >= self.config.max_queue:
-                raise QueueFull(
-                    f"session {session_id} already has {self.config.max_queue} queued runs"
-                )
-            run = self.store.create_run(run_id or new_id(), session_id, prompt)
             self._queues.setdefault(session_id, collections.deque()).append(run["id"])
             self.hub.publish("run.queued", session_id, run)
             self._dispatch(session_id)

@@ -10,7 +10,7 @@ from pathlib import Path
 import peewee as pw
 import pytest
 
-from crushd.errors import SessionBusy, StoreClosed
+from crushd.errors import NotFound, QueueFull, SessionBusy, StoreClosed
 from crushd.models import WORKSPACE_MIGRATIONS, apply_migrations
 from crushd.store import RegistryStore, WorkspaceStore
 
@@ -192,6 +192,22 @@ def test_runs_create_list_and_filter(store):
     with pytest.raises(pw.IntegrityError):
         store.create_run("r1", a["id"], "duplicate id")
     assert store.get_run("r1")["prompt"] == "first"
+
+
+def test_accept_run_is_all_or_nothing(store):
+    run, session = store.accept_run("r1", "first line\nmore", None, "first line", 2)
+    assert session["id"] == run["session_id"] and session["title"] == "first line"
+    assert session["is_busy"] and session["queued_runs"] == 1
+    sid = run["session_id"]
+    again, none = store.accept_run("r2", "two", sid, "unused", 2)
+    assert none is None and again["status"] == "queued"
+    with pytest.raises(QueueFull):
+        store.accept_run("r3", "three", sid, "unused", 2)
+    with pytest.raises(NotFound):
+        store.accept_run("r4", "four", "no-such-session", "unused", 2)
+    assert store.get_run("r3") is None and store.get_run("r4") is None
+    assert [s["id"] for s in store.list_sessions()] == [sid]
+    assert [r["id"] for r in store.list_runs(oldest_first=True)] == ["r1", "r2"]
 
 
 def test_start_run_only_from_queued(store):
