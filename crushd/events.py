@@ -103,16 +103,7 @@ class EventHub:
                     self._reserve(self._reserved)
                 except Exception:  # numbering still works in memory; log and go on
                     logger.exception("event=seq_reserve_failed workspace=%s", self.workspace_id)
-            data = {
-                "seq": self._seq,
-                "type": type,
-                "workspace_id": self.workspace_id,
-                "session_id": session_id,
-                "time": utcnow(),
-                "payload": payload,
-            }
-            frame = f"id: {self._seq}\nevent: {type}\ndata: {json.dumps(data)}\n\n".encode()
-            event = Event(self._seq, type, session_id, data, frame)
+            event = self._event(type, session_id, payload)
             self._buffer.append(event)
             for sub in list(self._subscribers):
                 if not sub.wants(event):
@@ -128,6 +119,19 @@ class EventHub:
         if self._on_event is not None:
             self._on_event(event)
         return event
+
+    def _event(self, type: str, session_id: str | None, payload: dict[str, Any]) -> Event:
+        """The event numbered with the current ``seq``, rendered once.  Holds _lock."""
+        data = {
+            "seq": self._seq,
+            "type": type,
+            "workspace_id": self.workspace_id,
+            "session_id": session_id,
+            "time": utcnow(),
+            "payload": payload,
+        }
+        frame = f"id: {self._seq}\nevent: {type}\ndata: {json.dumps(data)}\n\n".encode()
+        return Event(self._seq, type, session_id, data, frame)
 
     def subscribe(
         self, since: int | None, session_id: str | None
@@ -145,18 +149,9 @@ class EventHub:
             if since is not None:
                 oldest = self._buffer[0].seq if self._buffer else self._seq + 1
                 if since > self._seq or since < oldest - 1:
-                    data = {
-                        "seq": self._seq,
-                        "type": "reset",
-                        "workspace_id": self.workspace_id,
-                        "session_id": None,
-                        "time": utcnow(),
-                        "payload": {"requested": since, "oldest": oldest, "latest": self._seq},
-                    }
-                    frame = (
-                        f"id: {self._seq}\nevent: reset\ndata: {json.dumps(data)}\n\n"
-                    ).encode()
-                    reset = Event(self._seq, "reset", None, data, frame)
+                    reset = self._event(
+                        "reset", None, {"requested": since, "oldest": oldest, "latest": self._seq}
+                    )
                 else:
                     backlog = [e for e in self._buffer if e.seq > since and sub.wants(e)]
             if self._closed:

@@ -39,6 +39,7 @@ from crushd.providers.base import (
 )
 from crushd.store import WorkspaceStore, lock_budget, utcnow
 from crushd.tools.base import Tool, ToolContext, ToolError, ToolResult
+from crushd.tools.paths import is_inside
 
 if TYPE_CHECKING:
     from crushd.permissions import PermissionBroker
@@ -80,6 +81,29 @@ class RunEnv:
     clock: Callable[[], float] = time.monotonic
 
 
+# -- parts -------------------------------------------------------------------
+
+
+def finish_part(reason: str, message: str = "", details: str = "") -> dict[str, Any]:
+    return {
+        "type": "finish",
+        "reason": reason,
+        "message": message,
+        "details": details,
+        "time": utcnow(),
+    }
+
+
+def tool_result_part(call: dict[str, Any], content: str, is_error: bool) -> dict[str, Any]:
+    return {
+        "type": "tool_result",
+        "tool_call_id": call["id"],
+        "name": call["name"],
+        "content": content,
+        "is_error": is_error,
+    }
+
+
 # -- sealing stored messages ------------------------------------------------
 
 
@@ -99,13 +123,14 @@ def seal_run_messages(
     message: str,
     details: str,
     result_text: str,
-) -> None:
+) -> dict[str, Any] | None:
     """Give every stored message of a run its closing parts.
 
     Assistant messages without a ``finish`` get one with ``reason``; their
     tool calls are marked finished (unparsable input becomes ``"{}"``); tool
     calls without a result get a ``tool`` message of error results.  Used on
     every exit path of a run and for runs a crash left ``running``.
+    Returns the run's last assistant message as stored, or None.
     """
     messages = env.store.run_messages(run_id)
     answered = {
@@ -132,34 +157,18 @@ def seal_run_messages(
                     part.update(finished=True, input=closed)
                     changed = True
         if not any(p["type"] == "finish" for p in parts):
-            parts.append(
-                {
-                    "type": "finish",
-                    "reason": reason,
-                    "message": message,
-                    "details": details,
-                    "time": utcnow(),
-                }
-            )
+            parts.append(finish_part(reason, message, details))
             changed = True
         if changed:
-            updated = env.store.update_message(msg["id"], parts)
-            env.hub.publish("message.updated", session_id, updated)
+            last = env.store.update_message(msg["id"], parts)
+            env.hub.publish("message.updated", session_id, last)
     if unanswered:
-        results = [
-            {
-                "type": "tool_result",
-                "tool_call_id": p["id"],
-                "name": p["name"],
-                "content": result_text,
-                "is_error": True,
-            }
-            for p in unanswered
-        ]
+        results = [tool_result_part(p, result_text, True) for p in unanswered]
         model = last["model"] if last else None
         provider = last["provider"] if last else None
         created = env.store.create_message(session_id, run_id, "tool", results, model, provider)
         env.hub.publish("message.created", session_id, created)
+    return last
 
 
 # -- the streaming message -------------------------------------------------
@@ -185,7 +194,6 @@ class MessageWriter:
         self._dirty = False  # guarded by _lock
         self._last_write = float("-inf")  # guarded by _lock
         self._closed = False  # guarded by _lock
-        self.writes = 0
 
     @property
     def id(self) -> str:
@@ -247,15 +255,7 @@ class MessageWriter:
 
     def add_finish(self, reason: str, message: str = "", details: str = "") -> None:
         with self._lock:
-            self.parts.append(
-                {
-                    "type": "finish",
-                    "reason": reason,
-                    "message": message,
-                    "details": details,
-                    "time": utcnow(),
-                }
-            )
+            self.parts.append(finish_part(reason, message, details))
             self._dirty = True
 
     def text(self) -> str:
@@ -285,7 +285,6 @@ class MessageWriter:
         stored = self._env.store.update_message(self.id, json.loads(json.dumps(self.parts)))
         self._dirty = False
         self._last_write = self._env.clock()
-        self.writes += 1
         return stored
 
 
@@ -430,14 +429,12 @@ class Run:
 
     def _run_tools(self, step: _Step) -> str | None:
         """Run the step's tool calls in order; return a denial message or None."""
-        from crushd.tools.paths import is_inside
-
         denied = None
         for call in step.calls:
             self.token.raise_if_cancelled()
             if denied:
-                step.results[call["id"]] = self._result(
-                    call, ToolResult("Skipped: an earlier tool call was denied", True)
+                step.results[call["id"]] = tool_result_part(
+                    call, "Skipped: an earlier tool call was denied", True
                 )
                 continue
             tool = self.env.tools.get(call["name"])
@@ -471,8 +468,8 @@ class Run:
                             if decision == "deny"
                             else f"Permission request timed out: {tool.name}"
                         )
-                        step.results[call["id"]] = self._result(
-                            call, ToolResult(f"{denied}. The user did not allow this call.", True)
+                        step.results[call["id"]] = tool_result_part(
+                            call, f"{denied}. The user did not allow this call.", True
                         )
                         continue
                 result = tool.run(params, self.tools_ctx)
@@ -480,7 +477,7 @@ class Run:
                 result = ToolResult(str(exc), True)
             except ValueError as exc:  # a bad value a tool did not check itself
                 result = ToolResult(f"{call['name']}: {exc}", True)
-            step.results[call["id"]] = self._result(call, result)
+            step.results[call["id"]] = tool_result_part(call, result.content, result.is_error)
         return denied
 
     def _needs_permission(self, tool: Tool, outside: list[Path]) -> bool:
@@ -493,29 +490,11 @@ class Run:
             or self.env.permissions.is_allowed(self.session_id, tool.name)
         )
 
-    @staticmethod
-    def _result(call: dict[str, Any], result: ToolResult) -> dict[str, Any]:
-        return {
-            "type": "tool_result",
-            "tool_call_id": call["id"],
-            "name": call["name"],
-            "content": result.content,
-            "is_error": result.is_error,
-        }
-
     def _write_results(self, step: _Step, missing: str = TOOL_CANCELED) -> None:
         if step.results_written or not step.calls:
             return
         parts = [
-            step.results.get(c["id"])
-            or {
-                "type": "tool_result",
-                "tool_call_id": c["id"],
-                "name": c["name"],
-                "content": missing,
-                "is_error": True,
-            }
-            for c in step.calls
+            step.results.get(c["id"]) or tool_result_part(c, missing, True) for c in step.calls
         ]
         created = self.env.store.create_message(
             self.session_id, self.id, "tool", parts, self.env.provider.model, self.env.provider.name

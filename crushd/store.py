@@ -25,7 +25,7 @@ from typing import Any
 
 import peewee as pw
 
-from crushd.errors import CrushdError, StoreClosed
+from crushd.errors import CrushdError, NotFound, QueueFull, SessionBusy, StoreClosed
 from crushd.models import (
     REGISTRY_MIGRATIONS,
     WORKSPACE_MIGRATIONS,
@@ -264,8 +264,6 @@ class WorkspaceStore(_Store):
         Returns False if it does not exist; raises ``SessionBusy`` if busy.
         The check and the delete share one transaction.
         """
-        from crushd.errors import SessionBusy
-
         S, R = self.m.Session, self.m.Run
         with self._use(write=True):
             if S.get_or_none(S.id == session_id) is None:
@@ -383,8 +381,6 @@ class WorkspaceStore(_Store):
         unknown session and QueueFull when it already has ``max_queue``
         queued runs; then nothing was written.
         """
-        from crushd.errors import NotFound, QueueFull
-
         S, R = self.m.Session, self.m.Run
         now = utcnow()
         with self._use(write=True):

@@ -152,7 +152,7 @@ class Workspace:
         """Finish what a previous process left: runs found ``running`` become
         ``interrupted``; ``queued`` runs are queued again in their order."""
         for run in self.store.list_runs(status="running", limit=1_000_000, oldest_first=True):
-            seal_run_messages(
+            last = seal_run_messages(
                 self._env,
                 run["id"],
                 run["session_id"],
@@ -161,16 +161,13 @@ class Workspace:
                 "the server stopped while this run was active",
                 "Tool execution interrupted",
             )
-            last = [m for m in self.store.run_messages(run["id"]) if m["role"] == "assistant"]
-            text = (
-                "".join(p["text"] for p in last[-1]["parts"] if p["type"] == "text") if last else ""
-            )
+            text = "".join(p["text"] for p in last["parts"] if p["type"] == "text") if last else ""
             terminal = self.store.finish_run(
                 run["id"],
                 "interrupted",
                 error="interrupted",
                 text=text,
-                message_id=last[-1]["id"] if last else None,
+                message_id=last["id"] if last else None,
             )
             if terminal is not None:
                 self.hub.publish("run.completed", run["session_id"], terminal)
