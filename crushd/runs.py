@@ -207,7 +207,6 @@ class MessageWriter:
                 self.parts[-1]["text"] += text
             else:
                 self.parts.append({"type": kind, "text": text})
-            self._dirty = True
             # Publish under the lock so the stored text and the published
             # deltas can never disagree about order.
             self._env.hub.publish(
@@ -215,24 +214,22 @@ class MessageWriter:
                 self.message["session_id"],
                 {"message_id": self.id, "run_id": self.run_id, "kind": kind, "delta": text},
             )
-        self.maybe_flush()
+            self._changed()
 
     def tool_call_start(self, call_id: str, name: str) -> None:
         with self._lock:
             self.parts.append(
                 {"type": "tool_call", "id": call_id, "name": name, "input": "", "finished": False}
             )
-            self._dirty = True
-        self.maybe_flush()
+            self._changed()
 
     def tool_call_input(self, call_id: str, fragment: str) -> None:
         with self._lock:
             for part in reversed(self.parts):
                 if part["type"] == "tool_call" and part["id"] == call_id:
                     part["input"] += fragment
-                    self._dirty = True
+                    self._changed()
                     break
-        self.maybe_flush()
 
     def finish_tool_calls(self) -> list[dict[str, Any]]:
         """Mark every tool call finished; return copies of them in order.
@@ -262,10 +259,11 @@ class MessageWriter:
         with self._lock:
             return "".join(p["text"] for p in self.parts if p["type"] == "text")
 
-    def maybe_flush(self) -> None:
-        with self._lock:
-            if self._dirty and self._env.clock() - self._last_write >= self._interval:
-                self._write()
+    def _changed(self) -> None:
+        """Mark the parts dirty and write them if the interval has passed.  Holds _lock."""
+        self._dirty = True
+        if self._env.clock() - self._last_write >= self._interval:
+            self._write()
 
     def flush(self) -> dict[str, Any] | None:
         """Write pending parts now; return the stored message if written."""
