@@ -8,7 +8,6 @@ import json
 import os
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -16,6 +15,8 @@ from typing import Any, NoReturn
 import click
 
 from crushd import __version__
+from crushd.common import RUN_STATUSES, TERMINAL_STATUSES, new_id
+from crushd.providers import PROVIDERS
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -41,7 +42,7 @@ def main() -> None:
 @click.option("--workers", type=int, help="Concurrent runs per workspace (default 4).")
 @click.option(
     "--provider",
-    type=click.Choice(["echo", "openai", "anthropic"]),
+    type=click.Choice(list(PROVIDERS)),
     help="Model provider (default echo).",
 )
 @click.option("--model", help="Model name sent to the provider.")
@@ -107,9 +108,6 @@ def serve(config_file: str | None, **flags: object) -> None:
 # Everything below talks to a running daemon through crushd.client.  Errors
 # are printed as one ``crushd: ...`` line on stderr with exit status 1;
 # interrupting a command exits 130 (after cancelling the run, for `prompt`).
-
-RUN_STATUSES = ("queued", "running", "completed", "cancelled", "failed", "interrupted")
-TERMINAL = frozenset({"completed", "cancelled", "failed", "interrupted"})
 
 #: Bound on waiting for a cancelled run's terminal record (a cancel takes < 1 s).
 CANCEL_WAIT = 10.0
@@ -371,7 +369,7 @@ def follow_run(
                 f"{exc.message}; lost track of run {run_id} "
                 "(`crushd runs` shows it once the daemon is back)"
             ) from None
-        if run["status"] in TERMINAL:
+        if run["status"] in TERMINAL_STATUSES:
             follower.finish(run)
             return run
         if time.monotonic() - asked < 1:  # no long-poll slot was free: do not spin
@@ -431,7 +429,7 @@ def prompt(
         raise click.UsageError("the prompt is empty")
     # The run id is chosen here so that events can be matched before the
     # 202 arrives and a Ctrl-C at any moment knows what to cancel.
-    run_id = str(uuid.uuid4())
+    run_id = new_id()
     with connected(url, unix_socket, token_file) as client:
         workspace = resolve_workspace(client, workspace_arg, register=True)
         wid = workspace["id"]
@@ -549,13 +547,13 @@ def cancel(
             raise ClientError(f"run {run_id} not found")
         wid = workspace["id"]
         run = client.cancel(wid, run_id)
-        if run["status"] not in TERMINAL:
+        if run["status"] not in TERMINAL_STATUSES:
             run = client.run(wid, run_id, wait=CANCEL_WAIT)
     if as_json:
         print_json(run)
     else:
         click.echo(run["status"])
-    if run["status"] not in TERMINAL:
+    if run["status"] not in TERMINAL_STATUSES:
         fail(f"run {run_id} is still {run['status']} after {CANCEL_WAIT:g} s")
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from crushd.errors import CrushdError
+from crushd.providers import PROVIDERS
 
 
 class ConfigError(CrushdError):
@@ -77,10 +78,8 @@ class Config:
 
     def api_key(self, env: dict[str, str] | None = None) -> str | None:
         env = os.environ if env is None else env
-        name = self.api_key_env or {
-            "openai": "OPENAI_API_KEY",
-            "anthropic": "ANTHROPIC_API_KEY",
-        }.get(self.provider)
+        facts = PROVIDERS.get(self.provider)
+        name = self.api_key_env or (facts.api_key_env if facts else None)
         return env.get(name) if name else None
 
     @classmethod
@@ -117,8 +116,8 @@ class Config:
         return config
 
     def validate(self) -> None:
-        if self.provider not in ("echo", "openai", "anthropic"):
-            raise ConfigError(f"unknown provider {self.provider!r} (echo, openai, anthropic)")
+        if self.provider not in PROVIDERS:
+            raise ConfigError(f"unknown provider {self.provider!r} ({', '.join(PROVIDERS)})")
         for name in ("threads", "workers", "max_queue", "max_steps", "max_body", "event_buffer"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from crushd.store import utcnow
+from crushd.common import utcnow
 
 logger = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from crushd.cancel import Cancelled, CancelToken
+from crushd.common import new_id, utcnow
 from crushd.errors import InvalidRequest, NotFound
 from crushd.events import EventHub
-from crushd.store import new_id, utcnow
 
 logger = logging.getLogger(__name__)
 

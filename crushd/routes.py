@@ -14,13 +14,13 @@ from typing import Any
 from flask import Blueprint, Response, current_app, request
 
 from crushd import __version__
+from crushd.common import RUN_STATUSES
 from crushd.errors import InvalidRequest, NotFound, ShuttingDown, TooManyStreams
 from crushd.events import sse_stream
 from crushd.server import Server
 
 api = Blueprint("api", __name__, url_prefix="/v1")
 
-RUN_STATUSES = ("queued", "running", "completed", "cancelled", "failed", "interrupted")
 MAX_WAIT = 300.0
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from crushd.cancel import Cancelled, CancelToken, Deadline
+from crushd.common import text_of, utcnow
 from crushd.events import EventHub
 from crushd.providers.base import (
     Provider,
@@ -37,7 +38,7 @@ from crushd.providers.base import (
     ToolSpec,
     Usage,
 )
-from crushd.store import WorkspaceStore, lock_budget, utcnow
+from crushd.store import WorkspaceStore, lock_budget
 from crushd.tools.base import Tool, ToolContext, ToolError, ToolResult
 from crushd.tools.paths import is_inside
 
@@ -257,7 +258,7 @@ class MessageWriter:
 
     def text(self) -> str:
         with self._lock:
-            return "".join(p["text"] for p in self.parts if p["type"] == "text")
+            return text_of(self.parts)
 
     def _changed(self) -> None:
         """Mark the parts dirty and write them if the interval has passed.  Holds _lock."""

@@ -17,14 +17,13 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import peewee as pw
 
+from crushd.common import ACTIVE_STATUSES, TERMINAL_STATUSES, new_id, utcnow
 from crushd.errors import CrushdError, NotFound, QueueFull, SessionBusy, StoreClosed
 from crushd.models import (
     REGISTRY_MIGRATIONS,
@@ -35,18 +34,8 @@ from crushd.models import (
 )
 
 DEFAULT_LOCK_WAIT = 30.0
-TERMINAL_STATUSES = frozenset({"completed", "cancelled", "failed", "interrupted"})
 
 _budget = threading.local()
-
-
-def utcnow() -> str:
-    """The current time as an RFC 3339 UTC string with microseconds (sortable)."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def new_id() -> str:
-    return str(uuid.uuid4())
 
 
 @contextlib.contextmanager
@@ -215,7 +204,7 @@ class WorkspaceStore(_Store):
         message_count = M.select().where(M.session_id == row.id).count()
         counts = dict(
             R.select(R.status, pw.fn.COUNT(R.pk))
-            .where((R.session_id == row.id) & (R.status.in_(("queued", "running"))))
+            .where((R.session_id == row.id) & (R.status.in_(ACTIVE_STATUSES)))
             .group_by(R.status)
             .tuples()
         )
@@ -270,7 +259,7 @@ class WorkspaceStore(_Store):
                 return False
             busy = (
                 R.select()
-                .where((R.session_id == session_id) & R.status.in_(("queued", "running")))
+                .where((R.session_id == session_id) & R.status.in_(ACTIVE_STATUSES))
                 .exists()
             )
             if busy:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from crushd.cancel import CancelToken, CountdownLatch
+from crushd.common import TERMINAL_STATUSES, new_id, text_of
 from crushd.config import Config
 from crushd.errors import NotFound, RunIdConflict, WorkspaceClosing
 from crushd.events import EventHub
@@ -27,7 +28,7 @@ from crushd.permissions import PermissionBroker
 from crushd.providers.base import Provider
 from crushd.runs import CANCELED_MESSAGE, Run, RunEnv, seal_run_messages
 from crushd.signals import Signals, send
-from crushd.store import TERMINAL_STATUSES, WorkspaceStore, new_id
+from crushd.store import WorkspaceStore
 from crushd.tools.base import Tool
 
 logger = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ class Workspace:
                 "the server stopped while this run was active",
                 "Tool execution interrupted",
             )
-            text = "".join(p["text"] for p in last["parts"] if p["type"] == "text") if last else ""
+            text = text_of(last["parts"]) if last else ""
             terminal = self.store.finish_run(
                 run["id"],
                 "interrupted",

@@ -25,6 +25,8 @@ from conftest import sse_events, wait_for
 from fakeprovider import Drop, FakeProvider, Hang, HTTPError, Pause, Text, ToolCall, Usage
 from test_runs import finish_of, messages, prompt, wait_terminal
 
+from crushd.common import text_of
+
 KEY_ENV = "CRUSHD_TEST_AGENT_KEY"
 TOOL_NAMES = {"bash", "view", "write", "edit", "ls", "glob", "grep"}
 BOTH = pytest.mark.parametrize("protocol", ["openai", "anthropic"])
@@ -133,10 +135,6 @@ def parts(message: dict[str, Any], kind: str) -> list[dict[str, Any]]:
     return [p for p in message["parts"] if p["type"] == kind]
 
 
-def text_of(message: dict[str, Any]) -> str:
-    return "".join(p["text"] for p in parts(message, "text"))
-
-
 def assert_sealed(stored: list[dict[str, Any]]) -> None:
     """The contract's closing records: one finish per assistant message, every
     tool call finished with JSON input, every tool call answered exactly once."""
@@ -217,10 +215,10 @@ def test_openai_multi_step_tool_use_sends_results_back(fake, agent, project):
         stored = messages(http, wid, run["session_id"])
         assert [m["role"] for m in stored] == ["user", "assistant", "tool", "assistant"]
         user, first, tool, last = stored
-        assert user["run_id"] == run["id"] and text_of(user) == "write a hello file"
+        assert user["run_id"] == run["id"] and text_of(user["parts"]) == "write a hello file"
         assert all(m["run_id"] == run["id"] for m in stored)
         assert all((m["provider"], m["model"]) == ("openai", "m") for m in stored[1:])
-        assert text_of(first) == "I'll create the file."
+        assert text_of(first["parts"]) == "I'll create the file."
         (call,) = parts(first, "tool_call")
         assert call["id"] == "call_write_1" and call["name"] == "write"
         assert call["finished"] is True and json.loads(call["input"]) == write_args
@@ -228,7 +226,7 @@ def test_openai_multi_step_tool_use_sends_results_back(fake, agent, project):
         (result,) = parts(tool, "tool_result")
         assert result["tool_call_id"] == "call_write_1" and result["name"] == "write"
         assert result["is_error"] is False and "notes/hello.txt" in result["content"]
-        assert text_of(last) == "Created notes/hello.txt."
+        assert text_of(last["parts"]) == "Created notes/hello.txt."
         assert finish_of(last)["reason"] == "end_turn"
         assert_sealed(stored)
 
@@ -542,7 +540,7 @@ def test_cancel_during_a_hanging_stream(fake, agent, project, protocol):
         assert completed["payload"]["status"] == "cancelled"
         stored = messages(http, wid, run["session_id"])
         assert [m["role"] for m in stored] == ["user", "assistant"]
-        assert text_of(stored[1]) == "".join(streamed) == "partial answer"
+        assert text_of(stored[1]["parts"]) == "".join(streamed) == "partial answer"
         finish = finish_of(stored[1])
         assert (finish["reason"], finish["message"]) == ("canceled", "Request canceled")
         assert done["text"] == "partial answer" and done["finished_at"]
@@ -665,7 +663,7 @@ def test_dropped_stream_fails_and_keeps_the_partial_text(fake, agent, project, p
         assert done["status"] == "failed" and done["error"]
         assert done["text"] == "partial text"
         stored = messages(http, wid, run["session_id"])
-        assert text_of(stored[1]) == "partial text"
+        assert text_of(stored[1]["parts"]) == "partial text"
         finish = finish_of(stored[1])
         assert finish["reason"] == "error" and finish["message"]
         assert_sealed(stored)

@@ -15,6 +15,7 @@ from conftest import make_config
 
 from crushd import __version__
 from crushd.app import create_app
+from crushd.common import text_of
 from crushd.server import Server
 
 WORKSPACE_KEYS = {"id", "path", "yolo", "created_at", "closing", "active_runs", "queued_runs"}
@@ -266,8 +267,7 @@ def test_messages_of_a_session_oldest_first(client, wid):
     assert [m["role"] for m in messages] == ["user", "assistant"]
     assert messages[0]["parts"] == [{"type": "text", "text": "hello there"}]
     assert messages[0]["run_id"] == run["id"]
-    text = "".join(p["text"] for p in messages[1]["parts"] if p["type"] == "text")
-    assert text == "hello there"
+    assert text_of(messages[1]["parts"]) == "hello there"
     assert messages[1]["parts"][-1]["type"] == "finish"
     assert messages[0]["created_at"] <= messages[1]["created_at"]
     assert client.get(f"/v1/workspaces/{wid}/sessions/{sid}").get_json()["message_count"] == 2

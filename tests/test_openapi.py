@@ -9,6 +9,8 @@ import pytest
 from openapi_spec_validator import validate
 
 import crushd
+from crushd.common import RUN_STATUSES
+from crushd.providers import FINISH_REASONS
 
 HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
 ERROR_REF = "#/components/schemas/Error"
@@ -190,23 +192,8 @@ def test_events_stream_shape(spec):
 
 def test_schema_enums(spec):
     schemas = spec["components"]["schemas"]
-    assert schemas["Run"]["properties"]["status"]["enum"] == [
-        "queued",
-        "running",
-        "completed",
-        "cancelled",
-        "failed",
-        "interrupted",
-    ]
-    assert set(schemas["FinishPart"]["properties"]["reason"]["enum"]) == {
-        "end_turn",
-        "max_tokens",
-        "tool_use",
-        "canceled",
-        "error",
-        "permission_denied",
-        "unknown",
-    }
+    assert schemas["Run"]["properties"]["status"]["enum"] == list(RUN_STATUSES)
+    assert set(schemas["FinishPart"]["properties"]["reason"]["enum"]) == set(FINISH_REASONS)
     assert set(schemas["Part"]["discriminator"]["mapping"]) == {
         "text",
         "reasoning",

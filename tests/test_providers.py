@@ -84,7 +84,7 @@ def collect_until_error(provider: Provider, token: CancelToken | None = None):
     return events, info.value
 
 
-def text_of(events) -> str:
+def streamed_text(events) -> str:
     return "".join(e.text for e in events if isinstance(e, TextDelta))
 
 
@@ -143,7 +143,7 @@ def test_two_tool_calls_split_across_chunks(fake, kind):
     assert events.index(starts[1]) > max(
         i for i, e in enumerate(events) if isinstance(e, ToolCallDelta) and e.id == "call_a"
     )
-    assert text_of(events) == "Let me look."
+    assert streamed_text(events) == "Let me look."
     assert events[-2:] == [UsageEvent(30, 20), StepFinish("tool_use")]
 
 
@@ -244,7 +244,7 @@ def test_cancel_interrupts_a_hung_stream(fake, kind, headers):
     assert isinstance(error, Cancelled)
     assert error.reason == "user"
     assert returned_at - cancelled_at[0] < 1.0
-    assert text_of(events) == ("partial" if headers else "")
+    assert streamed_text(events) == ("partial" if headers else "")
 
 
 @BOTH
@@ -260,7 +260,7 @@ def test_cancelled_token_makes_no_request(fake, kind):
 def test_dropped_connection_keeps_earlier_deltas(fake, kind):
     fake.script([Text("one "), Pause(0.05), Text("two"), Drop()])
     events, error = collect_until_error(make(kind, fake))
-    assert text_of(events) == "one two"
+    assert streamed_text(events) == "one two"
     assert isinstance(error, ProviderError)
     assert error.title == "Provider stream ended early"
 
@@ -269,7 +269,7 @@ def test_dropped_connection_keeps_earlier_deltas(fake, kind):
 def test_clean_end_without_end_marker(fake, kind):
     fake.script([Text("cut"), Close()])
     events, error = collect_until_error(make(kind, fake))
-    assert text_of(events) == "cut"
+    assert streamed_text(events) == "cut"
     assert isinstance(error, ProviderError)
     assert error.title == "Provider stream ended early"
 
@@ -308,7 +308,7 @@ def test_openai_parallel_calls_reusing_one_index():
 def test_error_event_in_the_stream(fake, kind):
     fake.script([Text("a"), StreamError("Overloaded", "overloaded_error")])
     events, error = collect_until_error(make(kind, fake))
-    assert text_of(events) == "a"
+    assert streamed_text(events) == "a"
     assert isinstance(error, ProviderError)
     assert error.details == "Overloaded"
 
@@ -327,7 +327,7 @@ def test_one_provider_serves_parallel_steps(fake, kind):
     results: list[str] = []
 
     def step() -> None:
-        results.append(text_of(provider.stream(PROMPT, CancelToken())))
+        results.append(streamed_text(provider.stream(PROMPT, CancelToken())))
 
     threads = [threading.Thread(target=step) for _ in range(4)]
     for thread in threads:

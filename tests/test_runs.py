@@ -10,8 +10,9 @@ import httpx
 import pytest
 from conftest import sse_events, wait_for
 
+from crushd.common import TERMINAL_STATUSES, text_of
+
 LONG = " ".join(f"word{i}" for i in range(200))
-TERMINAL = {"completed", "cancelled", "failed", "interrupted"}
 
 
 @pytest.fixture
@@ -33,7 +34,7 @@ def prompt(http: httpx.Client, wid: str, text: str, **extra) -> httpx.Response:
 def wait_terminal(http: httpx.Client, wid: str, rid: str, timeout: float = 20) -> dict:
     response = http.get(f"/v1/workspaces/{wid}/runs/{rid}", params={"wait": timeout})
     run = response.json()
-    assert run["status"] in TERMINAL, run
+    assert run["status"] in TERMINAL_STATUSES, run
     return run
 
 
@@ -144,7 +145,7 @@ def test_cancel_mid_stream_keeps_exactly_the_streamed_text(slow, project):
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
         stored = messages(http, wid, run["session_id"])
         assistant = stored[-1]
-        text = "".join(p["text"] for p in assistant["parts"] if p["type"] == "text")
+        text = text_of(assistant["parts"])
         assert text == "".join(deltas)
         assert 5 <= len(deltas) < 200
         finish = finish_of(assistant)

@@ -14,6 +14,7 @@ from conftest import make_config, sse_events, wait_for
 from test_runs import LONG, finish_of, messages, prompt, register, wait_terminal
 
 from crushd.cancel import CancelToken
+from crushd.common import text_of
 from crushd.providers.base import Provider, StepFinish, StepRequest, StreamEvent, TextDelta
 from crushd.server import Server
 
@@ -55,9 +56,7 @@ def test_sigterm_mid_run_then_restart(daemon_factory, project):
         stored = messages(http, wid, sid)
         first_answer = next(m for m in stored if m["role"] == "assistant")
         assert finish_of(first_answer)["reason"] == "canceled"
-        assert stopped["text"] == "".join(
-            p["text"] for p in first_answer["parts"] if p["type"] == "text"
-        )
+        assert stopped["text"] == text_of(first_answer["parts"])
 
 
 def _try_prompt(http: httpx.Client, wid: str):

@@ -1,10 +1,14 @@
 """Model providers: the built-in ``echo`` and the HTTP ``openai`` and ``anthropic``.
 
-:func:`create_provider` builds one from configuration values; the interface
-types are re-exported from :mod:`crushd.providers.base`.
+:data:`PROVIDERS` is the one table of what crushd knows about each provider
+(its name, the variable that holds its key, its default endpoint); the
+configuration, the command line and :func:`create_provider` all read it.
+The interface types are re-exported from :mod:`crushd.providers.base`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from crushd.providers.base import (
     FINISH_REASONS,
@@ -21,13 +25,43 @@ from crushd.providers.base import (
     Usage,
 )
 
-PROVIDER_NAMES = ("echo", "openai", "anthropic")
-OPENAI_BASE_URL = "https://api.openai.com/v1"
-ANTHROPIC_BASE_URL = "https://api.anthropic.com"
+
+@dataclass(frozen=True)
+class ProviderFacts:
+    """What crushd knows about a provider before it builds one."""
+
+    name: str
+    #: The environment variable read for the API key unless ``--api-key-env``
+    #: names another; None for a provider that needs no key.
+    api_key_env: str | None = None
+    #: The endpoint used unless ``--base-url`` is given.
+    base_url: str | None = None
+    #: Shown when ``--model`` is missing; None when the provider has a default
+    #: model.  (No hard-coded default for HTTP providers: it goes stale with
+    #: the next release.)
+    model_example: str | None = None
+
+
+PROVIDERS: dict[str, ProviderFacts] = {
+    "echo": ProviderFacts("echo"),
+    "openai": ProviderFacts(
+        "openai",
+        api_key_env="OPENAI_API_KEY",
+        base_url="https://api.openai.com/v1",  # includes the version path
+        model_example="--model gpt-4o-mini or --model llama3.2 for Ollama",
+    ),
+    "anthropic": ProviderFacts(
+        "anthropic",
+        api_key_env="ANTHROPIC_API_KEY",
+        base_url="https://api.anthropic.com",  # the host root
+        model_example="--model claude-sonnet-4-5",
+    ),
+}
 
 __all__ = [
     "FINISH_REASONS",
-    "PROVIDER_NAMES",
+    "PROVIDERS",
+    "ProviderFacts",
     "Provider",
     "ProviderError",
     "ReasoningDelta",
@@ -56,27 +90,22 @@ def create_provider(
     Creates an HTTP client but opens no connection: calling it at startup
     with a wrong URL or key succeeds, the first model step reports the error.
     """
+    facts = PROVIDERS.get(name)
+    if facts is None:
+        raise ValueError(f"unknown provider {name!r}; expected one of {', '.join(PROVIDERS)}")
     if name == "echo":
         from crushd.providers.echo import EchoProvider
 
         return EchoProvider(model=model or "echo", delay=echo_delay)
+    if not model:
+        raise ValueError(
+            f"the {name} provider needs a model name (--model), e.g. {facts.model_example}"
+        )
+    url = base_url or facts.base_url or ""
     if name == "openai":
-        if not model:
-            raise ValueError(
-                "the openai provider needs a model name (--model), "
-                "e.g. --model gpt-4o-mini or --model llama3.2 for Ollama"
-            )
         from crushd.providers.openai import OpenAIProvider
 
-        return OpenAIProvider(model, base_url or OPENAI_BASE_URL, api_key)
-    if name == "anthropic":
-        if not model:
-            # No default: a hard-coded model name goes stale with the next release.
-            raise ValueError(
-                "the anthropic provider needs a model name (--model), "
-                "e.g. --model claude-sonnet-4-5"
-            )
-        from crushd.providers.anthropic import AnthropicProvider
+        return OpenAIProvider(model, url, api_key)
+    from crushd.providers.anthropic import AnthropicProvider
 
-        return AnthropicProvider(model, base_url or ANTHROPIC_BASE_URL, api_key)
-    raise ValueError(f"unknown provider {name!r}; expected one of {', '.join(PROVIDER_NAMES)}")
+    return AnthropicProvider(model, url, api_key)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from crushd.cancel import CancelToken
-from crushd.providers import sse
+from crushd.providers import PROVIDERS, sse
 from crushd.providers.base import (
     ProviderError,
     ReasoningDelta,
@@ -25,7 +25,7 @@ from crushd.providers.base import (
 logger = logging.getLogger(__name__)
 
 API_VERSION = "2023-06-01"
-DEFAULT_BASE_URL = "https://api.anthropic.com"
+DEFAULT_BASE_URL = PROVIDERS["anthropic"].base_url or ""
 
 _STOP_REASONS = {
     "end_turn": "end_turn",

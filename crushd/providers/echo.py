@@ -6,6 +6,7 @@ import re
 from collections.abc import Iterator
 
 from crushd.cancel import CancelToken
+from crushd.common import text_of
 from crushd.providers.base import Provider, StepFinish, StepRequest, StreamEvent, TextDelta, Usage
 
 _WORD = re.compile(r"\s*\S+\s*|\s+")
@@ -44,5 +45,5 @@ class EchoProvider(Provider):
 def _last_user_text(messages: list[dict]) -> str:
     for message in reversed(messages):
         if message["role"] == "user":
-            return "".join(p["text"] for p in message["parts"] if p["type"] == "text")
+            return text_of(message["parts"])
     return ""

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from crushd.cancel import CancelToken
+from crushd.common import text_of
 from crushd.providers import sse
 from crushd.providers.base import (
     ProviderError,
@@ -194,7 +195,7 @@ def to_chat_messages(system: str, messages: list[dict[str, Any]]) -> list[dict[s
         chat.append({"role": "system", "content": system})
     for message in messages:
         parts = message.get("parts") or []
-        text = "".join(p.get("text", "") for p in parts if p.get("type") == "text")
+        text = text_of(parts)
         role = message.get("role")
         if role == "assistant":
             calls = [
