@@ -30,11 +30,13 @@ def error_body(code: str, message: str) -> dict[str, Any]:
 
 
 def create_app(config: Config | None = None, server: Server | None = None) -> Flask:
-    """Build the WSGI app.  With no ``server`` one is created (and owned) for
-    ``config`` — opening the data directory, its lock and every registered
-    workspace; the caller stops it with ``app.extensions["crushd"].stop()``."""
+    """Build the WSGI app.  With no ``server`` one is created for ``config``
+    and started — taking the data directory's lock and opening every
+    registered workspace; the caller stops it with
+    ``app.extensions["crushd"].stop()``.  A ``server`` passed in is used as
+    it is: its owner starts and stops it."""
     if server is None:
-        server = Server(config or Config.load())
+        server = Server(config or Config.load()).start()
     config = server.config
     app = Flask("crushd")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body

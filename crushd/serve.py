@@ -88,7 +88,7 @@ class Runner:
         self._unix_socket = (
             os.path.abspath(config.unix_socket) if config.unix_socket and not inherited else None
         )
-        self.server = Server(config)
+        self.server = Server(config).start()
         try:
             self.app = create_app(server=self.server)
             options = waitress_options(config)

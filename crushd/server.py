@@ -4,6 +4,11 @@
 registry database, the provider and the SSE stream slots.  It knows nothing
 about HTTP; :mod:`crushd.app` puts Flask in front of it and
 :mod:`crushd.serve` runs it under waitress with signals and systemd.
+
+Build, then start: ``Server(config)`` only wires its parts (the provider,
+the tools and the clock can be passed in); :meth:`Server.start` takes the
+data directory, opens the registry and every registered workspace and
+dispatches their recovered runs; :meth:`Server.stop` undoes it.
 """
 
 from __future__ import annotations
@@ -14,16 +19,17 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from crushd import __version__
 from crushd.config import Config
 from crushd.errors import CrushdError, InvalidRequest, NotFound, ShuttingDown, WorkspaceClosing
-from crushd.providers import create_provider
+from crushd.providers import Provider, create_provider
 from crushd.signals import Signals
 from crushd.store import RegistryStore
-from crushd.tools import default_tools
+from crushd.tools import Tool, default_tools
 from crushd.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -74,57 +80,105 @@ class DataDirLock:
 
 
 class Server:
-    """Registry of open workspaces.  Thread-safe."""
+    """Registry of open workspaces.  Thread-safe once started.
 
-    def __init__(self, config: Config) -> None:
+    ``provider`` defaults to the one the configuration names, ``tools`` (one
+    mapping shared by every workspace) to a fresh :func:`default_tools` set
+    per workspace, ``clock`` (monotonic seconds, for the uptime and the
+    coalescing of streamed writes) to :func:`time.monotonic`.  Constructing
+    opens no file and starts no thread; the provider is the server's from
+    here on and :meth:`stop` closes it.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        provider: Provider | None = None,
+        tools: Mapping[str, Tool] | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         self.config = config
         self.version = __version__
         self.data_dir = config.resolved_data_dir()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._dir_lock = DataDirLock(self.data_dir)
-        try:
-            self.registry = RegistryStore(self.data_dir / "registry.db")
-            self.provider = create_provider(
+        self.token = config.resolved_token()
+        if provider is None:
+            provider = create_provider(
                 config.provider,
                 model=config.model,
                 base_url=config.base_url,
                 api_key=config.api_key(),
                 echo_delay=config.echo_delay,
             )
-        except BaseException:
-            self._dir_lock.release()
-            raise
+        self.provider = provider
+        self._tools = tools
+        self.clock = clock or time.monotonic
         self.signals = Signals()
         # One permanent receiver, connected before any workspace opens.
         self.signals.event_published.connect(_log_event, weak=False)
-        self.token = config.resolved_token()
-        self.started = time.monotonic()
+        self.started = self.clock()
         self.stopping = threading.Event()  # set once a stop began: prompts get 503
         self.skip_drain = threading.Event()  # a second signal: stop waiting for turns
+        self.registry: RegistryStore | None = None  # opened by start()
+        self._dir_lock: DataDirLock | None = None  # taken by start()
+        # Guards the workspace map and the started/closed flags; held only
+        # for dict and flag updates, never while a workspace opens or closes.
         self._lock = threading.Lock()
         self._workspaces: dict[str, Workspace] = {}  # guarded by _lock
-        self._register_lock = threading.Lock()  # one registration at a time
+        self._started = False  # guarded by _lock
+        self._closed = False  # guarded by _lock; True once stop() began
+        # Serializes registrations, so two POSTs of one path open it once.
+        self._register_lock = threading.Lock()
         self._streams = threading.BoundedSemaphore(config.max_streams)
-        self._closed = False
-        for record in self.registry.registered():
-            self._open(record)
+
+    def start(self) -> Server:
+        """Take the data directory's lock, open the registry and every
+        registered workspace, and dispatch their recovered runs.
+
+        Blocks while the workspaces recover; returns the server.  Idempotent.
+        Raises :class:`AlreadyRunning` when another process holds the data
+        directory; a failed start closes what it opened (and the provider):
+        the server cannot be started again.
+        """
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("a stopped server cannot be started again")
+            if self._started:
+                return self
+            self._started = True
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self._dir_lock = DataDirLock(self.data_dir)
+            self.registry = RegistryStore(self.data_dir / "registry.db")
+            for record in self.registry.registered():
+                self._open(record)
+        except BaseException:
+            self.stop()
+            raise
         logger.info(
             "event=server_ready data_dir=%s workspaces=%d provider=%s version=%s",
             self.data_dir,
-            len(self._workspaces),
-            config.provider,
+            len(self.workspaces()),
+            self.config.provider,
             __version__,
         )
+        return self
 
     def _open(self, record: dict[str, Any]) -> Workspace:
+        tools = dict(self._tools) if self._tools is not None else default_tools()
         workspace = Workspace(
-            record, self.data_dir, self.config, self.provider, default_tools(), self.signals
+            record, self.data_dir, self.config, self.provider, tools, self.signals, self.clock
         )
         with self._lock:
             self._workspaces[workspace.id] = workspace
-        workspace.recover()
+        workspace.start()
         logger.info("event=workspace_opened workspace=%s path=%s", workspace.id, workspace.path)
         return workspace
+
+    def _registry(self) -> RegistryStore:
+        if self.registry is None:
+            raise RuntimeError("the server is not started")
+        return self.registry
 
     # -- workspaces ------------------------------------------------------------
 
@@ -156,7 +210,7 @@ class Server:
                         if workspace.closing:
                             raise WorkspaceClosing(f"workspace {workspace.id} is closing")
                         return workspace.to_dict(), False
-                record, how = self.registry.register(path, yolo)
+                record, how = self._registry().register(path, yolo)
             workspace = self._open(record)
         logger.info("event=workspace_registered workspace=%s how=%s", workspace.id, how)
         return workspace.to_dict(), how != "existing"
@@ -180,7 +234,7 @@ class Server:
             if self._workspaces.get(workspace_id) is not workspace:
                 return  # a concurrent DELETE finished first
             del self._workspaces[workspace_id]
-        self.registry.unregister(workspace_id, purge)
+        self._registry().unregister(workspace_id, purge)
         if purge:
             shutil.rmtree(workspace.directory, ignore_errors=True)
         logger.info("event=workspace_unregistered workspace=%s purge=%s", workspace_id, purge)
@@ -202,7 +256,7 @@ class Server:
             "version": __version__,
             "workspaces": len(workspaces),
             "active_runs": sum(w.active_run_count() for w in workspaces),
-            "uptime_s": round(time.monotonic() - self.started, 3),
+            "uptime_s": round(self.clock() - self.started, 3),
         }
 
     # -- stop ----------------------------------------------------------------
@@ -233,8 +287,10 @@ class Server:
         with self._lock:
             self._workspaces.clear()
         self.provider.close()
-        self.registry.close()
-        self._dir_lock.release()
+        if self.registry is not None:
+            self.registry.close()
+        if self._dir_lock is not None:
+            self._dir_lock.release()
         logger.info("event=server_stopped")
 
     def _close_quietly(self, workspace: Workspace) -> None:

@@ -14,6 +14,7 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,7 @@ class Workspace:
         provider: Provider,
         tools: dict[str, Tool],
         signals: Signals,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.id: str = record["id"]
         self.path = Path(record["path"])
@@ -117,6 +119,7 @@ class Workspace:
             bash_timeout=config.bash_timeout,
             allowed_tools=frozenset(config.allowed_tools),
             on_completed=self._run_completed,
+            clock=clock,
         )
 
     # -- state ---------------------------------------------------------------
@@ -149,9 +152,11 @@ class Workspace:
 
     # -- startup -------------------------------------------------------------
 
-    def recover(self) -> None:
-        """Finish what a previous process left: runs found ``running`` become
-        ``interrupted``; ``queued`` runs are queued again in their order."""
+    def start(self) -> None:
+        """Finish what a previous process left and start dispatching: runs
+        found ``running`` become ``interrupted``; ``queued`` runs are queued
+        again in their order.  Call once, after construction; blocks while
+        it recovers."""
         for run in self.store.list_runs(status="running", limit=1_000_000, oldest_first=True):
             last = seal_run_messages(
                 self._env,

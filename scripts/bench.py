@@ -169,7 +169,7 @@ def bench_stream(root: Path, quick: bool) -> dict:
     config = Config.from_mapping(
         {"data_dir": root / "stream-data", "echo_delay": 0.0, "max_body": 8 * 1024 * 1024}
     )
-    server = Server(config)
+    server = Server(config).start()
     wsgi = create_server(
         create_app(server=server), host="127.0.0.1", port=0, **waitress_options(config)
     )

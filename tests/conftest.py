@@ -71,7 +71,7 @@ def config(tmp_path: Path) -> Config:
 
 @pytest.fixture
 def server(config: Config) -> Iterator[Server]:
-    srv = Server(config)
+    srv = Server(config).start()
     yield srv
     srv.stop()
 
@@ -97,7 +97,7 @@ class LiveServer:
     """A real waitress server on a real socket, run on a thread."""
 
     def __init__(self, config: Config) -> None:
-        self.server = Server(config)
+        self.server = Server(config).start()
         self.app = create_app(server=self.server)
         options = waitress_options(config)
         self.wsgi = create_server(self.app, host="127.0.0.1", port=0, **options)

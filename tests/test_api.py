@@ -16,7 +16,7 @@ from conftest import make_config
 from crushd import __version__
 from crushd.app import create_app
 from crushd.common import text_of
-from crushd.server import Server
+from crushd.server import AlreadyRunning, Server
 
 WORKSPACE_KEYS = {"id", "path", "yolo", "created_at", "closing", "active_runs", "queued_runs"}
 SESSION_KEYS = {
@@ -362,7 +362,7 @@ def test_wrong_method_is_405_json(client, wid):
 
 
 def test_body_over_max_body_is_413_json(tmp_path, project):
-    server = Server(make_config(tmp_path, max_body=1024))
+    server = Server(make_config(tmp_path, max_body=1024)).start()
     try:
         client = create_app(server=server).test_client()
         padding = "x" * 2048
@@ -422,7 +422,7 @@ def test_allow_root_limits_workspace_paths(tmp_path):
     outside.mkdir()
     escape = inside / "escape"
     escape.symlink_to(outside, target_is_directory=True)
-    server = Server(make_config(tmp_path, allow_roots=[str(root)]))
+    server = Server(make_config(tmp_path, allow_roots=[str(root)])).start()
     try:
         client = create_app(server=server).test_client()
         assert client.post("/v1/workspaces", json={"path": str(inside)}).status_code == 201
@@ -491,3 +491,34 @@ def test_concurrent_registration_of_one_path_gives_one_workspace(live, project):
     assert len({data["id"] for _, data in results}) == 1
     with httpx.Client(base_url=live.url, timeout=30) as http:
         assert len(http.get("/v1/workspaces").json()) == 1
+
+
+def test_server_builds_without_opening_anything_then_starts(tmp_path):
+    config = make_config(tmp_path)
+    now = [100.0]
+    server = Server(config, clock=lambda: now[0])
+    data_dir = config.resolved_data_dir()
+    assert not data_dir.exists()
+    try:
+        assert server.start() is server
+        assert (data_dir / "crushd.lock").exists() and (data_dir / "registry.db").exists()
+        assert server.start() is server  # idempotent
+        now[0] += 2.5
+        assert server.health()["uptime_s"] == 2.5
+    finally:
+        server.stop()
+    with pytest.raises(RuntimeError, match="cannot be started again"):
+        server.start()
+
+
+def test_a_failed_start_releases_what_it_took(tmp_path):
+    config = make_config(tmp_path)
+    first = Server(config).start()
+    try:
+        second = Server(config)
+        with pytest.raises(AlreadyRunning):
+            second.start()
+    finally:
+        first.stop()
+    third = Server(config).start()  # the lock was released by the first stop
+    third.stop()

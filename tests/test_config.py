@@ -209,7 +209,7 @@ def test_token_file_that_is_empty_or_missing_is_a_config_error(tmp_path):
 def test_token_from_a_file_with_a_newline_is_accepted_by_the_api(tmp_path):
     path = tmp_path / "token"
     path.write_text("s3cret\n")
-    server = Server(make_config(tmp_path, token_file=str(path)))
+    server = Server(make_config(tmp_path, token_file=str(path))).start()
     try:
         client = create_app(server=server).test_client()
         assert client.get("/v1/health").status_code == 200

@@ -162,13 +162,11 @@ class StubbornProvider(Provider):
 
 def test_close_is_bounded_and_never_touches_a_closed_database(tmp_path, project):
     config = make_config(tmp_path, shutdown_timeout=0.5, cleanup_timeout=0.5)
-    server = Server(config)
     provider = StubbornProvider()
+    server = Server(config, provider=provider).start()
     try:
-        server.provider = provider
         record, _ = server.register(str(project), None)
         workspace = server.get(record["id"])
-        workspace._env.provider = provider
         run, _ = workspace.submit("go")
         assert provider.streaming.wait(10)
         started = time.monotonic()
