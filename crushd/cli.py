@@ -70,6 +70,17 @@ def main() -> None:
 @click.option("--max-body", type=int, help="Largest request body in bytes (1 MiB).")
 @click.option("--max-queue", type=int, help="Queued runs allowed per session (64).")
 @click.option("--max-steps", type=int, help="Model steps allowed per run (50).")
+@click.option("--max-retries", type=int, help="Retries of a failed provider request (4).")
+@click.option(
+    "--max-retry-wait",
+    type=float,
+    help="Longest wait a provider may demand before a retry, in seconds (60).",
+)
+@click.option(
+    "--stream-idle-timeout",
+    type=float,
+    help="Seconds a provider stream may send nothing before it is retried (120).",
+)
 @click.option(
     "--config",
     "config_file",

@@ -12,6 +12,7 @@ from typing import Any
 
 from crushd.errors import CrushdError
 from crushd.providers import PROVIDERS
+from crushd.providers.retry import RetryPolicy
 
 
 class ConfigError(CrushdError):
@@ -42,11 +43,22 @@ class Config:
     max_body: int = 1024 * 1024
     max_queue: int = 64
     max_steps: int = 50
+    max_retries: int = 4
+    max_retry_wait: float = 60.0
+    retry_base_delay: float = 1.0  # first backoff when the provider demands no wait
+    stream_idle_timeout: float = 120.0
     bash_timeout: float = 120.0
     allowed_tools: list[str] = field(default_factory=list)
     log_level: str = "info"
     ping_interval: float = 15.0
     event_buffer: int = 10_000
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            max_retries=self.max_retries,
+            max_wait=self.max_retry_wait,
+            base_delay=self.retry_base_delay,
+        )
 
     @property
     def max_streams(self) -> int:
@@ -121,6 +133,11 @@ class Config:
         for name in ("threads", "workers", "max_queue", "max_steps", "max_body", "event_buffer"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
+        if self.max_retries < 0:
+            raise ConfigError("max_retries must not be negative")
+        for name in ("stream_idle_timeout", "retry_base_delay"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
         if self.threads < 4:
             raise ConfigError("threads must be at least 4 (streams are capped below it)")
         for name in (
@@ -130,6 +147,7 @@ class Config:
             "permission_timeout",
             "echo_delay",
             "bash_timeout",
+            "max_retry_wait",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")

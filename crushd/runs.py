@@ -30,6 +30,7 @@ from crushd.providers.base import (
     Provider,
     ProviderError,
     ReasoningDelta,
+    Retrying,
     StepFinish,
     StepRequest,
     TextDelta,
@@ -38,6 +39,7 @@ from crushd.providers.base import (
     ToolSpec,
     Usage,
 )
+from crushd.providers.retry import NO_RETRIES, RetryPolicy, stream_with_retries
 from crushd.store import WorkspaceStore, lock_budget
 from crushd.tools.base import Tool, ToolContext, ToolError, ToolResult
 from crushd.tools.paths import is_inside
@@ -75,6 +77,7 @@ class RunEnv:
     tools: dict[str, Tool]
     permissions: PermissionBroker
     max_steps: int = 50
+    retry: RetryPolicy = NO_RETRIES
     cleanup_timeout: float = 5.0
     bash_timeout: float = 120.0
     allowed_tools: frozenset[str] = frozenset()
@@ -251,6 +254,26 @@ class MessageWriter:
             self._dirty = True
             return calls
 
+    def reset(self) -> bool:
+        """Discard every part (a failed attempt's); return whether there were any.
+
+        ``message.reset`` is published under the lock, like the deltas, and
+        the empty parts are written at once: from here on the stored text is
+        what the next attempt streams.
+        """
+        with self._lock:
+            if not self.parts:
+                return False
+            self.parts = []
+            self._env.hub.publish(
+                "message.reset",
+                self.message["session_id"],
+                {"message_id": self.id, "run_id": self.run_id},
+            )
+            self._dirty = True
+            self._write()
+            return True
+
     def add_finish(self, reason: str, message: str = "", details: str = "") -> None:
         with self._lock:
             self.parts.append(finish_part(reason, message, details))
@@ -380,7 +403,8 @@ class Run:
             step = self.step
             reason = "unknown"
             self.token.raise_if_cancelled()
-            for event in env.provider.stream(StepRequest(system, history, specs), self.token):
+            request = StepRequest(system, history, specs)
+            for event in stream_with_retries(env.provider, request, self.token, env.retry):
                 if isinstance(event, TextDelta):
                     step.writer.delta("text", event.text)
                 elif isinstance(event, ReasoningDelta):
@@ -395,6 +419,9 @@ class Run:
                     )
                 elif isinstance(event, StepFinish):
                     reason = event.reason
+                elif isinstance(event, Retrying):
+                    reason = "unknown"
+                    self._retrying(event)
             self.token.raise_if_cancelled()
             step.calls = step.writer.finish_tool_calls()
             if not step.calls:
@@ -418,6 +445,30 @@ class Run:
                 )
             history = env.store.list_messages(self.session_id)
             self._new_step()
+
+    def _retrying(self, event: Retrying) -> None:
+        """Announce a retry before its wait; the failed attempt's parts go.
+
+        Retries are not steps: the same request is sent again, so nothing of
+        the failed attempt reaches the model either.
+        """
+        reset = self.step.writer.reset()
+        logger.info(
+            "event=run_retrying run=%s attempt=%d delay_s=%.3f reset=%s",
+            self.id,
+            event.attempt,
+            event.delay,
+            reset,
+        )
+        self.publish(
+            "run.retrying",
+            {
+                "run_id": self.id,
+                "attempt": event.attempt,
+                "delay_s": round(event.delay, 3),
+                "error": event.error.details or event.error.title,
+            },
+        )
 
     def _flush_step(self) -> None:
         stored = self.step.writer.flush()

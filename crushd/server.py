@@ -109,6 +109,7 @@ class Server:
                 base_url=config.base_url,
                 api_key=config.api_key(),
                 echo_delay=config.echo_delay,
+                idle_timeout=config.stream_idle_timeout,
             )
         self.provider = provider
         self._tools = tools

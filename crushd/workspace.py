@@ -115,6 +115,7 @@ class Workspace:
             tools=tools,
             permissions=self.permissions,
             max_steps=config.max_steps,
+            retry=config.retry_policy(),
             cleanup_timeout=config.cleanup_timeout,
             bash_timeout=config.bash_timeout,
             allowed_tools=frozenset(config.allowed_tools),

@@ -17,13 +17,13 @@ sends the finish reason (with the usage); :class:`Pause` waits; the end of
 the script sends the protocol's end marker.  :class:`Usage` only sets the
 token counts wherever it appears.  Without a :class:`Finish` the reason is
 inferred (``tool_calls``/``tool_use`` if the script has tool calls, else
-``stop``/``end_turn``).  :class:`HTTPError` answers with an error status
-and the provider's real error body; :class:`Hang` stops sending (optionally
-before the response headers) until the client disconnects or the server
-stops; :class:`Drop` closes the connection abruptly; :class:`Close` ends the
-response cleanly but without the end marker; :class:`StreamError`
-sends an in-stream error event.  Finish reasons may be written in either
-protocol's words (``stop`` or ``end_turn``); each side gets its own.
+``stop``/``end_turn``). :class:`HTTPError` answers with an error status, the
+provider's real error body and any headers (``Retry-After``); :class:`Hang`
+stops sending (optionally before the response headers) until the client
+disconnects or the server stops; :class:`Drop` closes the connection abruptly;
+:class:`Close` ends the response cleanly but without the end marker;
+:class:`StreamError` sends an in-stream error event. Finish reasons may be
+written in either protocol's words (``stop`` or ``end_turn``); each side gets its own.
 
 Responses use chunked transfer encoding and ``Connection: close``; every
 event is written (and so flushed) on its own.  Closing the server wakes
@@ -99,11 +99,16 @@ class Finish:
 
 @dataclass(frozen=True)
 class HTTPError:
-    """Answer with ``status`` and the provider's error JSON; must be the only step."""
+    """Answer with ``status`` and the provider's error JSON; must be the only step.
+
+    ``headers`` go out with it, e.g. ``{"Retry-After": "1"}`` or
+    ``{"retry-after-ms": "150"}``.
+    """
 
     status: int
     message: str = "fake provider error"
     type: str | None = None
+    headers: dict[str, str] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -160,6 +165,7 @@ class RecordedRequest:
     body: Any  # parsed JSON, or None
     protocol: str  # "openai", "anthropic", or "" for an unknown route
     raw: bytes = field(repr=False, default=b"")
+    time: float = field(default_factory=time.monotonic)  # when it arrived
 
 
 _TO_OPENAI = {
@@ -176,6 +182,7 @@ _ANTHROPIC_ERROR_TYPES = {
     404: "not_found_error",
     413: "request_too_large",
     429: "rate_limit_error",
+    500: "api_error",
     529: "overloaded_error",
 }
 
@@ -383,9 +390,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- responses
 
-    def _send_json(self, status: int, body: dict[str, Any]) -> None:
+    def _send_json(
+        self, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+    ) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Connection", "close")
@@ -395,7 +406,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _play(self, protocol: str, number: int, body: dict[str, Any], steps: list[Step]) -> None:
         first = steps[0] if steps else None
         if isinstance(first, HTTPError):
-            self._send_json(first.status, _error_body(protocol, first, number))
+            self._send_json(first.status, _error_body(protocol, first, number), first.headers)
             return
         if isinstance(first, Hang) and not first.headers:
             self._hang()

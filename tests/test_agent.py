@@ -654,8 +654,9 @@ def test_provider_http_error_fails_the_run_with_its_message(fake, agent, project
 
 @BOTH
 def test_dropped_stream_fails_and_keeps_the_partial_text(fake, agent, project, protocol):
+    # With retries off; tests/test_retries.py covers the retry that resets the text.
     fake.script([Text("partial "), Text("text"), Drop()])
-    live = agent(protocol)
+    live = agent(protocol, max_retries=0)
     with api(live.url) as http:
         wid = register(http, project, yolo=True)
         run = submit(http, wid, "hello")
@@ -671,7 +672,7 @@ def test_dropped_stream_fails_and_keeps_the_partial_text(fake, agent, project, p
 
 def test_unreachable_provider_fails_quickly(agent, project):
     port = closed_port()
-    live = agent(base_url=f"http://127.0.0.1:{port}/v1")
+    live = agent(base_url=f"http://127.0.0.1:{port}/v1", retry_base_delay=0.01)
     with api(live.url) as http:
         wid = register(http, project, yolo=True)
         started = time.monotonic()
@@ -680,6 +681,7 @@ def test_unreachable_provider_fails_quickly(agent, project):
         assert time.monotonic() - started < 5
         assert done["status"] == "failed"
         assert f"127.0.0.1:{port}" in done["error"]
+        assert "gave up after 4 retries" in done["error"]
         stored = messages(http, wid, run["session_id"])
         finish = finish_of(stored[1])
         assert finish["reason"] == "error"

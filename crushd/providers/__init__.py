@@ -15,6 +15,7 @@ from crushd.providers.base import (
     Provider,
     ProviderError,
     ReasoningDelta,
+    Retrying,
     StepFinish,
     StepRequest,
     StreamEvent,
@@ -65,6 +66,7 @@ __all__ = [
     "Provider",
     "ProviderError",
     "ReasoningDelta",
+    "Retrying",
     "StepFinish",
     "StepRequest",
     "StreamEvent",
@@ -84,11 +86,13 @@ def create_provider(
     base_url: str | None,
     api_key: str | None,
     echo_delay: float = 0.02,
+    idle_timeout: float = 120.0,
 ) -> Provider:
     """Build the provider called ``name``; raises ValueError for a bad configuration.
 
     Creates an HTTP client but opens no connection: calling it at startup
     with a wrong URL or key succeeds, the first model step reports the error.
+    ``idle_timeout`` bounds how long an HTTP stream may send nothing.
     """
     facts = PROVIDERS.get(name)
     if facts is None:
@@ -105,7 +109,7 @@ def create_provider(
     if name == "openai":
         from crushd.providers.openai import OpenAIProvider
 
-        return OpenAIProvider(model, url, api_key)
+        return OpenAIProvider(model, url, api_key, idle_timeout=idle_timeout)
     from crushd.providers.anthropic import AnthropicProvider
 
-    return AnthropicProvider(model, url, api_key)
+    return AnthropicProvider(model, url, api_key, idle_timeout=idle_timeout)

@@ -21,6 +21,7 @@ from crushd.providers.base import (
     ToolSpec,
     Usage,
 )
+from crushd.providers.retry import classify_stream_error
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,9 @@ class AnthropicProvider(sse.HTTPProvider):
         if not state.stopped:
             if state.finish is None:
                 raise ProviderError(
-                    "Provider stream ended early", "no message_stop before end of stream"
+                    "Provider stream ended early",
+                    "no message_stop before end of stream",
+                    retryable=True,
                 )
             logger.warning("event=provider_no_message_stop provider=anthropic")
         yield Usage(prompt_tokens=state.input_tokens, completion_tokens=state.output_tokens)
@@ -124,7 +127,11 @@ class _StepState:
         if kind == "error" or event == "error":
             error = data.get("error") or {}
             message = error.get("message") if isinstance(error, dict) else str(error)
-            raise ProviderError("Provider returned an error", message or json.dumps(data))
+            raise ProviderError(
+                "Provider returned an error",
+                message or json.dumps(data),
+                **classify_stream_error(error),
+            )
         if kind == "message_start":
             self._usage((data.get("message") or {}).get("usage") or {})
         elif kind == "content_block_start":

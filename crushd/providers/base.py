@@ -68,7 +68,24 @@ class StepFinish:
     reason: str
 
 
-StreamEvent = TextDelta | ReasoningDelta | ToolCallStart | ToolCallDelta | Usage | StepFinish
+@dataclass(frozen=True)
+class Retrying:
+    """The attempt failed and will be retried after ``delay`` seconds.
+
+    Yielded by :func:`crushd.providers.retry.stream_with_retries` *before*
+    it waits, so the consumer can announce the retry and discard what the
+    failed attempt streamed; the events that follow are the new attempt's.
+    ``attempt`` is 1 for the first retry.
+    """
+
+    attempt: int
+    delay: float
+    error: ProviderError
+
+
+StreamEvent = (
+    TextDelta | ReasoningDelta | ToolCallStart | ToolCallDelta | Usage | StepFinish | Retrying
+)
 
 
 @dataclass(frozen=True)
@@ -98,13 +115,30 @@ class ProviderError(Exception):
 
     ``title`` is a short human message (the finish part's ``message``),
     ``details`` the provider's own error text (the finish part's ``details``
-    and the run's ``error``).
+    and the run's ``error``).  ``retryable`` says whether the same request
+    may succeed later (overload, rate limit, a dropped connection);
+    ``retry_after`` is the wait in seconds the provider demanded, if any;
+    ``status`` the HTTP status when there was one; ``context_too_long``
+    marks a prompt the model cannot take (never retried as is).
     """
 
-    def __init__(self, title: str, details: str = "") -> None:
+    def __init__(
+        self,
+        title: str,
+        details: str = "",
+        *,
+        retryable: bool = False,
+        retry_after: float | None = None,
+        status: int | None = None,
+        context_too_long: bool = False,
+    ) -> None:
         super().__init__(f"{title}: {details}" if details else title)
         self.title = title
         self.details = details
+        self.retryable = retryable and not context_too_long
+        self.retry_after = retry_after
+        self.status = status
+        self.context_too_long = context_too_long
 
 
 class Provider(ABC):

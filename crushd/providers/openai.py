@@ -24,6 +24,7 @@ from crushd.providers.base import (
     ToolSpec,
     Usage,
 )
+from crushd.providers.retry import classify_stream_error
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,9 @@ class OpenAIProvider(sse.HTTPProvider):
             events.close()
         if not state.done:
             if state.finish is None:
-                raise ProviderError("Provider stream ended early", "no [DONE] before end of stream")
+                raise ProviderError(
+                    "Provider stream ended early", "no [DONE] before end of stream", retryable=True
+                )
             logger.warning("event=provider_no_done provider=openai finish=%s", state.finish)
         yield from state.flush_pending_calls()
         if state.usage is not None:
@@ -114,7 +117,11 @@ class _StepState:
     def feed(self, chunk: dict[str, Any]) -> Iterator[StreamEvent]:
         error = chunk.get("error")
         if error:
-            raise ProviderError("Provider returned an error", sse.error_message(json.dumps(chunk)))
+            raise ProviderError(
+                "Provider returned an error",
+                sse.error_message(json.dumps(chunk)),
+                **classify_stream_error(error),
+            )
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             self.usage = Usage(

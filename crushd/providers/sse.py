@@ -31,6 +31,7 @@ import httpx
 
 from crushd.cancel import Cancelled, CancelToken
 from crushd.providers.base import Provider, ProviderError
+from crushd.providers.retry import RETRYABLE_STATUSES, is_context_too_long, parse_retry_after
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +68,16 @@ def iter_sse(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
 
 
 def make_client(
-    connect_timeout: float, read_timeout: float, extra_headers: dict[str, str] | None
+    connect_timeout: float, idle_timeout: float, extra_headers: dict[str, str] | None
 ) -> httpx.Client:
-    """An httpx client for streaming steps; thread-safe, keeps no idle connections."""
+    """An httpx client for streaming steps; thread-safe, keeps no idle connections.
+
+    httpx's read timeout bounds each socket read, so it is an idle timeout:
+    a stream that sends no byte for ``idle_timeout`` seconds (headers
+    included) fails with ``ReadTimeout`` and its connection is closed.
+    """
     return httpx.Client(
-        timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+        timeout=httpx.Timeout(idle_timeout, connect=connect_timeout),
         limits=httpx.Limits(max_keepalive_connections=0),
         headers=extra_headers or {},
     )
@@ -101,7 +107,7 @@ class HTTPProvider(Provider):
         api_key: str | None = None,
         *,
         connect_timeout: float = 10.0,
-        read_timeout: float = 300.0,
+        idle_timeout: float = 120.0,
         max_tokens: int | None = None,
         extra_headers: dict[str, str] | None = None,
     ) -> None:
@@ -109,7 +115,8 @@ class HTTPProvider(Provider):
         self.base_url = base_url.rstrip("/")
         self.max_tokens = max_tokens
         self._api_key = api_key
-        self._client = make_client(connect_timeout, read_timeout, extra_headers)
+        self.idle_timeout = idle_timeout
+        self._client = make_client(connect_timeout, idle_timeout, extra_headers)
 
     def close(self) -> None:
         self._client.close()
@@ -174,8 +181,9 @@ def stream_events(
     ``client``.  Raises :class:`Cancelled` within about a second of ``token``
     being cancelled, whatever the server does, and :class:`ProviderError` for
     an HTTP status >= 400, an unreachable server, a timeout or a broken
-    stream.  A stream that simply ends is returned normally: only the caller
-    knows whether its protocol's end marker came.
+    stream, classified for :mod:`crushd.providers.retry`.  A stream that
+    simply ends is returned normally: only the caller knows whether its
+    protocol's end marker came.
     """
     token.raise_if_cancelled()
     breaker = _SocketBreaker()
@@ -204,21 +212,35 @@ def stream_events(
 def _transport_error(
     exc: httpx.HTTPError, url: str, received: bool, read_timeout: float | None, provider: str
 ) -> ProviderError:
+    """Every transport failure may pass (a restarting server, a dropped
+    connection, a silent stream), so all are retryable but a bad URL."""
     detail = str(exc) or type(exc).__name__
-    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.UnsupportedProtocol):
+    if isinstance(exc, httpx.UnsupportedProtocol):
+        logger.warning("event=provider_bad_url provider=%s url=%s error=%r", provider, url, detail)
+        return ProviderError("Cannot reach provider", f"{url}: {detail}")
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
         logger.warning(
             "event=provider_unreachable provider=%s url=%s error=%r", provider, url, detail
         )
-        return ProviderError("Cannot reach provider", f"{url}: {detail}")
+        return ProviderError("Cannot reach provider", f"{url}: {detail}", retryable=True)
     if isinstance(exc, httpx.TimeoutException):
-        logger.warning("event=provider_timeout provider=%s error=%r", provider, detail)
-        return ProviderError("Provider timed out", f"no data for {read_timeout:g} s: {detail}")
+        logger.warning(
+            "event=provider_idle provider=%s received=%s idle_s=%s",
+            provider,
+            received,
+            read_timeout,
+        )
+        return ProviderError(
+            "Provider stream idle",
+            f"no data for {read_timeout:g} s (--stream-idle-timeout)",
+            retryable=True,
+        )
     logger.warning(
         "event=provider_stream_broken provider=%s received=%s error=%r", provider, received, detail
     )
     if received:
-        return ProviderError("Provider stream ended early", detail)
-    return ProviderError("Provider request failed", detail)
+        return ProviderError("Provider stream ended early", detail, retryable=True)
+    return ProviderError("Provider request failed", detail, retryable=True)
 
 
 def _http_error(response: httpx.Response, provider: str) -> ProviderError:
@@ -232,13 +254,23 @@ def _http_error(response: httpx.Response, provider: str) -> ProviderError:
             break
     text = b"".join(chunks)[:MAX_ERROR_BODY].decode("utf-8", "replace")
     details = error_message(text) or response.reason_phrase or ""
+    status = response.status_code
+    retry_after = parse_retry_after(response.headers)
     logger.warning(
-        "event=provider_http_error provider=%s status=%d details=%r",
+        "event=provider_http_error provider=%s status=%d retry_after=%s details=%r",
         provider,
-        response.status_code,
+        status,
+        retry_after,
         details[:200],
     )
-    return ProviderError(f"Provider returned HTTP {response.status_code}", details)
+    return ProviderError(
+        f"Provider returned HTTP {status}",
+        details,
+        status=status,
+        retryable=status in RETRYABLE_STATUSES,
+        retry_after=retry_after,
+        context_too_long=is_context_too_long(details, text[:MAX_DETAILS]),
+    )
 
 
 def error_message(text: str) -> str:
