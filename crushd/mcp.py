@@ -1,0 +1,838 @@
+"""MCP servers: the user's own tools, behind crushd's permissions,
+cancellation and shutdown.
+
+Shape (why it is built this way):
+
+* The official ``mcp`` SDK is asyncio (anyio) only, and crushd is threads.
+  One :class:`McpLoop` per process owns the only event loop, on one thread;
+  every connection of every workspace lives on it as an asyncio task.  Run
+  threads never touch asyncio: they call the synchronous :meth:`McpClient.call`,
+  which submits a coroutine with ``run_coroutine_threadsafe`` and registers
+  ``future.cancel`` with the run's token.  A cancel therefore cancels the
+  asyncio task at once; the SDK answers a cancelled request by sending
+  ``notifications/cancelled`` to the server, and the run thread is free
+  within milliseconds.  No loop per call, no loop per workspace, nothing
+  for a thread to forget to close.
+* anyio context managers must be entered and left by the same task, so a
+  connection is one long task (:meth:`McpClient._connection`) that opens the
+  transport, initializes, lists the tools, then waits for "stop" or "the
+  server went away".  Calls are separate tasks using its session.
+* A local server is started through :mod:`crushd.mcp_child`, a tiny
+  supervisor that sets ``PR_SET_PDEATHSIG`` and kills the server's whole
+  process group when crushd dies, even by ``kill -9``; the SDK spawns the
+  process itself and offers no ``preexec_fn``, so a wrapper is the only way
+  in.  Its pid (the group id) comes back through a pid file, so a stop that
+  overruns its deadline can SIGKILL the group itself.
+
+Thread-safety: :class:`McpLoop`, :class:`McpClient` and :class:`WorkspaceMcp`
+public methods may be called from any thread.  Attributes marked "loop only"
+are touched only by coroutines running on the loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crushd.cancel import Cancelled, CancelToken
+from crushd.errors import CrushdError
+from crushd.tools.base import PermissionAsk, Tool, ToolContext, ToolResult
+from crushd.tools.bash import live_group_members
+from crushd.tools.common import truncate
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 60.0  # seconds per tool call
+CONNECT_TIMEOUT = 30.0  # seconds for a server to start, initialize and list its tools
+STOP_TIMEOUT = 5.0  # seconds a workspace close gives its servers before killing them
+MAX_TOOL_NAME = 64  # what OpenAI and Anthropic accept for a function name
+STDERR_TAIL = 2000  # characters of a server's stderr quoted in its error
+STATUSES = ("starting", "connected", "failed", "disabled")
+TRANSPORTS = {"stdio": "stdio", "http": "http", "streamable_http": "http", "sse": "sse"}
+_KEYS = {
+    "command",
+    "args",
+    "env",
+    "url",
+    "transport",
+    "headers",
+    "allow",
+    "disabled_tools",
+    "timeout",
+    "enabled",
+}
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_CHILD = Path(__file__).with_name("mcp_child.py")
+
+
+class McpConfigError(CrushdError):
+    status = 400
+    code = "invalid_config"
+
+
+# -- configuration -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class McpServerConfig:
+    """One ``[mcp.NAME]`` table, validated.  ``transport`` is ``stdio``,
+    ``http`` (streamable HTTP) or ``sse``."""
+
+    name: str
+    transport: str
+    command: str | None = None
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    url: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    allow: frozenset[str] = frozenset()
+    disabled_tools: frozenset[str] = frozenset()
+    timeout: float = DEFAULT_TIMEOUT
+    enabled: bool = True
+
+    @property
+    def prefix(self) -> str:
+        return f"mcp_{safe_name(self.name)}_"
+
+    def offered_name(self, tool: str) -> str:
+        return offered_name(self.name, tool)
+
+    def lists(self, names: frozenset[str], tool: str) -> bool:
+        """True if ``tool`` (its own name or its offered name) is in ``names``."""
+        return tool in names or self.offered_name(tool) in names
+
+
+def safe_name(text: str) -> str:
+    return _UNSAFE.sub("_", text)
+
+
+def offered_name(server: str, tool: str) -> str:
+    """``mcp_<server>_<tool>`` with characters outside ``[A-Za-z0-9_-]`` as
+    ``_``; a name longer than providers accept keeps its start and gets a
+    short hash of the whole, so it stays unique."""
+    name = f"mcp_{safe_name(server)}_{safe_name(tool)}"
+    if len(name) <= MAX_TOOL_NAME:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[: MAX_TOOL_NAME - 9]}_{digest}"
+
+
+def parse_mcp_tables(tables: Any) -> dict[str, McpServerConfig]:
+    """Validate the ``[mcp]`` table of a config file; raise
+    :class:`McpConfigError` naming the table and the key at fault."""
+    if tables is None:
+        return {}
+    if not isinstance(tables, dict):
+        raise McpConfigError("mcp must be a table of [mcp.NAME] server tables")
+    servers: dict[str, McpServerConfig] = {}
+    prefixes: dict[str, str] = {}
+    for name, table in tables.items():
+        server = _parse_table(str(name), table)
+        clash = prefixes.get(server.prefix)
+        if clash is not None:
+            raise McpConfigError(
+                f"mcp.{name}: its tools would be offered as {server.prefix}*, "
+                f"like those of mcp.{clash}; rename one of them"
+            )
+        prefixes[server.prefix] = str(name)
+        servers[str(name)] = server
+    return servers
+
+
+def _parse_table(name: str, table: Any) -> McpServerConfig:
+    where = f"mcp.{name}"
+    if not name:
+        raise McpConfigError("mcp: a server name must not be empty")
+    if not isinstance(table, dict):
+        raise McpConfigError(f"{where} must be a table (command = ... or url = ...)")
+    unknown = sorted(set(table) - _KEYS)
+    if unknown:
+        raise McpConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; expected {', '.join(sorted(_KEYS))}"
+        )
+    command, url = table.get("command"), table.get("url")
+    if (command is None) == (url is None):
+        raise McpConfigError(
+            f"{where} needs exactly one of command (a local server) or url (a remote one)"
+        )
+    transport = table.get("transport", "stdio" if command is not None else "http")
+    if transport not in TRANSPORTS:
+        raise McpConfigError(f"{where}: transport must be stdio, http or sse, not {transport!r}")
+    transport = TRANSPORTS[transport]
+    if command is not None:
+        if not isinstance(command, str) or not command.strip():
+            raise McpConfigError(f"{where}: command must be a non-empty string")
+        if transport != "stdio":
+            raise McpConfigError(f"{where}: a command server speaks stdio, not {transport}")
+        for key in ("url", "headers"):
+            if key in table:
+                raise McpConfigError(f"{where}: {key} is for remote servers (url = ...)")
+    else:
+        if not isinstance(url, str) or not re.match(r"https?://[^/\s]+", url):
+            raise McpConfigError(f"{where}: url must be an http:// or https:// URL, not {url!r}")
+        if transport == "stdio":
+            raise McpConfigError(f"{where}: a url server speaks http or sse, not stdio")
+        for key in ("args", "env"):
+            if key in table:
+                raise McpConfigError(f"{where}: {key} is for local servers (command = ...)")
+    timeout = table.get("timeout", DEFAULT_TIMEOUT)
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise McpConfigError(f"{where}: timeout must be a positive number of seconds")
+    enabled = table.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise McpConfigError(f"{where}: enabled must be true or false")
+    return McpServerConfig(
+        name=name,
+        transport=transport,
+        command=command,
+        args=tuple(_strings(where, "args", table.get("args", []))),
+        env=_string_table(where, "env", table.get("env", {})),
+        url=url,
+        headers=_string_table(where, "headers", table.get("headers", {})),
+        allow=frozenset(_strings(where, "allow", table.get("allow", []))),
+        disabled_tools=frozenset(
+            _strings(where, "disabled_tools", table.get("disabled_tools", []))
+        ),
+        timeout=float(timeout),
+        enabled=enabled,
+    )
+
+
+def _strings(where: str, key: str, value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise McpConfigError(f"{where}: {key} must be a list of strings")
+    return list(value)
+
+
+def _string_table(where: str, key: str, value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise McpConfigError(f'{where}: {key} must be a table of strings ({key}.NAME = "value")')
+    return {str(k): v for k, v in value.items()}
+
+
+# -- the event loop ----------------------------------------------------------
+
+
+class McpLoop:
+    """The process's one asyncio event loop, on a thread of its own, started
+    at the first :meth:`submit` and ended by :meth:`stop`.  Thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None  # guarded by _lock
+        self._thread: threading.Thread | None = None  # guarded by _lock
+        self._stopped = False  # guarded by _lock
+
+    def submit(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
+        """Schedule ``coro`` on the loop; never blocks.  Raises RuntimeError once stopped."""
+        with self._lock:
+            if self._stopped:
+                coro.close()
+                raise RuntimeError("the MCP event loop has stopped")
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                self._thread = threading.Thread(
+                    target=self._run, args=(self._loop,), name="crushd-mcp-loop", daemon=True
+                )
+                self._thread.start()
+            loop = self._loop
+        return asyncio.run_coroutine_threadsafe(coro, loop)
+
+    @staticmethod
+    def _run(loop: asyncio.AbstractEventLoop) -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_forever()
+        finally:
+            tasks = asyncio.all_tasks(loop)
+            for task in tasks:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """End the loop (its tasks are cancelled) and join its thread.  Blocks
+        up to ``timeout``; idempotent.  Stop the workspaces' servers first."""
+        with self._lock:
+            self._stopped = True
+            loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        with contextlib.suppress(RuntimeError):  # already closed
+            loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout)
+        if thread.is_alive():
+            logger.warning("event=mcp_loop_stuck timeout=%s", timeout)
+
+
+# -- one server --------------------------------------------------------------
+
+
+class McpUnavailable(Exception):
+    """The server cannot take calls now; the message says why."""
+
+
+class McpClient:
+    """One configured server of one workspace: its connection on the loop,
+    its status and tools, and the synchronous :meth:`call` run threads use."""
+
+    def __init__(
+        self,
+        config: McpServerConfig,
+        root: Path,
+        loop: McpLoop,
+        on_status: Callable[[dict[str, Any]], None],
+        run_dir: Path | None = None,
+        workspace_id: str = "",
+    ) -> None:
+        self.config = config
+        self._root = root
+        self._loop = loop
+        self._on_status = on_status
+        self._run_dir = run_dir
+        self._workspace_id = workspace_id
+        self._lock = threading.Lock()
+        self._status = "starting" if config.enabled else "disabled"  # guarded by _lock
+        self._error: str | None = None  # guarded by _lock
+        self._tools: list[Any] = []  # mcp Tool models; guarded by _lock
+        self._pgid: int | None = None  # the supervisor's pid; guarded by _lock
+        self._closed = False  # loop only
+        self._task: asyncio.Task[None] | None = None  # loop only
+        self._ready: asyncio.Future[None] | None = None  # loop only
+        self._stop: asyncio.Event | None = None  # loop only
+        self._lost: asyncio.Event | None = None  # loop only
+        self._session: Any = None  # loop only
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def entry(self) -> dict[str, Any]:
+        """The server's entry of ``GET /v1/workspaces/{id}/mcp``."""
+        with self._lock:
+            return {
+                "name": self.config.name,
+                "transport": self.config.transport,
+                "status": self._status,
+                "tools": [t.name for t in self._tools],
+                "error": self._error,
+            }
+
+    def offered_tools(self) -> list[McpTool]:
+        """Tools to offer the model: those of the last successful connection,
+        minus ``disabled_tools``.  A server that crashed keeps offering them,
+        so the next call can restart it."""
+        with self._lock:
+            tools = list(self._tools)
+        offered = []
+        for tool in tools:
+            if not self.config.lists(self.config.disabled_tools, tool.name):
+                offered.append(McpTool(self, tool))
+        return offered
+
+    def start(self) -> None:
+        """Begin connecting in the background; never blocks."""
+        if self.config.enabled:
+            self._loop.submit(self._begin())
+
+    # -- the synchronous facade --------------------------------------------
+
+    def call(
+        self, tool: str, arguments: dict[str, Any], token: CancelToken, max_output: int
+    ) -> ToolResult:
+        """Call ``tool`` and wait for its result.  Blocks at most the server's
+        ``timeout`` plus a restart; a cancel of ``token`` raises
+        :class:`Cancelled` at once (the server is sent ``notifications/cancelled``).
+        Thread-safe."""
+        token.raise_if_cancelled()
+        future = self._loop.submit(self._call(tool, arguments))
+        handle = token.on_cancel(future.cancel)
+        try:
+            result = future.result(self.config.timeout + CONNECT_TIMEOUT + 5)
+        except concurrent.futures.CancelledError:
+            raise Cancelled(token.reason or "cancelled") from None
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            return ToolResult(f"MCP server {self.name}: no answer", True)
+        finally:
+            token.remove_callback(handle)
+        return ToolResult(truncate(result.content, max_output), result.is_error)
+
+    # -- on the loop ---------------------------------------------------------
+
+    async def _begin(self) -> None:
+        if self._closed or (self._task is not None and not self._task.done()):
+            return
+        self._ready = asyncio.get_running_loop().create_future()
+        self._stop = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._task = asyncio.create_task(self._connection(), name=f"mcp-{self.name}")
+
+    async def _call(self, tool: str, arguments: dict[str, Any]) -> ToolResult:
+        timeout = self.config.timeout
+        try:
+            async with asyncio.timeout(timeout):
+                session = await self._connected()
+                result = await session.call_tool(tool, arguments)
+        except TimeoutError:
+            logger.info(
+                "event=mcp_call_timeout server=%s tool=%s timeout=%s", self.name, tool, timeout
+            )
+            return ToolResult(f"MCP server {self.name}: {tool} timed out after {timeout:g} s", True)
+        except McpUnavailable as exc:
+            return ToolResult(f"MCP server {self.name} is unavailable: {exc}", True)
+        except Exception as exc:  # protocol or transport error; the model should hear it
+            message = describe_error(exc)
+            if _connection_lost(exc) and self._lost is not None:
+                self._lost.set()
+                message += " (the server will be restarted at the next call)"
+            return ToolResult(f"MCP server {self.name}: {tool} failed: {message}", True)
+        return ToolResult(result_text(result), bool(result.is_error))
+
+    async def _connected(self) -> Any:
+        if self._task is None or self._task.done():
+            if self._closed:
+                raise McpUnavailable("the workspace is closing")
+            logger.info("event=mcp_restart server=%s workspace=%s", self.name, self._workspace_id)
+            await self._begin()
+        assert self._ready is not None
+        await asyncio.shield(self._ready)
+        if self._session is None:
+            with self._lock:
+                raise McpUnavailable(self._error or "not connected")
+        return self._session
+
+    async def _connection(self) -> None:
+        """Open, initialize, list tools, then hold the connection until stop
+        or loss.  Every exit sets the status; none raises."""
+        assert self._ready is not None and self._stop is not None and self._lost is not None
+        self._set_status("starting", None)
+        errlog = self._open_errlog()
+        error: str | None = None
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                read, write = await self._open(stack, errlog)
+                read = await _watch(stack, read, self._lost)
+                from mcp.client.session import ClientSession
+
+                session = await stack.enter_async_context(ClientSession(read, write))
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    await session.initialize()
+                    tools = await _list_tools(session)
+                self._session = session
+                with self._lock:
+                    self._tools = tools
+                self._set_status("connected", None)
+                logger.info(
+                    "event=mcp_connected server=%s workspace=%s tools=%d",
+                    self.name,
+                    self._workspace_id,
+                    len(tools),
+                )
+                self._ready.set_result(None)
+                await _first(self._stop.wait(), self._lost.wait())
+                self._session = None
+                if not self._stop.is_set():
+                    error = "the server closed the connection; it restarts at the next call"
+        except TimeoutError:
+            error = f"no answer to initialize within {CONNECT_TIMEOUT:g} s"
+        except Exception as exc:  # anything the server or transport did: the status says it
+            error = describe_error(exc)
+        finally:
+            self._session = None
+            if not self._ready.done():
+                self._ready.set_result(None)
+            if error is not None:
+                error = _with_stderr(error, errlog)
+                logger.warning(
+                    "event=mcp_failed server=%s workspace=%s error=%s",
+                    self.name,
+                    self._workspace_id,
+                    json.dumps(error),
+                )
+                self._set_status("failed", error)
+            if errlog is not None:
+                errlog.close()
+            await self._kill_leftovers()
+
+    async def _open(self, stack: contextlib.AsyncExitStack, errlog: Any) -> tuple[Any, Any]:
+        config = self.config
+        if config.transport == "stdio":
+            from mcp.client.stdio import StdioServerParameters, stdio_client
+
+            assert config.command is not None
+            env_path = config.env.get("PATH", os.environ.get("PATH", os.defpath))
+            if shutil.which(config.command, path=env_path) is None and not (
+                os.sep in config.command and os.access(self._root / config.command, os.X_OK)
+            ):
+                raise McpUnavailable(f"command not found: {config.command}")
+            env = dict(config.env)
+            if self._run_dir is not None:
+                pidfile = self._run_dir / f"{safe_name(self.name)}.pid"
+                pidfile.unlink(missing_ok=True)
+                env["CRUSHD_MCP_PIDFILE"] = str(pidfile)
+            params = StdioServerParameters(
+                command=sys.executable,
+                args=["-I", str(_CHILD), str(os.getpid()), "--", config.command, *config.args],
+                env=env,
+                cwd=str(self._root),
+            )
+            streams = await stack.enter_async_context(
+                stdio_client(params, errlog=errlog or sys.stderr)
+            )
+            self._read_pgid()
+            return streams
+        import httpx2
+
+        if config.transport == "sse":
+            from mcp.client.sse import sse_client
+
+            return await stack.enter_async_context(sse_client(config.url, headers=config.headers))
+        from mcp.client.streamable_http import streamable_http_client
+
+        client = await stack.enter_async_context(
+            httpx2.AsyncClient(headers=config.headers, timeout=httpx2.Timeout(30, read=300))
+        )
+        return await stack.enter_async_context(
+            streamable_http_client(config.url, http_client=client)
+        )
+
+    def _open_errlog(self) -> Any:
+        if self.config.transport != "stdio":
+            return None
+        return tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace")
+
+    def _read_pgid(self) -> None:
+        if self._run_dir is None:
+            return
+        path = self._run_dir / f"{safe_name(self.name)}.pid"
+        try:
+            pgid = int(path.read_text())
+        except (OSError, ValueError):  # the supervisor had not written it yet, or failed
+            return
+        with self._lock:
+            self._pgid = pgid
+
+    async def _kill_leftovers(self) -> None:
+        """After the SDK's own shutdown (stdin closed, SIGTERM, SIGKILL to the
+        group if the server lingers), kill what the server left in its group."""
+        if self._pgid is None:
+            self._read_pgid()
+        with self._lock:
+            pgid, self._pgid = self._pgid, None
+        if pgid is not None and live_group_members(pgid):
+            kill_group(pgid)
+
+    async def _shutdown(self) -> None:
+        self._closed = True
+        if self._task is not None and not self._task.done():
+            assert self._stop is not None
+            self._stop.set()
+            await asyncio.shield(self._task)
+
+    def kill(self) -> bool:
+        """SIGKILL the server's process group now; True if there was one.  Thread-safe."""
+        if self._pgid is None:
+            self._read_pgid()
+        with self._lock:
+            pgid = self._pgid
+        return pgid is not None and kill_group(pgid)
+
+    def _set_status(self, status: str, error: str | None) -> None:
+        with self._lock:
+            changed = (status, error) != (self._status, self._error)
+            self._status, self._error = status, error
+        if changed:
+            self._on_status(self.entry())
+
+
+def kill_group(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a member changed uid; nothing more we can do
+        logger.warning("event=mcp_kill_denied pgid=%s", pgid)
+        return False
+    return True
+
+
+async def _watch(stack: contextlib.AsyncExitStack, read: Any, lost: asyncio.Event) -> Any:
+    """Relay the transport's read stream so the end of it (the server exited
+    or the connection dropped) sets ``lost`` even when no call is waiting."""
+    import anyio
+
+    send, receive = anyio.create_memory_object_stream[Any](0)
+    group = await stack.enter_async_context(anyio.create_task_group())
+    stack.callback(group.cancel_scope.cancel)
+
+    async def relay() -> None:
+        async with send:
+            with contextlib.suppress(anyio.EndOfStream, anyio.ClosedResourceError):
+                async for item in read:
+                    await send.send(item)
+        lost.set()
+
+    group.start_soon(relay)
+    stack.push_async_callback(receive.aclose)
+    return receive
+
+
+async def _first(*aws: Coroutine[Any, Any, Any]) -> None:
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _list_tools(session: Any) -> list[Any]:
+    import mcp_types
+
+    tools: list[Any] = []
+    cursor: str | None = None
+    for _ in range(100):  # a paginator that never ends cannot hang the connection
+        params = mcp_types.PaginatedRequestParams(cursor=cursor) if cursor else None
+        page = await session.list_tools(params=params)
+        tools.extend(page.tools)
+        cursor = page.next_cursor
+        if not cursor:
+            break
+    return tools
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    from mcp.shared.exceptions import MCPError
+    from mcp_types.jsonrpc import CONNECTION_CLOSED
+
+    leaf = _leaf(exc)
+    return (
+        (isinstance(leaf, MCPError) and leaf.code == CONNECTION_CLOSED)
+        or isinstance(leaf, OSError | EOFError)
+        or type(leaf).__module__.startswith(("httpx", "httpcore", "anyio"))
+    )
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line message for an error, looking inside exception groups."""
+    leaf = _leaf(exc)
+    text = str(leaf).strip()
+    from mcp.shared.exceptions import MCPError
+
+    if isinstance(leaf, MCPError):
+        text = leaf.message
+    elif isinstance(leaf, McpUnavailable):
+        return text
+    return f"{type(leaf).__name__}: {text}" if text else type(leaf).__name__
+
+
+def _with_stderr(error: str, errlog: Any) -> str:
+    if errlog is None:
+        return error
+    try:
+        errlog.flush()
+        errlog.seek(0)
+        tail = errlog.read()[-STDERR_TAIL:].strip()
+    except (OSError, ValueError):  # closed or unreadable: the error stands alone
+        return error
+    return f"{error}; stderr: {tail}" if tail else error
+
+
+# -- results -----------------------------------------------------------------
+
+
+def result_text(result: Any) -> str:
+    """The model's view of a ``CallToolResult``: text as is, every other
+    content block described (kind, type, size, URI) rather than dropped."""
+    parts: list[str] = []
+    texts: list[str] = []
+    for block in result.content:
+        kind = getattr(block, "type", "")
+        if kind == "text":
+            parts.append(block.text)
+            texts.append(block.text)
+        elif kind in ("image", "audio"):
+            size = len(block.data) * 3 // 4
+            parts.append(f"[{kind} content: {block.mime_type}, about {size} bytes]")
+        elif kind == "resource_link":
+            mime = f", {block.mime_type}" if block.mime_type else ""
+            about = f": {block.description}" if block.description else ""
+            parts.append(f"[resource link {block.name} <{block.uri}>{mime}{about}]")
+        elif kind == "resource":
+            res = block.resource
+            mime = f", {res.mime_type}" if getattr(res, "mime_type", None) else ""
+            if hasattr(res, "text"):
+                parts.append(f"[resource <{res.uri}>{mime}]\n{res.text}")
+            else:
+                size = len(res.blob) * 3 // 4
+                parts.append(f"[resource <{res.uri}>{mime}, about {size} bytes of binary data]")
+        else:
+            parts.append(f"[{kind or 'unknown'} content]")
+    structured = result.structured_content
+    if structured is not None and not _mirrors(texts, structured):
+        parts.append(f"[structured content]\n{json.dumps(structured, ensure_ascii=False)}")
+    return "\n".join(parts) if parts else "(no output)"
+
+
+def _mirrors(texts: list[str], structured: Any) -> bool:
+    """True if the text blocks already say what the structured content says
+    (servers are asked to send both; ``{"result": text}`` is how Python
+    servers wrap a plain return value)."""
+    joined = "\n".join(texts)
+    if isinstance(structured, dict) and list(structured) == ["result"]:
+        return structured["result"] == joined
+    for text in texts:
+        try:
+            if json.loads(text) == structured:
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+class McpTool(Tool):
+    """An MCP server's tool as crushd offers it: asks permission unless the
+    workspace is yolo, the tool is in the server's ``allow`` or it was
+    allowed for the session."""
+
+    def __init__(self, client: McpClient, tool: Any) -> None:
+        self.client = client
+        self.server_tool = tool.name
+        self.name = client.config.offered_name(tool.name)
+        about = tool.description or tool.title or tool.name
+        self.description = f"{about} (tool {tool.name} of MCP server {client.name})"
+        schema = dict(tool.input_schema or {})
+        schema.setdefault("type", "object")
+        self.parameters = schema
+        self.mutating = not client.config.lists(client.config.allow, tool.name)
+
+    def describe(self, params: dict[str, Any], ctx: ToolContext) -> PermissionAsk:
+        shown = json.dumps(params, ensure_ascii=False)
+        if len(shown) > 80:
+            shown = shown[:79] + "…"
+        return PermissionAsk(
+            action=f"mcp {self.client.name}: {self.server_tool} {shown}", path=str(ctx.root)
+        )
+
+    def run(self, params: dict[str, Any], ctx: ToolContext) -> ToolResult:
+        return self.client.call(self.server_tool, params, ctx.token, ctx.max_output)
+
+
+# -- a workspace's servers ---------------------------------------------------
+
+
+class WorkspaceMcp:
+    """The MCP servers of one workspace.  :meth:`start` connects them in the
+    background; :meth:`close` stops them all, bounded.  Thread-safe."""
+
+    def __init__(
+        self,
+        configs: dict[str, McpServerConfig],
+        root: Path,
+        loop: McpLoop,
+        publish: Callable[[dict[str, Any]], None] = lambda entry: None,
+        workspace_id: str = "",
+    ) -> None:
+        self._publish = publish
+        self._workspace_id = workspace_id
+        self._lock = threading.Lock()
+        self._closing = False  # guarded by _lock
+        self._loop = loop
+        local = any(c.transport == "stdio" and c.enabled for c in configs.values())
+        self._run_dir = tempfile.TemporaryDirectory(prefix="crushd-mcp-") if local else None
+        run_dir = Path(self._run_dir.name) if self._run_dir else None
+        self.clients = [
+            McpClient(c, root, loop, self._status_changed, run_dir, workspace_id)
+            for c in configs.values()
+        ]
+
+    def start(self) -> None:
+        """Connect every enabled server in the background; never blocks."""
+        for client in self.clients:
+            client.start()
+
+    def entries(self) -> list[dict[str, Any]]:
+        return [client.entry() for client in self.clients]
+
+    def tools(self) -> dict[str, Tool]:
+        """The MCP tools to offer a run now, keyed by offered name."""
+        offered: dict[str, Tool] = {}
+        for client in self.clients:
+            for tool in client.offered_tools():
+                if tool.name in offered:
+                    logger.warning(
+                        "event=mcp_tool_name_clash tool=%s server=%s", tool.name, client.name
+                    )
+                    continue
+                offered[tool.name] = tool
+        return offered
+
+    def _status_changed(self, entry: dict[str, Any]) -> None:
+        with self._lock:
+            if self._closing:
+                return
+        self._publish(entry)
+
+    def close(self, timeout: float = STOP_TIMEOUT) -> list[str]:
+        """Stop every server (whole process groups) within ``timeout`` seconds,
+        SIGKILL those still running then, and return their names (also
+        logged).  Blocks; idempotent."""
+        with self._lock:
+            if self._closing:
+                return []
+            self._closing = True
+        started = [c for c in self.clients if c.config.enabled]
+        stragglers: list[str] = []
+        if started:
+            try:
+                future = self._loop.submit(self._stop_all(started, timeout))
+                stragglers = future.result(timeout + 5)
+            except (RuntimeError, concurrent.futures.TimeoutError) as exc:
+                logger.error("event=mcp_stop_failed workspace=%s error=%s", self._workspace_id, exc)
+                stragglers = [c.name for c in started if c.kill()]
+        if stragglers:
+            logger.warning(
+                "event=mcp_stop_stragglers workspace=%s servers=%s timeout=%s",
+                self._workspace_id,
+                ",".join(stragglers),
+                timeout,
+            )
+        if self._run_dir is not None:
+            self._run_dir.cleanup()
+        return stragglers
+
+    async def _stop_all(self, clients: list[McpClient], timeout: float) -> list[str]:
+        tasks = {asyncio.ensure_future(c._shutdown()): c for c in clients}
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        stragglers = [tasks[t].name for t in pending]
+        for task in pending:
+            tasks[task].kill()
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=2.0)
+            for task in still:
+                task.cancel()
+        return stragglers

@@ -1,0 +1,104 @@
+"""Launch an MCP server so that it cannot outlive crushd.
+
+    python -I /path/to/mcp_child.py PARENT_PID -- COMMAND [ARG...]
+
+The MCP SDK spawns a stdio server itself (``anyio.open_process`` with
+``start_new_session=True``) and offers no ``preexec_fn``, so crushd spawns
+this file instead, and this file starts the real server.  It stays behind as
+a tiny supervisor, the leader of the server's process group:
+
+* it asks the kernel for SIGTERM when its parent dies (``PR_SET_PDEATHSIG``),
+  and on that signal — its parent gone, so the signal is not the SDK's own
+  SIGTERM to the group — it SIGKILLs the whole group, the server's own
+  children included.  That is what happens after ``kill -9`` of crushd;
+* the server itself gets ``PR_SET_PDEATHSIG(SIGKILL)`` towards the
+  supervisor, so killing the supervisor alone cannot orphan it either;
+* both check after ``prctl`` that their parent is still the expected one, so
+  a parent that died before the request took effect is not missed;
+* otherwise it stays out of the way: it passes its stdin/stdout to the server
+  and closes its own copies, ignores the SDK's SIGTERM to the group (the
+  server gets it too) and exits with the server's status once it ends.
+
+Only the standard library is used, and crushd runs the file with ``-I``, so a
+``crushd`` directory in the workspace (the server's cwd) cannot shadow it.
+``CRUSHD_MCP_PIDFILE``, when set, names a file that receives the supervisor's
+pid (the group id crushd kills if the SDK's own shutdown overruns); the
+variable is removed before the server starts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+
+PR_SET_PDEATHSIG = 1
+PIDFILE_ENV = "CRUSHD_MCP_PIDFILE"
+
+
+def _set_parent_death_signal(sig: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+
+
+def _kill_group(signum: int, frame: object) -> None:
+    if os.getppid() != _parent:
+        os.killpg(os.getpgrp(), signal.SIGKILL)  # kills this process too
+
+
+def _exec_server(command: list[str], supervisor: int) -> None:
+    try:
+        _set_parent_death_signal(signal.SIGKILL)
+        if os.getppid() != supervisor:
+            os._exit(1)
+        os.execvp(command[0], command)
+    except OSError as exc:
+        os.write(2, f"crushd: cannot run {command[0]!r}: {exc.strerror or exc}\n".encode())
+    os._exit(127)
+
+
+def main(argv: list[str]) -> int:
+    global _parent
+    if len(argv) < 3 or argv[1] != "--":
+        os.write(2, b"usage: mcp_child.py PARENT_PID -- COMMAND [ARG...]\n")
+        return 2
+    _parent = int(argv[0])
+    command = argv[2:]
+    signal.signal(signal.SIGTERM, _kill_group)
+    _set_parent_death_signal(signal.SIGTERM)
+    if os.getppid() != _parent:  # crushd died before the request took effect
+        return 1
+    if os.getpgrp() != os.getpid():
+        os.setsid()
+    pidfile = os.environ.pop(PIDFILE_ENV, None)
+    if pidfile:
+        with open(pidfile, "w") as f:
+            f.write(str(os.getpid()))
+    supervisor = os.getpid()
+    child = os.fork()
+    if child == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _exec_server(command, supervisor)
+    # The server holds the pipes now; our copies would keep them open after it exits.
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+    while True:
+        try:
+            _, status = os.waitpid(child, 0)
+        except InterruptedError:  # a signal we handled; keep waiting
+            continue
+        except ChildProcessError:
+            return 1
+        code = os.waitstatus_to_exitcode(status)
+        return code if code >= 0 else 128 - code
+
+
+_parent = 0
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
