@@ -71,9 +71,13 @@ class EventHub:
         on_event: Callable[[Event], None] | None = None,
     ) -> None:
         self.workspace_id = workspace_id
+        # Guards numbering, buffer, subscribers and the closed flag.  After
+        # the workspace and message-writer locks in the lock order; held
+        # while ``reserve`` writes the store, never while ``on_event`` runs.
         self._lock = threading.Lock()
         self._seq = first_seq - 1  # guarded by _lock
         self._reserved = self._seq  # guarded by _lock
+        # The replay buffer; guarded by _lock.
         self._buffer: collections.deque[Event] = collections.deque(maxlen=buffer_size)
         self._subscribers: set[Subscriber] = set()  # guarded by _lock
         self._closed = False  # guarded by _lock

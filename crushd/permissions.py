@@ -36,6 +36,7 @@ class PermissionBroker:
     def __init__(self, hub: EventHub, timeout: float) -> None:
         self._hub = hub
         self._timeout = timeout
+        # Guards the two maps below; a leaf lock (events are published after it).
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}  # guarded by _lock
         self._session_allowed: dict[str, set[str]] = {}  # guarded by _lock

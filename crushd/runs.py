@@ -193,6 +193,9 @@ class MessageWriter:
         self.message = message
         self.run_id = run_id
         self._interval = interval
+        # Guards the parts and the write state; held while a delta is
+        # published and while the parts are written, so after Workspace._lock
+        # and before EventHub._lock and the store's lock.
         self._lock = threading.Lock()
         self.parts: list[dict[str, Any]] = []  # guarded by _lock
         self._dirty = False  # guarded by _lock

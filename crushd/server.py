@@ -123,7 +123,8 @@ class Server:
         self.registry: RegistryStore | None = None  # opened by start()
         self._dir_lock: DataDirLock | None = None  # taken by start()
         # Guards the workspace map and the started/closed flags; held only
-        # for dict and flag updates, never while a workspace opens or closes.
+        # for dict and flag updates, never while a workspace opens, closes or
+        # answers (it comes before Workspace._lock in the lock order).
         self._lock = threading.Lock()
         self._workspaces: dict[str, Workspace] = {}  # guarded by _lock
         self._started = False  # guarded by _lock
@@ -205,13 +206,12 @@ class Server:
             raise ShuttingDown("the server is stopping")
         path = self.resolve_path(raw_path)
         with self._register_lock:
-            with self._lock:
-                for workspace in self._workspaces.values():
-                    if str(workspace.path) == path:
-                        if workspace.closing:
-                            raise WorkspaceClosing(f"workspace {workspace.id} is closing")
-                        return workspace.to_dict(), False
-                record, how = self._registry().register(path, yolo)
+            known = next((w for w in self.workspaces() if str(w.path) == path), None)
+            if known is not None:
+                if known.closing:
+                    raise WorkspaceClosing(f"workspace {known.id} is closing")
+                return known.to_dict(), False
+            record, how = self._registry().register(path, yolo)
             workspace = self._open(record)
         logger.info("event=workspace_registered workspace=%s how=%s", workspace.id, how)
         return workspace.to_dict(), how != "existing"

@@ -79,6 +79,8 @@ def open_sqlite(path: Path) -> pw.SqliteDatabase:
 class _Store:
     def __init__(self, path: Path, migrations: list) -> None:
         self.path = path
+        # Serializes every use of the one connection and guards the closed
+        # flag; last in the lock order (nothing is taken while holding it).
         self._lock = threading.RLock()
         self._closed = False  # guarded by _lock
         self.db = open_sqlite(path)

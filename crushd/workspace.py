@@ -6,6 +6,20 @@ The workspace accepts a prompt only while it is open, writes it as
 accepted run to a terminal record (or, on a server stop, leaves the queued
 ones on disk for the next start).  :meth:`Workspace.close` is the shutdown
 order of the contract, written out step by step.
+
+Locks, in the only order they may be taken (a thread holding one may take
+those after it, never one before it):
+
+1. ``Workspace._lock`` — the closing flag, the queues, the active map.
+2. ``MessageWriter._lock`` (:mod:`crushd.runs`) — one streaming message.
+3. ``EventHub._lock`` (:mod:`crushd.events`) — numbering, buffer, subscribers.
+4. the store's lock (:mod:`crushd.store`) — the one SQLite connection.
+
+The workspace lock is held for decisions only: the closing check, the
+queue and the ``queued`` insert that must be atomic with it.  Events are
+published, tokens cancelled and terminal records written after it is
+released, so a blinker receiver (which runs inside ``publish``) may call
+back into the workspace or the server without deadlocking.
 """
 
 from __future__ import annotations
@@ -14,7 +28,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,9 +72,8 @@ class ActiveRun:
 
 class Workspace:
     """One open workspace.  Public methods are thread-safe; those that block
-    say so.  The lock guards the closing flag, the queues and the active map,
-    and submission checks ``closing`` in the same critical section as it
-    queues, so a prompt is never accepted and then dropped."""
+    say so.  Submission checks ``closing`` in the same critical section as it
+    stores and queues the run, so a prompt is never accepted and then dropped."""
 
     def __init__(
         self,
@@ -93,11 +106,16 @@ class Workspace:
             on_event=lambda e: send(signals.event_published, self.id, event=e),
         )
         self.permissions = PermissionBroker(self.hub, config.permission_timeout)
+        # Guards the flags, queues and maps below; first in the lock order.
         self._lock = threading.Lock()
         self._closing = False  # guarded by _lock
         self._keep_queued = False  # guarded by _lock; True on a server stop
         self._queues: dict[str, collections.deque[str]] = {}  # guarded by _lock
         self._active: dict[str, ActiveRun] = {}  # session id -> run; guarded by _lock
+        # Runs stored and queued whose ``run.queued`` is not published yet;
+        # nothing starts or cancels them until it is.  Guarded by _lock.
+        self._announcing: set[str] = set()
+        self._announced = threading.Condition(self._lock)  # notified when it shrinks
         self._token = CancelToken(name=f"workspace:{self.id}")
         self._latch = CountdownLatch()
         self._executor = ThreadPoolExecutor(
@@ -205,6 +223,8 @@ class Workspace:
         with self._lock:
             if self._closing:
                 raise WorkspaceClosing(f"workspace {self.id} is closing")
+            # The same id submitted twice at once: the second sees the first's
+            # insert here (a primary-key read, part of the insert's check).
             if run_id is not None and (existing := self.store.get_run(run_id)) is not None:
                 return self._replay(existing, prompt, session_id)
             run, session = self.store.accept_run(
@@ -215,11 +235,17 @@ class Workspace:
                 self.config.max_queue,
             )
             session_id = run["session_id"]
+            self._queues.setdefault(session_id, collections.deque()).append(run["id"])
+            self._announcing.add(run["id"])
+        try:
             if session is not None:
                 self.hub.publish("session.created", session_id, session)
-            self._queues.setdefault(session_id, collections.deque()).append(run["id"])
             self.hub.publish("run.queued", session_id, run)
-            self._dispatch(session_id)
+        finally:
+            with self._lock:
+                self._announcing.discard(run["id"])
+                self._announced.notify_all()
+                self._dispatch(session_id)
         logger.info(
             "event=run_accepted workspace=%s session=%s run=%s", self.id, session_id, run["id"]
         )
@@ -234,12 +260,18 @@ class Workspace:
         return existing, False
 
     def _dispatch(self, session_id: str) -> None:
-        """Start the session's next queued run if it has none active.  Holds _lock."""
+        """Start the session's next queued run if it has none active.  Holds _lock.
+
+        A run not announced yet waits: its submitter dispatches it after
+        publishing ``run.queued``, so ``run.started`` never comes first.
+        """
         if self._closing or session_id in self._active:
             return
         queue = self._queues.get(session_id)
         if not queue:
             self._queues.pop(session_id, None)
+            return
+        if queue[0] in self._announcing:
             return
         run_id = queue.popleft()
         active = ActiveRun(run_id, session_id, self._token.child(f"run:{run_id}"))
@@ -272,8 +304,19 @@ class Workspace:
                 self._dispatch(active.session_id)
             self._latch.count_down()
 
+    def _await_announced(self, run_ids: Callable[[], Iterable[str]]) -> None:
+        """Wait until ``run.queued`` is out for every id ``run_ids()`` gives.
+
+        Holds _lock (the wait releases it, so ``run_ids`` is asked again on
+        every wake-up).  Publishing takes microseconds; the bound only keeps
+        a broken receiver from hanging a cancel or a close.
+        """
+        if not self._announced.wait_for(lambda: self._announcing.isdisjoint(run_ids()), 5.0):
+            logger.warning("event=announce_slow workspace=%s", self.id)
+
     def _cancel_queued(self, run_id: str) -> dict[str, Any] | None:
-        """Make a run that never started ``cancelled`` and announce it."""
+        """Make a run that never started ``cancelled`` and announce it.
+        Writes and publishes: never call it holding _lock."""
         terminal = self.store.finish_run(
             run_id, "cancelled", only_from="queued", error=CANCELED_MESSAGE
         )
@@ -321,17 +364,30 @@ class Workspace:
         run = self.get_run(run_id)
         if run["status"] in TERMINAL_STATUSES:
             return run, False
+        session_id = run["session_id"]
         with self._lock:
-            queue = self._queues.get(run["session_id"])
-            if queue is not None and run_id in queue:
+            self._await_announced(lambda: (run_id,))
+            queue = self._queues.get(session_id)
+            dequeued = queue is not None and run_id in queue
+            if dequeued:
                 queue.remove(run_id)
-                return self._cancel_queued(run_id) or self.get_run(run_id), True
-            active = self._active.get(run["session_id"])
-            if active is not None and active.run_id == run_id:
+            active = self._active.get(session_id)
+            if dequeued or active is None or active.run_id != run_id:
+                active = None
+            else:
                 active.user_cancelled = True
-                active.token.cancel("cancelled by request")
-                if not active.started.is_set():  # still waiting for a worker
-                    self._cancel_queued(run_id)
+            if dequeued or active is not None:
+                self._latch.count_up()  # a close waits for the records written below
+        if not dequeued and active is None:  # it ended, or another cancel took it
+            return self.get_run(run_id), True
+        try:
+            if dequeued:
+                return self._cancel_queued(run_id) or self.get_run(run_id), True
+            active.token.cancel("cancelled by request")
+            if not active.started.is_set():  # still waiting for a worker
+                self._cancel_queued(run_id)
+        finally:
+            self._latch.count_down()
         return self.get_run(run_id), True
 
     def cancel_session(self, session_id: str, queued_only: bool = False) -> list[str]:
@@ -344,14 +400,22 @@ class Workspace:
             active = self._active.get(session_id)
             if active is not None and not queued_only:
                 active.user_cancelled = True
+            else:
+                active = None
+            self._await_announced(lambda: self._queues.get(session_id, ()))
+            queue = self._queues.pop(session_id, collections.deque())
+            self._latch.count_up()  # the close must wait for the records written below
+        try:
+            if active is not None:
                 active.token.cancel("cancelled by request")
                 if not active.started.is_set():
                     self._cancel_queued(active.run_id)
                 cancelled.append(active.run_id)
-            queue = self._queues.pop(session_id, collections.deque())
             for run_id in queue:
                 if self._cancel_queued(run_id) is not None:
                     cancelled.append(run_id)
+        finally:
+            self._latch.count_down()
         return cancelled
 
     def queued_runs(self, session_id: str) -> list[dict[str, Any]]:
@@ -407,8 +471,11 @@ class Workspace:
             self._drain(drain_timeout, skip_drain)
         # 2. Cancel the workspace token; every run token descends from it.
         self._token.cancel("workspace closing")
-        # 3. Queued runs that never started become cancelled (not on a server stop).
+        # 3. Queued runs that never started become cancelled (not on a server stop),
+        #    each once its submitter has announced it.
         if not keep_queued:
+            with self._lock:
+                self._await_announced(lambda: never_started)
             for run_id in never_started:
                 self._cancel_queued(run_id)
         # 4. Wait for every dispatched run to return, bounded.

@@ -522,3 +522,44 @@ def test_a_failed_start_releases_what_it_took(tmp_path):
         first.stop()
     third = Server(config).start()  # the lock was released by the first stop
     third.stop()
+
+
+def test_event_receivers_may_call_back_into_the_server(server, project):
+    """Receivers run inside ``publish``; no workspace lock is held then, so
+    one that asks for health (every workspace's lock) cannot deadlock."""
+    seen: list[tuple[int, str, str | None]] = []
+
+    def receiver(sender: str, event) -> None:
+        assert server.health()["status"] == "ok"
+        server.get(sender).to_dict()
+        seen.append((event.seq, event.type, event.data["payload"].get("id")))
+
+    server.signals.event_published.connect(receiver, weak=False)
+    done = threading.Event()
+
+    def scenario() -> None:
+        record, _ = server.register(str(project), None)
+        workspace = server.get(record["id"])
+        first, _ = workspace.submit("one two three four five six seven eight")
+        sid = first["session_id"]
+        second, _ = workspace.submit("queued behind the first", session_id=sid)
+        workspace.cancel_run(second["id"])
+        workspace.submit("cancelled with its session", session_id=sid)
+        workspace.cancel_session(sid)
+        last, _ = workspace.submit("runs to the end", session_id=sid)
+        workspace.wait_run(last["id"], 10)
+        server.unregister(record["id"])
+        done.set()
+
+    thread = threading.Thread(target=scenario, name="test-scenario", daemon=True)
+    thread.start()
+    thread.join(20)
+    assert done.is_set(), "a receiver that called back into the server deadlocked"
+    order = {}
+    for _seq, kind, run_id in sorted(seen):
+        if kind.startswith("run."):
+            order.setdefault(run_id, []).append(kind)
+    assert len(order) == 4
+    for kinds in order.values():  # each run is announced before it starts or ends
+        assert kinds[0] == "run.queued" and kinds[-1] == "run.completed", kinds
+    assert any(kind == "workspace.closing" for _, kind, _ in seen)
