@@ -12,7 +12,12 @@ from typing import Any
 
 from crushd.errors import CrushdError
 from crushd.providers import PROVIDERS
+from crushd.providers.catalog import DEFAULT_CONTEXT_WINDOW, PRICE_FIELDS, ModelSpec
 from crushd.providers.retry import RetryPolicy
+
+#: Top-level keys (and flags) that define a model of their own.
+MODEL_FLAGS = ("provider", "model", "base_url", "api_key_env")
+MODEL_KEYS = frozenset({*MODEL_FLAGS, "context_window", "max_output_tokens", *PRICE_FIELDS})
 
 
 class ConfigError(CrushdError):
@@ -52,6 +57,10 @@ class Config:
     log_level: str = "info"
     ping_interval: float = 15.0
     event_buffer: int = 10_000
+    #: Named models, ``[models.NAME]`` plus the one the top-level keys define;
+    #: filled and checked by :meth:`from_mapping`, never empty afterwards.
+    models: dict[str, ModelSpec] = field(default_factory=dict)
+    default_model: str | None = None
 
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy(
@@ -109,12 +118,25 @@ class Config:
         path = config_file or env.get("CRUSHD_CONFIG")
         if path:
             values.update(_from_toml(Path(path)))
-        values.update({k: v for k, v in (flags or {}).items() if v is not None and v != ()})
-        return cls.from_mapping(values)
+        given = {k: v for k, v in (flags or {}).items() if v is not None and v != ()}
+        values.update(given)
+        return cls.from_mapping(values, flags_define_model=any(k in given for k in MODEL_FLAGS))
 
     @classmethod
-    def from_mapping(cls, values: dict[str, Any]) -> Config:
+    def from_mapping(cls, values: dict[str, Any], *, flags_define_model: bool = False) -> Config:
+        """Build and validate a config from one merged mapping.
+
+        ``models`` holds the ``[models.NAME]`` tables.  Any of
+        ``provider``/``model``/``base_url``/``api_key_env`` defines one more
+        model, named after its ``model`` (or its provider); it is the default
+        when it came from the flags (``flags_define_model``) or when nothing
+        names another.  With no model at all, the built-in ``echo``.
+        """
         fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = dict(values)
+        tables = values.pop("models", None) or {}
+        if not isinstance(tables, dict):
+            raise ConfigError("models must be a table of [models.NAME] tables")
         kwargs: dict[str, Any] = {}
         for key, raw in values.items():
             name = key.replace("-", "_")
@@ -124,8 +146,38 @@ class Config:
                 raise ConfigError(f"unknown configuration key {key!r}")
             kwargs[name] = _coerce(name, fields[name].type, raw)
         config = cls(**kwargs)
+        config.models = {str(name): _model_spec(str(name), table) for name, table in tables.items()}
+        top = config._top_level_model() if any(k in kwargs for k in MODEL_FLAGS) else None
+        if top is not None:
+            config.models[top.name] = top  # the flags win over a table of that name
+        if not config.models:
+            config.models = {"echo": ModelSpec("echo", "echo", "echo")}
+        if top is not None and (flags_define_model or config.default_model is None):
+            config.default_model = top.name
+        elif config.default_model is None:
+            config.default_model = next(iter(config.models))
         config.validate()
         return config
+
+    def _top_level_model(self) -> ModelSpec:
+        if self.provider not in PROVIDERS:
+            raise ConfigError(f"unknown provider {self.provider!r} ({', '.join(PROVIDERS)})")
+        if self.provider != "echo" and not self.model:
+            example = PROVIDERS[self.provider].model_example
+            raise ConfigError(
+                f"the {self.provider} provider needs a model name (--model), e.g. {example}"
+            )
+        model = self.model or self.provider
+        return ModelSpec(
+            name=model,
+            provider=self.provider,
+            model=model,
+            base_url=self.base_url,
+            api_key_env=self.api_key_env,
+        )
+
+    def default_spec(self) -> ModelSpec:
+        return self.models[self.default_model or ""]
 
     def validate(self) -> None:
         if self.provider not in PROVIDERS:
@@ -161,6 +213,11 @@ class Config:
             raise ConfigError("ping_interval must be positive")
         if self.event_buffer < 10_000:
             raise ConfigError("event_buffer must hold at least 10000 events")
+        if self.models and self.default_model not in self.models:
+            raise ConfigError(
+                f"default_model {self.default_model!r} is not a configured model "
+                f"(configured: {', '.join(self.models)})"
+            )
 
 
 def _from_env(env: dict[str, str]) -> dict[str, Any]:
@@ -170,6 +227,8 @@ def _from_env(env: dict[str, str]) -> dict[str, Any]:
         if not key.startswith("CRUSHD_") or key in ("CRUSHD_CONFIG", "CRUSHD_URL"):
             continue
         name = key[len("CRUSHD_") :].lower()
+        if name == "models":  # tables come only from the file
+            continue
         if name == "allow_roots" or name == "allow_root":
             values["allow_roots"] = [p for p in value.split(os.pathsep) if p]
         elif name == "allowed_tools":
@@ -187,8 +246,12 @@ def _from_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
-    # Allow a [crushd] table or top-level keys; nested [tools] allow lists.
+    # Allow a [crushd] table or top-level keys; nested [tools] allow lists;
+    # [models.NAME] tables beside a [crushd] table or inside it.
+    root = data
     data = dict(data.get("crushd", data))
+    if data is not root and "models" in root:
+        data.setdefault("models", root["models"])
     tools = data.pop("tools", None)
     if isinstance(tools, dict) and "allow" in tools:
         data["allowed_tools"] = tools["allow"]
@@ -219,3 +282,51 @@ def _coerce(name: str, annotation: Any, raw: Any) -> Any:
         return str(raw)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{name}: cannot use {raw!r} ({exc})") from exc
+
+
+def _model_spec(name: str, table: Any) -> ModelSpec:
+    """One ``[models.NAME]`` table, checked; ConfigError names the model and key."""
+    where = f"[models.{name}]"
+    if not name.strip():
+        raise ConfigError("a model name must not be empty")
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table")
+    unknown = sorted(set(table) - MODEL_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(MODEL_KEYS))})"
+        )
+    provider = table.get("provider")
+    if provider not in PROVIDERS:
+        raise ConfigError(
+            f"{where}: provider must be one of {', '.join(PROVIDERS)}, not {provider!r}"
+        )
+
+    def text(key: str, default: str | None = None) -> str | None:
+        value = table.get(key, default)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise ConfigError(f"{where}: {key} must be a non-empty string")
+        return value
+
+    def number(key: str, kind: type, default: Any = None, low: float = 0) -> Any:
+        value = table.get(key, default)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: {key} must be a number, not {value!r}")
+        if kind is int and value != int(value):
+            raise ConfigError(f"{where}: {key} must be a whole number, not {value!r}")
+        if value < low:
+            raise ConfigError(f"{where}: {key} must be at least {low:g}, not {value!r}")
+        return kind(value)
+
+    return ModelSpec(
+        name=name,
+        provider=provider,
+        model=text("model", name) or name,
+        base_url=text("base_url"),
+        api_key_env=text("api_key_env"),
+        context_window=number("context_window", int, DEFAULT_CONTEXT_WINDOW, 1),
+        max_output_tokens=number("max_output_tokens", int, None, 1),
+        **{key: number(key, float) for key in PRICE_FIELDS},
+    )

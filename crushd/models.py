@@ -41,6 +41,15 @@ def _add_usage_columns(db: pw.Database) -> None:
         )
 
 
+def _add_run_kind_and_model(db: pw.Database) -> None:
+    migrator = SchemaMigrator.from_database(db)
+    with migrator.migration_context():
+        migrate(
+            migrator.add_column("run", "kind", pw.CharField(default="prompt")),
+            migrator.add_column("run", "model", pw.CharField(null=True)),
+        )
+
+
 WORKSPACE_MIGRATIONS: list[Migration] = [
     # 1: sessions, messages with JSON parts, runs, key/value meta.
     _sql(
@@ -81,6 +90,9 @@ WORKSPACE_MIGRATIONS: list[Migration] = [
     ),
     # 2: token usage per run and per session.
     _add_usage_columns,
+    # 3: what a run is (a prompt; later a compaction) and the configured
+    #    model it used; runs from before have kind "prompt" and no model.
+    _add_run_kind_and_model,
 ]
 
 REGISTRY_MIGRATIONS: list[Migration] = [
@@ -160,6 +172,8 @@ def workspace_models(db: pw.Database) -> SimpleNamespace:
         id = pw.CharField(unique=True)
         session_id = pw.CharField()
         prompt = pw.TextField()
+        kind = pw.CharField(default="prompt")
+        model = pw.CharField(null=True)
         status = pw.CharField()
         error = pw.TextField(null=True)
         message_id = pw.CharField(null=True)

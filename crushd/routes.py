@@ -104,6 +104,11 @@ def version() -> Any:
     return {"version": __version__}
 
 
+@api.get("/models")
+def list_models() -> Any:
+    return server().models.describe()
+
+
 @api.get("/openapi.json")
 def openapi() -> Any:
     document = (importlib.resources.files("crushd") / "openapi.json").read_text()
@@ -201,7 +206,8 @@ def submit_prompt(wid: str) -> Any:
     run_id = text_field(data, "run_id", required=False)
     if run_id is not None and (len(run_id) > 128 or not run_id.isprintable()):
         raise InvalidRequest("run_id must be printable and at most 128 characters")
-    run, created = workspace.submit(prompt, session_id, run_id)
+    model = text_field(data, "model", required=False)
+    run, created = workspace.submit(prompt, session_id, run_id, model)
     return run, 202 if created else 200
 
 

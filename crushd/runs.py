@@ -39,6 +39,7 @@ from crushd.providers.base import (
     ToolSpec,
     Usage,
 )
+from crushd.providers.catalog import ModelCatalog
 from crushd.providers.retry import NO_RETRIES, RetryPolicy, stream_with_retries
 from crushd.store import WorkspaceStore, lock_budget
 from crushd.tools.base import Tool, ToolContext, ToolError, ToolResult
@@ -73,7 +74,7 @@ class RunEnv:
     yolo: bool
     store: WorkspaceStore
     hub: EventHub
-    provider: Provider
+    models: ModelCatalog
     tools: dict[str, Tool]
     permissions: PermissionBroker
     max_steps: int = 50
@@ -333,6 +334,7 @@ class Run:
         self.run = run
         self.token = token
         self.step: _Step | None = None
+        self.provider: Provider | None = None  # the run's model, known once it started
         self.tools_ctx = ToolContext(root=env.root, token=token, bash_timeout=env.bash_timeout)
 
     @property
@@ -362,6 +364,9 @@ class Run:
                 self.session_id, self.id, "user", [{"type": "text", "text": self.run["prompt"]}]
             )
             self.publish("message.created", user)
+            # An unknown model (configuration changed while it was queued)
+            # or a missing key fails the run here, with a message that says so.
+            self.provider = env.models.provider(self.run["model"] or env.models.default)
             self._new_step()
             denied = self._loop()
         except Cancelled:
@@ -387,8 +392,8 @@ class Run:
             self.id,
             "assistant",
             [],
-            self.env.provider.model,
-            self.env.provider.name,
+            self.provider.model,
+            self.provider.name,
         )
         self.publish("message.created", message)
         self.step = _Step(MessageWriter(self.env, message, self.id))
@@ -407,7 +412,7 @@ class Run:
             reason = "unknown"
             self.token.raise_if_cancelled()
             request = StepRequest(system, history, specs)
-            for event in stream_with_retries(env.provider, request, self.token, env.retry):
+            for event in stream_with_retries(self.provider, request, self.token, env.retry):
                 if isinstance(event, TextDelta):
                     step.writer.delta("text", event.text)
                 elif isinstance(event, ReasoningDelta):
@@ -550,7 +555,7 @@ class Run:
             step.results.get(c["id"]) or tool_result_part(c, missing, True) for c in step.calls
         ]
         created = self.env.store.create_message(
-            self.session_id, self.id, "tool", parts, self.env.provider.model, self.env.provider.name
+            self.session_id, self.id, "tool", parts, self.provider.model, self.provider.name
         )
         step.results_written = True
         self.publish("message.created", created)

@@ -26,7 +26,8 @@ from typing import Any
 from crushd import __version__
 from crushd.config import Config
 from crushd.errors import CrushdError, InvalidRequest, NotFound, ShuttingDown, WorkspaceClosing
-from crushd.providers import Provider, create_provider
+from crushd.providers import Provider
+from crushd.providers.catalog import ModelCatalog
 from crushd.signals import Signals
 from crushd.store import RegistryStore
 from crushd.tools import Tool, default_tools
@@ -82,9 +83,10 @@ class DataDirLock:
 class Server:
     """Registry of open workspaces.  Thread-safe once started.
 
-    ``provider`` defaults to the one the configuration names, ``tools`` (one
-    mapping shared by every workspace) to a fresh :func:`default_tools` set
-    per workspace, ``clock`` (monotonic seconds, for the uptime and the
+    ``provider``, when given, serves the default model (the other models
+    build their clients from the configuration as usual).  ``tools`` (one
+    mapping shared by every workspace) defaults to a fresh
+    :func:`default_tools` set per workspace, ``clock`` (monotonic seconds, for the uptime and the
     coalescing of streamed writes) to :func:`time.monotonic`.  Constructing
     opens no file and starts no thread; the provider is the server's from
     here on and :meth:`stop` closes it.
@@ -102,16 +104,13 @@ class Server:
         self.version = __version__
         self.data_dir = config.resolved_data_dir()
         self.token = config.resolved_token()
-        if provider is None:
-            provider = create_provider(
-                config.provider,
-                model=config.model,
-                base_url=config.base_url,
-                api_key=config.api_key(),
-                echo_delay=config.echo_delay,
-                idle_timeout=config.stream_idle_timeout,
-            )
-        self.provider = provider
+        self.models = ModelCatalog(
+            config.models,
+            config.default_model or "",
+            echo_delay=config.echo_delay,
+            idle_timeout=config.stream_idle_timeout,
+            providers={config.default_model or "": provider} if provider is not None else None,
+        )
         self._tools = tools
         self.clock = clock or time.monotonic
         self.signals = Signals()
@@ -158,18 +157,28 @@ class Server:
             self.stop()
             raise
         logger.info(
-            "event=server_ready data_dir=%s workspaces=%d provider=%s version=%s",
+            "event=server_ready data_dir=%s workspaces=%d models=%s default_model=%s version=%s",
             self.data_dir,
             len(self.workspaces()),
-            self.config.provider,
+            ",".join(self.models.names),
+            self.models.default,
             __version__,
         )
+        for model, variable in self.models.missing_keys():
+            logger.warning(
+                "event=model_key_missing model=%s variable=%s "
+                "message='runs on model %s will fail until %s is set'",
+                model,
+                variable,
+                model,
+                variable,
+            )
         return self
 
     def _open(self, record: dict[str, Any]) -> Workspace:
         tools = dict(self._tools) if self._tools is not None else default_tools()
         workspace = Workspace(
-            record, self.data_dir, self.config, self.provider, tools, self.signals, self.clock
+            record, self.data_dir, self.config, self.models, tools, self.signals, self.clock
         )
         with self._lock:
             self._workspaces[workspace.id] = workspace
@@ -287,7 +296,7 @@ class Server:
             thread.join()
         with self._lock:
             self._workspaces.clear()
-        self.provider.close()
+        self.models.close()
         if self.registry is not None:
             self.registry.close()
         if self._dir_lock is not None:

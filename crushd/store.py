@@ -337,6 +337,8 @@ class WorkspaceStore(_Store):
             "id": row.id,
             "workspace_id": self.workspace_id,
             "session_id": row.session_id,
+            "kind": row.kind,
+            "model": row.model,
             "prompt": row.prompt,
             "status": row.status,
             "error": row.error,
@@ -363,9 +365,17 @@ class WorkspaceStore(_Store):
             return self._run_dict(row)
 
     def accept_run(
-        self, run_id: str, prompt: str, session_id: str | None, title: str, max_queue: int
+        self,
+        run_id: str,
+        prompt: str,
+        session_id: str | None,
+        title: str,
+        max_queue: int,
+        *,
+        model: str | None = None,
+        kind: str = "prompt",
     ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """Store a prompt as a ``queued`` run in one transaction.
+        """Store a prompt as a ``queued`` run of ``model`` in one transaction.
 
         Without ``session_id`` a session titled ``title`` is created with it.
         Returns ``(run, new_session_or_None)``.  Raises NotFound for an
@@ -386,10 +396,28 @@ class WorkspaceStore(_Store):
                 if queued.count() >= max_queue:
                     raise QueueFull(f"session {session_id} already has {max_queue} queued runs")
             run = R.create(
-                id=run_id, session_id=session_id, prompt=prompt, status="queued", created_at=now
+                id=run_id,
+                session_id=session_id,
+                prompt=prompt,
+                kind=kind,
+                model=model,
+                status="queued",
+                created_at=now,
             )
             session = self._session_dict(new_session) if new_session is not None else None
             return self._run_dict(run), session
+
+    def last_run_model(self, session_id: str) -> str | None:
+        """The model of the session's latest run that names one (queued ones count)."""
+        R = self.m.Run
+        with self._use():
+            row = (
+                R.select(R.model)
+                .where((R.session_id == session_id) & R.model.is_null(False))
+                .order_by(R.pk.desc())
+                .first()
+            )
+            return row.model if row else None
 
     def get_run(self, run_id: str) -> dict[str, Any] | None:
         R = self.m.Run
@@ -428,12 +456,19 @@ class WorkspaceStore(_Store):
             R.update(**fields).where(R.id == run_id).execute()
             return self._run_dict(R.get(R.id == run_id))
 
-    def start_run(self, run_id: str) -> dict[str, Any] | None:
-        """``queued`` -> ``running``; None if the run is no longer queued."""
+    def start_run(self, run_id: str, default_model: str | None = None) -> dict[str, Any] | None:
+        """``queued`` -> ``running``; None if the run is no longer queued.
+
+        A run queued before runs had a model gets ``default_model``.
+        """
         R = self.m.Run
         with self._use(write=True):
             updated = (
-                R.update(status="running", started_at=utcnow())
+                R.update(
+                    status="running",
+                    started_at=utcnow(),
+                    model=pw.fn.COALESCE(R.model, default_model),
+                )
                 .where((R.id == run_id) & (R.status == "queued"))
                 .execute()
             )

@@ -37,10 +37,10 @@ from typing import Any
 from crushd.cancel import CancelToken, CountdownLatch
 from crushd.common import TERMINAL_STATUSES, new_id, text_of
 from crushd.config import Config
-from crushd.errors import NotFound, RunIdConflict, WorkspaceClosing
+from crushd.errors import InvalidRequest, NotFound, RunIdConflict, WorkspaceClosing
 from crushd.events import EventHub
 from crushd.permissions import PermissionBroker
-from crushd.providers.base import Provider
+from crushd.providers.catalog import ModelCatalog
 from crushd.runs import CANCELED_MESSAGE, Run, RunEnv, seal_run_messages
 from crushd.signals import Signals, send
 from crushd.store import WorkspaceStore
@@ -80,7 +80,7 @@ class Workspace:
         record: dict[str, Any],
         data_dir: Path,
         config: Config,
-        provider: Provider,
+        models: ModelCatalog,
         tools: dict[str, Tool],
         signals: Signals,
         clock: Callable[[], float] = time.monotonic,
@@ -90,7 +90,7 @@ class Workspace:
         self.yolo: bool = record["yolo"]
         self.created_at: str = record["created_at"]
         self.config = config
-        self._provider = provider
+        self.models = models
         self._tools = tools
         self._signals = signals
         directory = data_dir / "workspaces" / self.id
@@ -129,7 +129,7 @@ class Workspace:
             yolo=self.yolo,
             store=self.store,
             hub=self.hub,
-            provider=provider,
+            models=models,
             tools=tools,
             permissions=self.permissions,
             max_steps=config.max_steps,
@@ -209,17 +209,31 @@ class Workspace:
     # -- prompts -------------------------------------------------------------
 
     def submit(
-        self, prompt: str, session_id: str | None = None, run_id: str | None = None
+        self,
+        prompt: str,
+        session_id: str | None = None,
+        run_id: str | None = None,
+        model: str | None = None,
     ) -> tuple[dict[str, Any], bool]:
         """Accept a prompt: the run is stored ``queued`` before this returns.
 
+        ``model`` names a configured model for this run; without it the
+        session keeps the model of its previous run, else the default.
         Returns ``(run, created)``; ``created`` is False for an idempotent
         resubmission of an existing ``run_id``.  Never blocks on the model.
+        Raises InvalidRequest for an unknown model, before storing anything.
         """
+        if model is not None and self.models.spec(model) is None:
+            raise InvalidRequest(
+                f"unknown model {model!r}; configured models: {', '.join(self.models.names)}"
+            )
         if run_id is not None:
             existing = self.store.get_run(run_id)
             if existing is not None:
                 return self._replay(existing, prompt, session_id)
+        if model is None:
+            previous = self.store.last_run_model(session_id) if session_id else None
+            model = previous if previous and self.models.spec(previous) else self.models.default
         with self._lock:
             if self._closing:
                 raise WorkspaceClosing(f"workspace {self.id} is closing")
@@ -233,6 +247,7 @@ class Workspace:
                 session_id,
                 title_from_prompt(prompt),
                 self.config.max_queue,
+                model=model,
             )
             session_id = run["session_id"]
             self._queues.setdefault(session_id, collections.deque()).append(run["id"])
@@ -288,7 +303,7 @@ class Workspace:
                 if not keep:  # never started: a cancelled record, no messages
                     self._cancel_queued(active.run_id)
                 return
-            run = self.store.start_run(active.run_id)
+            run = self.store.start_run(active.run_id, self.models.default)
             if run is None:  # cancelled while it waited for a worker
                 return
             active.run = Run(self._env, run, active.token)

@@ -402,6 +402,7 @@ def test_older_schema_is_migrated_and_keeps_its_data(tmp_path):
         assert message["parts"] == [{"type": "text", "text": "old prompt"}]
         run = st.get_run("r1")
         assert run["status"] == "completed" and run["text"] == "old answer"
+        assert (run["kind"], run["model"]) == ("prompt", None)
         assert run["usage"] == {"prompt_tokens": 0, "completion_tokens": 0}
         # The migrated database takes new writes.
         st.add_usage("r1", "s1", 4, 2)

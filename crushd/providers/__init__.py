@@ -87,12 +87,14 @@ def create_provider(
     api_key: str | None,
     echo_delay: float = 0.02,
     idle_timeout: float = 120.0,
+    max_tokens: int | None = None,
 ) -> Provider:
     """Build the provider called ``name``; raises ValueError for a bad configuration.
 
     Creates an HTTP client but opens no connection: calling it at startup
     with a wrong URL or key succeeds, the first model step reports the error.
-    ``idle_timeout`` bounds how long an HTTP stream may send nothing.
+    ``idle_timeout`` bounds how long an HTTP stream may send nothing;
+    ``max_tokens`` the output of one step (the provider's default if None).
     """
     facts = PROVIDERS.get(name)
     if facts is None:
@@ -109,7 +111,8 @@ def create_provider(
     if name == "openai":
         from crushd.providers.openai import OpenAIProvider
 
-        return OpenAIProvider(model, url, api_key, idle_timeout=idle_timeout)
+        return OpenAIProvider(model, url, api_key, idle_timeout=idle_timeout, max_tokens=max_tokens)
     from crushd.providers.anthropic import AnthropicProvider
 
-    return AnthropicProvider(model, url, api_key, idle_timeout=idle_timeout)
+    limit = {"max_tokens": max_tokens} if max_tokens is not None else {}
+    return AnthropicProvider(model, url, api_key, idle_timeout=idle_timeout, **limit)
