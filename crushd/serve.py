@@ -1,6 +1,7 @@
 """``crushd serve``: the server under waitress, with signals and systemd.
 
-Stop sequence (SIGTERM or SIGINT):
+Stop sequence (SIGTERM or SIGINT), through the server's
+:class:`~crushd.stopping.StopController`:
 
 1. The signal handler only sets flags and starts the stop thread: prompts
    get 503 from now on and systemd hears ``STOPPING=1``.
@@ -103,8 +104,6 @@ class Runner:
         except BaseException:
             self.server.stop()
             raise
-        self._stop_thread: threading.Thread | None = None
-        self._stop_started = threading.Event()
         self._watchdog: systemd.Watchdog | None = None
 
     @property
@@ -129,27 +128,18 @@ class Runner:
         signal.signal(signal.SIGINT, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if not self._stop_started.is_set():
-            self.begin_stop(signal.Signals(signum).name)
-        else:
-            self.server.skip_drain.set()
+        self.server.stop_control.signal(
+            signal.Signals(signum).name, before=self._notify_stopping, after=self._close_listeners
+        )
 
     def begin_stop(self, reason: str) -> None:
         """Start the stop sequence on its own thread; idempotent."""
-        if self._stop_started.is_set():
-            return
-        self._stop_started.set()
-        self.server.stopping.set()
-        self._stop_thread = threading.Thread(target=self._stop, args=(reason,), name="crushd-stop")
-        self._stop_thread.start()
+        self.server.stop_control.request(
+            reason, before=self._notify_stopping, after=self._close_listeners
+        )
 
-    def _stop(self, reason: str) -> None:
-        logger.info("event=stop_requested reason=%s", reason)
+    def _notify_stopping(self) -> None:
         systemd.stopping(self._status_text("stopping"))
-        try:
-            self.server.stop()
-        finally:
-            self._close_listeners()
 
     def _close_listeners(self) -> None:
         channels = self._map()
@@ -208,8 +198,7 @@ class Runner:
             if self._watchdog is not None:
                 self._watchdog.stop()
             self.begin_stop("loop ended")
-            if self._stop_thread is not None:
-                self._stop_thread.join()
+            self.server.stop_control.join()
             self.wsgi.task_dispatcher.shutdown(timeout=5)
             wasyncore.close_all(self._map())
             if self._unix_socket:  # clients should see "no such socket", not "refused"

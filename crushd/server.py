@@ -29,6 +29,7 @@ from crushd.errors import CrushdError, InvalidRequest, NotFound, ShuttingDown, W
 from crushd.providers import Provider
 from crushd.providers.catalog import ModelCatalog
 from crushd.signals import Signals
+from crushd.stopping import StopController
 from crushd.store import RegistryStore
 from crushd.tools import Tool, default_tools
 from crushd.workspace import Workspace
@@ -117,8 +118,8 @@ class Server:
         # One permanent receiver, connected before any workspace opens.
         self.signals.event_published.connect(_log_event, weak=False)
         self.started = self.clock()
-        self.stopping = threading.Event()  # set once a stop began: prompts get 503
-        self.skip_drain = threading.Event()  # a second signal: stop waiting for turns
+        # The one owner of "stop requested" and "stop now" (crushd.stopping).
+        self.stop_control = StopController(self.stop)
         self.registry: RegistryStore | None = None  # opened by start()
         self._dir_lock: DataDirLock | None = None  # taken by start()
         # Guards the workspace map and the started/closed flags; held only
@@ -131,6 +132,16 @@ class Server:
         # Serializes registrations, so two POSTs of one path open it once.
         self._register_lock = threading.Lock()
         self._streams = threading.BoundedSemaphore(config.max_streams)
+
+    @property
+    def stopping(self) -> threading.Event:
+        """Set once a stop began: prompts and registrations get 503."""
+        return self.stop_control.requested
+
+    @property
+    def skip_drain(self) -> threading.Event:
+        """Set by a second stop signal: running turns stop waiting out the drain."""
+        return self.stop_control.now
 
     def start(self) -> Server:
         """Take the data directory's lock, open the registry and every
@@ -279,7 +290,7 @@ class Server:
             if self._closed:
                 return
             self._closed = True
-        self.stopping.set()
+        self.stop_control.mark()
         workspaces = self.workspaces()
         logger.info(
             "event=server_stopping workspaces=%d drain_timeout=%s",

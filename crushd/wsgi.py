@@ -77,35 +77,23 @@ class _SigtermStop:
     """
 
     def __init__(self, server: Server, previous: Callable[[int, Any], Any] | None) -> None:
-        self.server = server
+        self.control = server.stop_control
         self.previous = previous
-        self._started = threading.Event()
-        self._done = threading.Event()
         self._raised = False  # only touched on the main thread
 
     def __call__(self, signum: int, frame: Any) -> None:
-        if self._done.is_set() and self.previous is None:
+        if self.control.done.is_set() and self.previous is None:
             if not self._raised:  # once: a later signal must not break the host's exit
                 self._raised = True
                 raise KeyboardInterrupt
             return
-        if self._started.is_set():
-            self.server.skip_drain.set()
-        else:
-            self._started.set()
-            self.server.stopping.set()
-            threading.Thread(target=self._stop, name="crushd-wsgi-stop").start()
+        self.control.signal("SIGTERM", after=self._stopped)
         if self.previous is not None:
             self.previous(signum, frame)
 
-    def _stop(self) -> None:
-        logger.info("event=stop_requested reason=SIGTERM")
-        try:
-            self.server.stop()
-        finally:
-            self._done.set()
-            if self.previous is None:
-                _thread.interrupt_main(signal.SIGTERM)
+    def _stopped(self) -> None:
+        if self.previous is None:  # hand the exit back to the host's main loop
+            _thread.interrupt_main(signal.SIGTERM)
 
 
 def install_sigterm(server: Server) -> bool:
