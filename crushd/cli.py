@@ -625,3 +625,36 @@ def sessions(
             for s in items
         ],
     )
+
+
+@main.command()
+@client_options
+@click.option("--workspace", "workspace_arg", metavar="DIR", help="Directory or workspace id.")
+@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+def mcp(
+    url: str | None,
+    unix_socket: str | None,
+    token_file: str | None,
+    workspace_arg: str | None,
+    as_json: bool,
+) -> None:
+    """List the workspace's MCP servers: status, tools, error."""
+    with connected(url, unix_socket, token_file) as client:
+        workspace = resolve_workspace(client, workspace_arg)
+        items = client.mcp_servers(workspace["id"])
+    if as_json:
+        print_json(items)
+        return
+    print_table(
+        ["SERVER", "TRANSPORT", "STATUS", "TOOLS", "ERROR / TOOL NAMES"],
+        [
+            [
+                s["name"],
+                s["transport"],
+                s["status"],
+                len(s["tools"]),
+                one_line(s["error"], 100) if s["error"] else one_line(" ".join(s["tools"]), 100),
+            ]
+            for s in items
+        ],
+    )

@@ -236,6 +236,9 @@ class Client:
     def sessions(self, workspace_id: str) -> list[dict[str, Any]]:
         return self.request("GET", f"/v1/workspaces/{workspace_id}/sessions")
 
+    def mcp_servers(self, workspace_id: str) -> list[dict[str, Any]]:
+        return self.request("GET", f"/v1/workspaces/{workspace_id}/mcp")
+
     def runs(
         self,
         workspace_id: str,

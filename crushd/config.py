@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from crushd.errors import CrushdError
+from crushd.mcp import McpConfigError, McpServerConfig, parse_mcp_tables
 from crushd.providers import PROVIDERS
 from crushd.providers.catalog import DEFAULT_CONTEXT_WINDOW, PRICE_FIELDS, ModelSpec
 from crushd.providers.retry import RetryPolicy
@@ -61,6 +62,7 @@ class Config:
     #: filled and checked by :meth:`from_mapping`, never empty afterwards.
     models: dict[str, ModelSpec] = field(default_factory=dict)
     default_model: str | None = None
+    mcp: dict[str, McpServerConfig] = field(default_factory=dict)  # the [mcp.NAME] tables
 
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy(
@@ -144,6 +146,9 @@ class Config:
                 name = "allow_roots"
             if name not in fields:
                 raise ConfigError(f"unknown configuration key {key!r}")
+            if name == "mcp":
+                kwargs[name] = _mcp_servers(raw)
+                continue
             kwargs[name] = _coerce(name, fields[name].type, raw)
         config = cls(**kwargs)
         config.models = {str(name): _model_spec(str(name), table) for name, table in tables.items()}
@@ -233,7 +238,7 @@ def _from_env(env: dict[str, str]) -> dict[str, Any]:
             values["allow_roots"] = [p for p in value.split(os.pathsep) if p]
         elif name == "allowed_tools":
             values[name] = [t.strip() for t in value.split(",") if t.strip()]
-        elif name in names:
+        elif name in names and name != "mcp":  # servers are TOML tables only
             values[name] = value
     return values
 
@@ -252,10 +257,21 @@ def _from_toml(path: Path) -> dict[str, Any]:
     data = dict(data.get("crushd", data))
     if data is not root and "models" in root:
         data.setdefault("models", root["models"])
+    if "mcp" not in data and "mcp" in root:
+        data["mcp"] = root["mcp"]
     tools = data.pop("tools", None)
     if isinstance(tools, dict) and "allow" in tools:
         data["allowed_tools"] = tools["allow"]
     return data
+
+
+def _mcp_servers(raw: Any) -> dict[str, McpServerConfig]:
+    if isinstance(raw, dict) and all(isinstance(v, McpServerConfig) for v in raw.values()):
+        return dict(raw)
+    try:
+        return parse_mcp_tables(raw)
+    except McpConfigError as exc:
+        raise ConfigError(exc.message) from None
 
 
 def _coerce(name: str, annotation: Any, raw: Any) -> Any:

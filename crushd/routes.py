@@ -276,6 +276,11 @@ def decide_permission(wid: str, pid: str) -> Any:
     return workspace.permissions.decide(pid, decision)
 
 
+@api.get("/workspaces/<wid>/mcp")
+def list_mcp_servers(wid: str) -> Any:
+    return server().get(wid).mcp.entries()
+
+
 # -- events ------------------------------------------------------------------
 
 

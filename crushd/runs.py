@@ -18,7 +18,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -84,6 +84,8 @@ class RunEnv:
     allowed_tools: frozenset[str] = frozenset()
     on_completed: Callable[[dict[str, Any]], None] = lambda run: None
     clock: Callable[[], float] = time.monotonic
+    # Tools that come and go (the MCP servers' tools), read once as a run starts.
+    extra_tools: Callable[[], Mapping[str, Tool]] = dict
 
 
 # -- parts -------------------------------------------------------------------
@@ -336,6 +338,7 @@ class Run:
         self.step: _Step | None = None
         self.provider: Provider | None = None  # the run's model, known once it started
         self.tools_ctx = ToolContext(root=env.root, token=token, bash_timeout=env.bash_timeout)
+        self.tools: dict[str, Tool] = {**env.extra_tools(), **env.tools}
 
     @property
     def writer(self) -> MessageWriter | None:
@@ -401,8 +404,8 @@ class Run:
     def _loop(self) -> str | None:
         """Model steps until the model stops; returns a denial error or None."""
         env = self.env
-        specs = [ToolSpec(t.name, t.description, t.parameters) for t in env.tools.values()]
-        system = SYSTEM_PROMPT.format(root=env.root, tools=", ".join(env.tools) or "none")
+        specs = [ToolSpec(t.name, t.description, t.parameters) for t in self.tools.values()]
+        system = SYSTEM_PROMPT.format(root=env.root, tools=", ".join(self.tools) or "none")
         history = env.store.list_messages(self.session_id)
         history = [m for m in history if m["id"] != self.step.writer.id]
         steps = 0
@@ -495,7 +498,7 @@ class Run:
                     call, "Skipped: an earlier tool call was denied", True
                 )
                 continue
-            tool = self.env.tools.get(call["name"])
+            tool = self.tools.get(call["name"])
             try:
                 if tool is None:
                     raise ToolError(f"unknown tool {call['name']!r}")

@@ -26,6 +26,7 @@ from typing import Any
 from crushd import __version__
 from crushd.config import Config
 from crushd.errors import CrushdError, InvalidRequest, NotFound, ShuttingDown, WorkspaceClosing
+from crushd.mcp import McpLoop
 from crushd.providers import Provider
 from crushd.providers.catalog import ModelCatalog
 from crushd.signals import Signals
@@ -132,6 +133,9 @@ class Server:
         # Serializes registrations, so two POSTs of one path open it once.
         self._register_lock = threading.Lock()
         self._streams = threading.BoundedSemaphore(config.max_streams)
+        # The one asyncio loop of the process, for every workspace's MCP
+        # servers; its thread starts with the first server and ends in stop().
+        self.mcp_loop = McpLoop()
 
     @property
     def stopping(self) -> threading.Event:
@@ -189,7 +193,14 @@ class Server:
     def _open(self, record: dict[str, Any]) -> Workspace:
         tools = dict(self._tools) if self._tools is not None else default_tools()
         workspace = Workspace(
-            record, self.data_dir, self.config, self.models, tools, self.signals, self.clock
+            record,
+            self.data_dir,
+            self.config,
+            self.models,
+            tools,
+            self.signals,
+            self.clock,
+            mcp_loop=self.mcp_loop,
         )
         with self._lock:
             self._workspaces[workspace.id] = workspace
@@ -307,6 +318,7 @@ class Server:
             thread.join()
         with self._lock:
             self._workspaces.clear()
+        self.mcp_loop.stop()
         self.models.close()
         if self.registry is not None:
             self.registry.close()

@@ -39,6 +39,7 @@ from crushd.common import TERMINAL_STATUSES, new_id, text_of
 from crushd.config import Config
 from crushd.errors import InvalidRequest, NotFound, RunIdConflict, WorkspaceClosing
 from crushd.events import EventHub
+from crushd.mcp import McpLoop, WorkspaceMcp
 from crushd.permissions import PermissionBroker
 from crushd.providers.catalog import ModelCatalog
 from crushd.runs import CANCELED_MESSAGE, Run, RunEnv, seal_run_messages
@@ -84,6 +85,7 @@ class Workspace:
         tools: dict[str, Tool],
         signals: Signals,
         clock: Callable[[], float] = time.monotonic,
+        mcp_loop: McpLoop | None = None,
     ) -> None:
         self.id: str = record["id"]
         self.path = Path(record["path"])
@@ -106,6 +108,14 @@ class Workspace:
             on_event=lambda e: send(signals.event_published, self.id, event=e),
         )
         self.permissions = PermissionBroker(self.hub, config.permission_timeout)
+        # The MCP servers publish from the loop thread; the hub is thread-safe.
+        self.mcp = WorkspaceMcp(
+            config.mcp if mcp_loop is not None else {},
+            self.path,
+            mcp_loop or McpLoop(),
+            publish=lambda entry: self.hub.publish("mcp.status", None, entry),
+            workspace_id=self.id,
+        )
         # Guards the flags, queues and maps below; first in the lock order.
         self._lock = threading.Lock()
         self._closing = False  # guarded by _lock
@@ -139,6 +149,7 @@ class Workspace:
             allowed_tools=frozenset(config.allowed_tools),
             on_completed=self._run_completed,
             clock=clock,
+            extra_tools=self.mcp.tools,
         )
 
     # -- state ---------------------------------------------------------------
@@ -175,7 +186,8 @@ class Workspace:
         """Finish what a previous process left and start dispatching: runs
         found ``running`` become ``interrupted``; ``queued`` runs are queued
         again in their order.  Call once, after construction; blocks while
-        it recovers."""
+        it recovers; the MCP servers start in the background."""
+        self.mcp.start()
         for run in self.store.list_runs(status="running", limit=1_000_000, oldest_first=True):
             last = seal_run_messages(
                 self._env,
@@ -503,8 +515,10 @@ class Workspace:
                 ",".join(stuck),
                 timeout,
             )
-        # 5. Flush what stuck runs buffered, stop the executor, end the
-        #    streams and close the database — nothing touches it after this.
+        # 5. Flush what stuck runs buffered, stop the MCP servers (whole
+        #    process groups, bounded; stragglers are killed and logged), stop
+        #    the executor, end the streams and close the database — nothing
+        #    touches it after this.
         with self._lock:
             leftovers = list(self._active.values())
         for active in leftovers:
@@ -513,6 +527,7 @@ class Workspace:
                     active.run.writer.flush()
                 except Exception:
                     logger.exception("event=flush_failed run=%s", active.run_id)
+        self.mcp.close(self.config.cleanup_timeout)
         self._executor.shutdown(wait=False, cancel_futures=True)
         self.hub.close()
         self.store.close()

@@ -2,7 +2,7 @@
 hangs (and records that it was cancelled), a crash mid-call, a grandchild
 process, a server that dies before it answers ``initialize``.
 
-    python tests/mcpserver.py [stdio | sse PORT | http PORT | crash-at-start]
+    python tests/mcpserver.py [stdio | sse PORT | http PORT | crash-at-start | slow-start]
 
 ``MCP_TEST_MARKS`` names a directory where tools leave marker files.
 """
@@ -71,6 +71,9 @@ async def linger() -> str:
 
 if __name__ == "__main__":
     mode = sys.argv[1] if len(sys.argv) > 1 else "stdio"
+    if mode == "slow-start":
+        time.sleep(3)
+        mode = "stdio"
     if mode == "crash-at-start":
         sys.stderr.write("mcpserver: refusing to start (crash-at-start)\n")
         sys.exit(5)

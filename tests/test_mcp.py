@@ -18,8 +18,10 @@ from pathlib import Path
 
 import mcp_types
 import pytest
+from conftest import wait_for
 
 from crushd.cancel import Cancelled, CancelToken
+from crushd.config import Config, ConfigError
 from crushd.mcp import (
     McpConfigError,
     McpLoop,
@@ -29,7 +31,6 @@ from crushd.mcp import (
     result_text,
 )
 from crushd.tools.base import ToolContext
-from tests.conftest import wait_for
 
 TEST_SERVER = str(Path(__file__).with_name("mcpserver.py"))
 EVERYTHING = shutil.which("mcp-server-everything") or "mcp-server-everything"
@@ -520,3 +521,41 @@ def test_no_server_outlives_its_host_after_kill_9(tmp_path):
         host.kill()
         host.wait(5)
         host.stdout.close()
+
+
+def test_config_file_tables_and_their_errors(tmp_path):
+    readme = (Path(__file__).parents[1] / "README.rst").read_text()
+    section = readme.split("\nMCP servers\n===========\n", 1)[1]
+    block = section.split("::\n\n", 1)[1].splitlines()
+    end = next(i for i, line in enumerate(block) if line and not line.startswith(" "))
+    example = "\n".join(line[4:] for line in block[:end])
+    good = tmp_path / "good.toml"
+    good.write_text(example)
+    config = Config.load({}, env={}, config_file=str(good))
+    assert list(config.mcp) == ["time", "docs", "legacy"]
+    assert config.mcp["time"].allow == {"get_current_time"}
+    assert config.mcp["docs"].transport == "http" and config.mcp["legacy"].transport == "sse"
+    assert not config.mcp["legacy"].enabled
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[mcp.fs]\ncommand = "mcp-fs"\nargs = "--root ."\n')
+    with pytest.raises(ConfigError, match=r"mcp\.fs: args must be a list of strings"):
+        Config.load({}, env={}, config_file=str(bad))
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "crushd",
+            "serve",
+            "--config",
+            str(bad),
+            "--data-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert refused.returncode == 2
+    assert "mcp.fs: args must be a list of strings" in refused.stderr
+    assert not (tmp_path / "crushd.lock").exists()  # refused before anything started

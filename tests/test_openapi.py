@@ -10,6 +10,7 @@ from openapi_spec_validator import validate
 
 import crushd
 from crushd.common import RUN_STATUSES
+from crushd.mcp import STATUSES
 from crushd.providers import FINISH_REASONS
 
 HTTP_METHODS = {"get", "put", "post", "delete", "patch", "head", "options", "trace"}
@@ -41,6 +42,7 @@ SPEC_ROUTES = {
     ("get", "/v1/workspaces/{id}/events"),
     ("get", "/v1/workspaces/{id}/permissions"),
     ("post", "/v1/workspaces/{id}/permissions/{pid}"),
+    ("get", "/v1/workspaces/{id}/mcp"),
 }
 
 # The status table of SPEC §3.
@@ -100,7 +102,7 @@ def test_every_spec_route_is_documented(spec):
     extra = documented - SPEC_ROUTES
     assert not missing, f"routes of SPEC §3 missing from openapi.json: {sorted(missing)}"
     assert not extra, f"routes in openapi.json that SPEC §3 does not list: {sorted(extra)}"
-    assert len(SPEC_ROUTES) == 24
+    assert len(SPEC_ROUTES) == 25
 
 
 def test_info_version_matches_package(spec):
@@ -202,4 +204,5 @@ def test_schema_enums(spec):
         "tool_result",
         "finish",
     }
-    assert "reset" in schemas["Event"]["properties"]["type"]["enum"]
+    assert {"reset", "mcp.status"} <= set(schemas["Event"]["properties"]["type"]["enum"])
+    assert schemas["McpServer"]["properties"]["status"]["enum"] == list(STATUSES)
