@@ -10,8 +10,9 @@ from typing import Any
 from flask import Flask, g, request
 from werkzeug.exceptions import HTTPException
 
+from crushd.browser import BrowserGuard, over_unix_socket
 from crushd.config import Config
-from crushd.errors import CrushdError, Unauthorized
+from crushd.errors import CrushdError, Forbidden, Unauthorized
 from crushd.server import Server
 
 logger = logging.getLogger("crushd.http")
@@ -19,6 +20,7 @@ logger = logging.getLogger("crushd.http")
 HTTP_CODES = {
     400: "invalid_request",
     401: "unauthorized",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     413: "too_large",
@@ -42,14 +44,43 @@ def create_app(config: Config | None = None, server: Server | None = None) -> Fl
     app.config["MAX_CONTENT_LENGTH"] = config.max_body
     app.json.sort_keys = False
     app.extensions["crushd"] = server
+    # The serve command adds the addresses it listens on before serving.
+    guard = BrowserGuard(config.allow_origins, config.allow_hosts, [config.host])
+    app.extensions["crushd.guard"] = guard
 
     from crushd.routes import api
 
     app.register_blueprint(api)
 
     @app.before_request
-    def _authenticate() -> None:
+    def _guard_browsers() -> Any:
+        """Runs first, before auth, any view or reading the body: a request a
+        web page made without being allowed to changes nothing."""
         g.started = time.monotonic()
+        refusal = guard.check(
+            request.headers, request.scheme, unix_socket=over_unix_socket(request.environ)
+        )
+        if refusal is not None:
+            logger.warning(
+                "event=request_forbidden reason=%s method=%s path=%s origin=%s host=%s",
+                refusal.reason,
+                request.method,
+                request.path,
+                request.headers.get("Origin", ""),
+                request.headers.get("Host", ""),
+            )
+            raise Forbidden(refusal.message)
+        origin = guard.cors_origin(request.headers)
+        if (
+            origin is not None
+            and request.method == "OPTIONS"
+            and "Access-Control-Request-Method" in request.headers
+        ):
+            return "", 204, guard.cors_headers(origin, preflight=True)
+        return None
+
+    @app.before_request
+    def _authenticate() -> None:
         if server.token is None or request.path == "/v1/health":
             return
         header = request.headers.get("Authorization", "")
@@ -58,6 +89,13 @@ def create_app(config: Config | None = None, server: Server | None = None) -> Fl
             given.strip().encode(), server.token.encode()
         ):
             raise Unauthorized("missing or wrong bearer token")
+
+    @app.after_request
+    def _cors(response: Any) -> Any:
+        origin = guard.cors_origin(request.headers)
+        if origin is not None and "Access-Control-Allow-Origin" not in response.headers:
+            response.headers.update(guard.cors_headers(origin))
+        return response
 
     @app.after_request
     def _log(response: Any) -> Any:

@@ -58,6 +58,20 @@ def main() -> None:
     multiple=True,
     help="Only allow workspaces below this directory (repeatable).",
 )
+@click.option(
+    "--allow-origin",
+    "allow_origins",
+    multiple=True,
+    metavar="ORIGIN",
+    help="Let web pages of this origin use the API, with CORS (repeatable, exact match).",
+)
+@click.option(
+    "--allow-host",
+    "allow_hosts",
+    multiple=True,
+    metavar="NAME",
+    help="Accept this name in the Host header besides loopback names (repeatable).",
+)
 @click.option("--shutdown-timeout", type=float, help="Seconds to wait for runs on close (10).")
 @click.option(
     "--drain-timeout", type=float, help="Seconds running turns get to finish on a server stop (0)."

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crushd.browser import normalize_origin, split_host
 from crushd.errors import CrushdError
 from crushd.mcp import McpConfigError, McpServerConfig, parse_mcp_tables
 from crushd.providers import PROVIDERS
@@ -19,6 +20,13 @@ from crushd.providers.retry import RetryPolicy
 #: Top-level keys (and flags) that define a model of their own.
 MODEL_FLAGS = ("provider", "model", "base_url", "api_key_env")
 MODEL_KEYS = frozenset({*MODEL_FLAGS, "context_window", "max_output_tokens", *PRICE_FIELDS})
+
+# A repeatable flag is singular (``--allow-origin``); its setting is plural.
+SINGULAR_KEYS = {
+    "allow_root": "allow_roots",
+    "allow_origin": "allow_origins",
+    "allow_host": "allow_hosts",
+}
 
 
 class ConfigError(CrushdError):
@@ -42,6 +50,8 @@ class Config:
     token: str | None = None
     token_file: str | None = None
     allow_roots: list[str] = field(default_factory=list)
+    allow_origins: list[str] = field(default_factory=list)
+    allow_hosts: list[str] = field(default_factory=list)
     shutdown_timeout: float = 10.0
     drain_timeout: float = 0.0
     cleanup_timeout: float = 5.0
@@ -142,8 +152,7 @@ class Config:
         kwargs: dict[str, Any] = {}
         for key, raw in values.items():
             name = key.replace("-", "_")
-            if name == "allow_root":
-                name = "allow_roots"
+            name = SINGULAR_KEYS.get(name, name)
             if name not in fields:
                 raise ConfigError(f"unknown configuration key {key!r}")
             if name == "mcp":
@@ -214,6 +223,14 @@ class Config:
             raise ConfigError(
                 f"log_level must be debug, info, warning or error, not {self.log_level!r}"
             )
+        for origin in self.allow_origins:
+            if normalize_origin(origin) is None:
+                raise ConfigError(
+                    f"allow_origins: {origin!r} is not an origin like http://localhost:3000"
+                )
+        for host in self.allow_hosts:
+            if split_host(host) is None:
+                raise ConfigError(f"allow_hosts: {host!r} is not a host name")
         if self.ping_interval <= 0:
             raise ConfigError("ping_interval must be positive")
         if self.event_buffer < 10_000:
@@ -234,9 +251,10 @@ def _from_env(env: dict[str, str]) -> dict[str, Any]:
         name = key[len("CRUSHD_") :].lower()
         if name == "models":  # tables come only from the file
             continue
-        if name == "allow_roots" or name == "allow_root":
-            values["allow_roots"] = [p for p in value.split(os.pathsep) if p]
-        elif name == "allowed_tools":
+        name = SINGULAR_KEYS.get(name, name)
+        if name == "allow_roots":
+            values[name] = [p for p in value.split(os.pathsep) if p]
+        elif name in ("allowed_tools", "allow_origins", "allow_hosts"):
             values[name] = [t.strip() for t in value.split(",") if t.strip()]
         elif name in names and name != "mcp":  # servers are TOML tables only
             values[name] = value

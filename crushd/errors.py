@@ -25,6 +25,11 @@ class Unauthorized(CrushdError):
     code = "unauthorized"
 
 
+class Forbidden(CrushdError):
+    status = 403
+    code = "forbidden"
+
+
 class NotFound(CrushdError):
     status = 404
     code = "not_found"

@@ -104,6 +104,7 @@ class Runner:
         except BaseException:
             self.server.stop()
             raise
+        self.app.extensions["crushd.guard"].add_listen_hosts(self._listen_hosts())
         self._watchdog: systemd.Watchdog | None = None
 
     @property
@@ -115,6 +116,17 @@ class Runner:
                 name = sock.getsockname()
                 names.append(name if isinstance(name, str) else f"{name[0]}:{name[1]}")
         return names
+
+    def _listen_hosts(self) -> list[str]:
+        """The TCP addresses listened on, as Host names (IPv6 in brackets)."""
+        hosts = []
+        for dispatcher in list(self._map().values()):
+            sock = getattr(dispatcher, "socket", None)
+            if getattr(dispatcher, "accepting", False) and sock is not None:
+                name = sock.getsockname()
+                if isinstance(name, tuple):
+                    hosts.append(f"[{name[0]}]" if ":" in name[0] else name[0])
+        return hosts
 
     def _map(self) -> dict[int, Any]:
         # A single-socket server keeps its channel map in ``_map``; the

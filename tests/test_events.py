@@ -153,7 +153,9 @@ def test_a_vanished_client_frees_its_stream_within_a_ping(live_factory, project)
     raw = []
     for _ in range(2):
         sock = socket.create_connection((host, int(port)))
-        sock.sendall(f"GET /v1/workspaces/{wid}/events HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        sock.sendall(
+            f"GET /v1/workspaces/{wid}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+        )
         assert b"200 OK" in sock.recv(4096)
         raw.append(sock)
     with httpx.Client(base_url=live.url, timeout=10) as http:

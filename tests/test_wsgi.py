@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -69,7 +70,7 @@ def hosts(tmp_path: Path):
         CRUSHD_THREADS="8",  # = the host's threads, so the stream cap stays below them
     )
 
-    def start(kind: str) -> Host:
+    def start(kind: str, **extra_env: str) -> Host:
         if kind == "gunicorn":
             argv = [sys.executable, "-m", "gunicorn", "-w", "1", "--threads", "8"]
             argv += ["-b", "127.0.0.1:0", "--graceful-timeout", "20"]
@@ -79,7 +80,11 @@ def hosts(tmp_path: Path):
         else:
             argv = [sys.executable, "-m", "waitress", "--listen=127.0.0.1:0", "--threads=8"]
             argv.append("--channel-request-lookahead=1")  # streams see a gone client at once
-        host = Host([*argv, "crushd.wsgi:application"], env, tmp_path / f"{kind}{len(started)}.log")
+        host = Host(
+            [*argv, "crushd.wsgi:application"],
+            {**env, **extra_env},
+            tmp_path / f"{kind}{len(started)}.log",
+        )
         started.append(host)
         return host
 
@@ -193,3 +198,24 @@ def test_waitress_serve_round_trip_and_sigterm(hosts, project, tmp_path):
     statuses = stored_runs(tmp_path / "data", wid)
     assert statuses[run_id] == "cancelled"
     assert "running" not in statuses.values()
+
+
+def test_browser_guard_under_a_wsgi_host(hosts, project):
+    """The host picks the address, so only loopback names and CRUSHD_ALLOW_HOST pass."""
+    ui = "http://localhost:5173"
+    host = hosts("waitress", CRUSHD_ALLOW_HOST="crushd.lan", CRUSHD_ALLOW_ORIGIN=ui)
+    url = host.wait_listening(WAITRESS_LISTENING)
+    with httpx.Client(base_url=url, timeout=20) as http:
+        assert http.get("/v1/health", headers={"Host": "crushd.lan"}).status_code == 200
+        rebound = http.get("/v1/health", headers={"Host": "attacker.example"})
+        assert (rebound.status_code, rebound.json()["error"]["code"]) == (403, "forbidden")
+        foreign = http.post(
+            "/v1/workspaces",
+            content=json.dumps({"path": str(project)}),
+            headers={"Origin": "http://evil.example", "Content-Type": "text/plain"},
+        )
+        assert foreign.status_code == 403
+        assert http.get("/v1/workspaces").json() == []
+        allowed = http.get("/v1/workspaces", headers={"Origin": ui})
+        assert allowed.headers["Access-Control-Allow-Origin"] == ui
+    assert "event=request_forbidden" in host.log()
