@@ -49,6 +49,7 @@ SPEC_ROUTES = {
 SPEC_ERROR_CODES = {
     "invalid_request",
     "unauthorized",
+    "forbidden",
     "not_found",
     "method_not_allowed",
     "workspace_closing",
@@ -157,6 +158,13 @@ def test_security_is_global_bearer_except_health(spec):
         else:
             assert "security" not in operation, f"{method.upper()} {path} overrides security"
             assert "401" in operation["responses"], f"{method.upper()} {path} lacks 401"
+
+
+def test_every_operation_documents_the_browser_guard(spec):
+    for method, path, operation in _operations(spec):
+        response = _resolve(spec, operation["responses"].get("403", {}))
+        examples = response.get("content", {}).get("application/json", {}).get("examples", {})
+        assert "forbidden" in examples, f"{method.upper()} {path} lacks 403 forbidden"
 
 
 @pytest.mark.parametrize(
