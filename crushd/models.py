@@ -50,6 +50,22 @@ def _add_run_kind_and_model(db: pw.Database) -> None:
         )
 
 
+def _add_cache_and_cost_columns(db: pw.Database) -> None:
+    migrator = SchemaMigrator.from_database(db)
+    with migrator.migration_context():
+        migrate(
+            *(
+                migrator.add_column(table, name, field)
+                for table in ("run", "session")
+                for name, field in (
+                    ("cache_read_tokens", pw.IntegerField(default=0)),
+                    ("cache_write_tokens", pw.IntegerField(default=0)),
+                    ("cost_usd", pw.FloatField(null=True)),
+                )
+            )
+        )
+
+
 WORKSPACE_MIGRATIONS: list[Migration] = [
     # 1: sessions, messages with JSON parts, runs, key/value meta.
     _sql(
@@ -93,6 +109,9 @@ WORKSPACE_MIGRATIONS: list[Migration] = [
     # 3: what a run is (a prompt; later a compaction) and the configured
     #    model it used; runs from before have kind "prompt" and no model.
     _add_run_kind_and_model,
+    # 4: prompt-cache tokens and the cost in USD, per run and per session;
+    #    null cost: no prices (or nothing counted yet).
+    _add_cache_and_cost_columns,
 ]
 
 REGISTRY_MIGRATIONS: list[Migration] = [
@@ -154,6 +173,9 @@ def workspace_models(db: pw.Database) -> SimpleNamespace:
         updated_at = pw.TextField()
         prompt_tokens = pw.IntegerField(default=0)
         completion_tokens = pw.IntegerField(default=0)
+        cache_read_tokens = pw.IntegerField(default=0)
+        cache_write_tokens = pw.IntegerField(default=0)
+        cost_usd = pw.FloatField(null=True)
 
     class Message(Base):
         pk = pw.AutoField()
@@ -183,6 +205,9 @@ def workspace_models(db: pw.Database) -> SimpleNamespace:
         finished_at = pw.TextField(null=True)
         prompt_tokens = pw.IntegerField(default=0)
         completion_tokens = pw.IntegerField(default=0)
+        cache_read_tokens = pw.IntegerField(default=0)
+        cache_write_tokens = pw.IntegerField(default=0)
+        cost_usd = pw.FloatField(null=True)
 
     class Setting(Base):
         key = pw.CharField(primary_key=True)

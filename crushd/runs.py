@@ -39,7 +39,7 @@ from crushd.providers.base import (
     ToolSpec,
     Usage,
 )
-from crushd.providers.catalog import ModelCatalog
+from crushd.providers.catalog import ModelCatalog, ModelSpec
 from crushd.providers.retry import NO_RETRIES, RetryPolicy, stream_with_retries
 from crushd.store import WorkspaceStore, lock_budget
 from crushd.tools.base import Tool, ToolContext, ToolError, ToolResult
@@ -337,6 +337,7 @@ class Run:
         self.token = token
         self.step: _Step | None = None
         self.provider: Provider | None = None  # the run's model, known once it started
+        self.spec: ModelSpec | None = None  # its configuration (prices)
         self.tools_ctx = ToolContext(root=env.root, token=token, bash_timeout=env.bash_timeout)
         self.tools: dict[str, Tool] = {**env.extra_tools(), **env.tools}
 
@@ -369,7 +370,9 @@ class Run:
             self.publish("message.created", user)
             # An unknown model (configuration changed while it was queued)
             # or a missing key fails the run here, with a message that says so.
-            self.provider = env.models.provider(self.run["model"] or env.models.default)
+            name = self.run["model"] or env.models.default
+            self.provider = env.models.provider(name)
+            self.spec = env.models.spec(name)
             self._new_step()
             denied = self._loop()
         except Cancelled:
@@ -426,7 +429,13 @@ class Run:
                     step.writer.tool_call_input(event.id, event.input_delta)
                 elif isinstance(event, Usage):
                     env.store.add_usage(
-                        self.id, self.session_id, event.prompt_tokens, event.completion_tokens
+                        self.id,
+                        self.session_id,
+                        event.prompt_tokens,
+                        event.completion_tokens,
+                        event.cache_read_tokens,
+                        event.cache_write_tokens,
+                        self.spec.cost(event) if self.spec is not None else None,
                     )
                 elif isinstance(event, StepFinish):
                     reason = event.reason

@@ -53,6 +53,11 @@ def lock_budget(seconds: float) -> Iterator[None]:
         _budget.seconds = previous
 
 
+def _cost(value: float | None) -> float | None:
+    """A stored cost as the API shows it: rounded past float noise."""
+    return None if value is None else round(value, 10)
+
+
 class StoreBusy(CrushdError):
     status = 503
     code = "shutting_down"
@@ -219,6 +224,9 @@ class WorkspaceStore(_Store):
             "message_count": message_count,
             "prompt_tokens": row.prompt_tokens,
             "completion_tokens": row.completion_tokens,
+            "cache_read_tokens": row.cache_read_tokens,
+            "cache_write_tokens": row.cache_write_tokens,
+            "cost_usd": _cost(row.cost_usd),
             "is_busy": bool(queued or counts.get("running", 0)),
             "queued_runs": queued,
         }
@@ -350,6 +358,9 @@ class WorkspaceStore(_Store):
             "usage": {
                 "prompt_tokens": row.prompt_tokens,
                 "completion_tokens": row.completion_tokens,
+                "cache_read_tokens": row.cache_read_tokens,
+                "cache_write_tokens": row.cache_write_tokens,
+                "cost_usd": _cost(row.cost_usd),
             },
         }
 
@@ -496,15 +507,27 @@ class WorkspaceStore(_Store):
             return self._run_dict(R.get(R.id == run_id))
 
     def add_usage(
-        self, run_id: str, session_id: str, prompt_tokens: int, completion_tokens: int
+        self,
+        run_id: str,
+        session_id: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        cache_read_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        cost_usd: float | None = None,
     ) -> None:
-        R, S = self.m.Run, self.m.Session
+        """Add one step's usage to its run and its session, in one transaction.
+
+        ``cost_usd`` None (a model without prices) leaves the costs as they are.
+        """
         with self._use(write=True):
-            R.update(
-                prompt_tokens=R.prompt_tokens + prompt_tokens,
-                completion_tokens=R.completion_tokens + completion_tokens,
-            ).where(R.id == run_id).execute()
-            S.update(
-                prompt_tokens=S.prompt_tokens + prompt_tokens,
-                completion_tokens=S.completion_tokens + completion_tokens,
-            ).where(S.id == session_id).execute()
+            for M, key in ((self.m.Run, run_id), (self.m.Session, session_id)):
+                fields: dict[Any, Any] = {
+                    M.prompt_tokens: M.prompt_tokens + prompt_tokens,
+                    M.completion_tokens: M.completion_tokens + completion_tokens,
+                    M.cache_read_tokens: M.cache_read_tokens + cache_read_tokens,
+                    M.cache_write_tokens: M.cache_write_tokens + cache_write_tokens,
+                }
+                if cost_usd is not None:
+                    fields[M.cost_usd] = pw.fn.COALESCE(M.cost_usd, 0.0) + cost_usd
+                M.update(fields).where(M.id == key).execute()

@@ -88,8 +88,13 @@ class ToolCall:
 
 @dataclass(frozen=True)
 class Usage:
+    """Token counts; ``prompt_tokens`` includes the cached ones, as OpenAI
+    counts them (Anthropic's ``input_tokens`` is sent without them)."""
+
     prompt_tokens: int
     completion_tokens: int
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -567,6 +572,11 @@ class _OpenAIEncoder(_Encoder):
                 "prompt_tokens": self.usage.prompt_tokens,
                 "completion_tokens": self.usage.completion_tokens,
                 "total_tokens": self.usage.prompt_tokens + self.usage.completion_tokens,
+                "prompt_tokens_details": {
+                    "cached_tokens": self.usage.cache_read_tokens,
+                    "audio_tokens": 0,
+                },
+                "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
             }
             events.append(self._chunk([], usage=usage))
         return events
@@ -629,7 +639,14 @@ class _AnthropicEncoder(_Encoder):
             "model": self.model,
             "stop_reason": None,
             "stop_sequence": None,
-            "usage": {"input_tokens": self.usage.prompt_tokens, "output_tokens": 1},
+            "usage": {
+                "input_tokens": self.usage.prompt_tokens
+                - self.usage.cache_read_tokens
+                - self.usage.cache_write_tokens,
+                "cache_creation_input_tokens": self.usage.cache_write_tokens,
+                "cache_read_input_tokens": self.usage.cache_read_tokens,
+                "output_tokens": 1,
+            },
         }
         return [self._event("message_start", {"message": message}), self._event("ping", {})]
 

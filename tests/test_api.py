@@ -21,7 +21,8 @@ from crushd.server import AlreadyRunning, Server
 WORKSPACE_KEYS = {"id", "path", "yolo", "created_at", "closing", "active_runs", "queued_runs"}
 SESSION_KEYS = {
     "id", "title", "created_at", "updated_at", "message_count", "prompt_tokens",
-    "completion_tokens", "is_busy", "queued_runs",
+    "completion_tokens", "cache_read_tokens", "cache_write_tokens", "cost_usd", "is_busy",
+    "queued_runs",
 }  # fmt: skip
 
 

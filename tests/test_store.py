@@ -22,6 +22,15 @@ def store(tmp_path: Path):
     st.close()
 
 
+NO_USAGE = {
+    "prompt_tokens": 0,
+    "completion_tokens": 0,
+    "cache_read_tokens": 0,
+    "cache_write_tokens": 0,
+    "cost_usd": None,
+}
+
+
 def user_version(path: Path) -> int:
     with sqlite3.connect(path) as conn:
         return conn.execute("PRAGMA user_version").fetchone()[0]
@@ -173,7 +182,7 @@ def test_runs_create_list_and_filter(store):
     assert run["status"] == "queued"
     assert run["workspace_id"] == "ws-1"
     assert run["started_at"] is None and run["finished_at"] is None
-    assert run["usage"] == {"prompt_tokens": 0, "completion_tokens": 0}
+    assert run["usage"] == NO_USAGE
     store.create_run("r2", b["id"], "second")
     store.create_run("r3", a["id"], "third")
     store.start_run("r3")
@@ -252,10 +261,22 @@ def test_usage_accumulates_on_run_and_session(store):
     session = store.create_session("s")
     store.create_run("r1", session["id"], "p")
     store.add_usage("r1", session["id"], 10, 3)
-    store.add_usage("r1", session["id"], 5, 2)
-    assert store.get_run("r1")["usage"] == {"prompt_tokens": 15, "completion_tokens": 5}
+    assert store.get_run("r1")["usage"] == {**NO_USAGE, "prompt_tokens": 10, "completion_tokens": 3}
+    store.add_usage("r1", session["id"], 5, 2, 4, 1, 0.25)
+    store.add_usage("r1", session["id"], 1, 1, 0, 0, 0.5)
+    store.create_run("r2", session["id"], "p")
+    store.add_usage("r2", session["id"], 1, 1, 1, 0, 0.125)
+    assert store.get_run("r1")["usage"] == {
+        "prompt_tokens": 16,
+        "completion_tokens": 6,
+        "cache_read_tokens": 4,
+        "cache_write_tokens": 1,
+        "cost_usd": 0.75,
+    }
     got = store.get_session(session["id"])
-    assert (got["prompt_tokens"], got["completion_tokens"]) == (15, 5)
+    assert (got["prompt_tokens"], got["completion_tokens"]) == (17, 7)
+    assert (got["cache_read_tokens"], got["cache_write_tokens"]) == (5, 1)
+    assert got["cost_usd"] == 0.875
 
 
 # -- many databases, many threads ------------------------------------------------
@@ -403,18 +424,18 @@ def test_older_schema_is_migrated_and_keeps_its_data(tmp_path):
         run = st.get_run("r1")
         assert run["status"] == "completed" and run["text"] == "old answer"
         assert (run["kind"], run["model"]) == ("prompt", None)
-        assert run["usage"] == {"prompt_tokens": 0, "completion_tokens": 0}
+        assert run["usage"] == NO_USAGE
         # The migrated database takes new writes.
         st.add_usage("r1", "s1", 4, 2)
-        assert st.get_run("r1")["usage"] == {"prompt_tokens": 4, "completion_tokens": 2}
+        assert st.get_run("r1")["usage"] == {**NO_USAGE, "prompt_tokens": 4, "completion_tokens": 2}
         st.create_message("s1", None, "user", [{"type": "text", "text": "new"}])
         assert len(st.list_messages("s1")) == 2
     finally:
         st.close()
 
     assert user_version(path) == len(WORKSPACE_MIGRATIONS)
-    assert {"prompt_tokens", "completion_tokens"} <= columns(path, "run")
-    assert {"prompt_tokens", "completion_tokens"} <= columns(path, "session")
+    for table in ("run", "session"):
+        assert set(NO_USAGE) <= columns(path, table)
     # Opening again is a no-op migration.
     again = WorkspaceStore(path, "ws-old")
     try:

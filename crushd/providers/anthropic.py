@@ -108,7 +108,12 @@ class AnthropicProvider(sse.HTTPProvider):
                     retryable=True,
                 )
             logger.warning("event=provider_no_message_stop provider=anthropic")
-        yield Usage(prompt_tokens=state.input_tokens, completion_tokens=state.output_tokens)
+        yield Usage(
+            prompt_tokens=state.input_tokens + state.cache_write_tokens + state.cache_read_tokens,
+            completion_tokens=state.output_tokens,
+            cache_read_tokens=state.cache_read_tokens,
+            cache_write_tokens=state.cache_write_tokens,
+        )
         yield StepFinish(state.finish or "unknown")
 
 
@@ -118,7 +123,9 @@ class _StepState:
     def __init__(self) -> None:
         self.stopped = False
         self.finish: str | None = None
-        self.input_tokens = 0
+        self.input_tokens = 0  # uncached input only, as the API counts it
+        self.cache_write_tokens = 0
+        self.cache_read_tokens = 0
         self.output_tokens = 0
         self._tool_ids: dict[int, str] = {}  # content block index -> tool_use id
 
@@ -148,14 +155,15 @@ class _StepState:
         # content_block_stop, ping and event types added later carry nothing we use.
 
     def _usage(self, usage: dict[str, Any]) -> None:
-        # Cache reads and writes are input tokens too; message_delta may
-        # restate the input count (newer API versions), output is cumulative.
+        # message_delta may restate the input counts (newer API versions);
+        # output is cumulative.  Cache reads and writes are input tokens too,
+        # counted apart from input_tokens by the API.
         if usage.get("input_tokens") is not None:
-            self.input_tokens = (
-                int(usage.get("input_tokens") or 0)
-                + int(usage.get("cache_creation_input_tokens") or 0)
-                + int(usage.get("cache_read_input_tokens") or 0)
-            )
+            self.input_tokens = int(usage.get("input_tokens") or 0)
+        if usage.get("cache_creation_input_tokens") is not None:
+            self.cache_write_tokens = int(usage.get("cache_creation_input_tokens") or 0)
+        if usage.get("cache_read_input_tokens") is not None:
+            self.cache_read_tokens = int(usage.get("cache_read_input_tokens") or 0)
         if usage.get("output_tokens") is not None:
             self.output_tokens = int(usage["output_tokens"])
 

@@ -54,10 +54,17 @@ class ToolCallDelta:
 
 @dataclass(frozen=True)
 class Usage:
-    """Token counts of this step (not cumulative across steps)."""
+    """Token counts of this step (not cumulative across steps).
+
+    ``prompt_tokens`` counts every input token, cached ones included;
+    ``cache_read_tokens`` and ``cache_write_tokens`` say how many of them
+    were read from or written to the provider's prompt cache.
+    """
 
     prompt_tokens: int
     completion_tokens: int
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from crushd.providers import PROVIDERS, create_provider
-from crushd.providers.base import Provider, ProviderError
+from crushd.providers.base import Provider, ProviderError, Usage
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,32 @@ class ModelSpec:
         if self.key_env is None:
             return False
         return bool(self.api_key_env) or self.base_url is None
+
+    @property
+    def priced(self) -> bool:
+        return self.input_price is not None or self.output_price is not None
+
+    def cost(self, usage: Usage) -> float | None:
+        """What ``usage`` cost in USD, or None for a model without prices.
+
+        Uncached input is billed at ``input_price``, cache reads and writes
+        at their own prices (``input_price`` when those are not given, an
+        upper bound), output at ``output_price``; a missing input or output
+        price counts as free.
+        """
+        if not self.priced:
+            return None
+        input_price = self.input_price or 0.0
+        read_price = input_price if self.cache_read_price is None else self.cache_read_price
+        write_price = input_price if self.cache_write_price is None else self.cache_write_price
+        uncached = max(0, usage.prompt_tokens - usage.cache_read_tokens - usage.cache_write_tokens)
+        total = (
+            uncached * input_price
+            + usage.cache_read_tokens * read_price
+            + usage.cache_write_tokens * write_price
+            + usage.completion_tokens * (self.output_price or 0.0)
+        )
+        return total / 1_000_000
 
     def describe(self, default: bool) -> dict[str, Any]:
         """The model as ``GET /v1/models`` lists it."""

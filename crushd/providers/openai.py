@@ -124,9 +124,14 @@ class _StepState:
             )
         usage = chunk.get("usage")
         if isinstance(usage, dict):
+            details = usage.get("prompt_tokens_details") or {}
             self.usage = Usage(
                 prompt_tokens=int(usage.get("prompt_tokens") or 0),
                 completion_tokens=int(usage.get("completion_tokens") or 0),
+                # Part of prompt_tokens, billed at the cached rate.
+                cache_read_tokens=int(details.get("cached_tokens") or 0)
+                if isinstance(details, dict)
+                else 0,
             )
         choices = chunk.get("choices") or []
         if not choices:
