@@ -12,7 +12,7 @@ from werkzeug.exceptions import HTTPException
 
 from crushd.browser import BrowserGuard, over_unix_socket
 from crushd.config import Config
-from crushd.errors import CrushdError, Forbidden, Unauthorized
+from crushd.errors import Forbidden, RequestError, Unauthorized
 from crushd.server import Server
 
 logger = logging.getLogger("crushd.http")
@@ -109,8 +109,8 @@ def create_app(config: Config | None = None, server: Server | None = None) -> Fl
         )
         return response
 
-    @app.errorhandler(CrushdError)
-    def _crushd_error(exc: CrushdError) -> Any:
+    @app.errorhandler(RequestError)
+    def _request_error(exc: RequestError) -> Any:
         headers = exc.headers()
         if exc.status == 401:
             headers["WWW-Authenticate"] = "Bearer"

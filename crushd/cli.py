@@ -109,9 +109,8 @@ def main() -> None:
 def serve(config_file: str | None, **flags: object) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
     from crushd import logs
-    from crushd.config import Config, ConfigError
-    from crushd.errors import CrushdError
-    from crushd.serve import StartupError
+    from crushd.config import Config
+    from crushd.errors import ConfigError, CrushdError
     from crushd.serve import serve as run_server
 
     try:
@@ -121,9 +120,8 @@ def serve(config_file: str | None, **flags: object) -> None:
     logs.configure(config.log_level)
     try:
         code = run_server(config)
-    except (StartupError, CrushdError, ValueError, OSError) as exc:
-        message = getattr(exc, "message", None) or str(exc)
-        click.echo(f"crushd: {message}", err=True)
+    except CrushdError as exc:  # StartupError, or a request error raised while starting
+        click.echo(f"crushd: {exc.message}", err=True)
         sys.exit(1)
     sys.exit(code)
 

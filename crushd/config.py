@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from crushd.browser import normalize_origin, split_host
-from crushd.errors import CrushdError
+from crushd.errors import ConfigError
 from crushd.mcp import McpConfigError, McpServerConfig, parse_mcp_tables
 from crushd.providers import PROVIDERS
 from crushd.providers.catalog import DEFAULT_CONTEXT_WINDOW, PRICE_FIELDS, ModelSpec
@@ -27,11 +27,6 @@ SINGULAR_KEYS = {
     "allow_origin": "allow_origins",
     "allow_host": "allow_hosts",
 }
-
-
-class ConfigError(CrushdError):
-    status = 400
-    code = "invalid_config"
 
 
 @dataclass

@@ -1,84 +1,172 @@
-"""The error hierarchy; ``crushd.app`` maps it to the JSON error shape."""
+"""Every error crushd raises on purpose, in one module and two families.
+
+* :class:`RequestError` and its subclasses end an HTTP request.  Each has
+  the status and the stable ``code`` of the contract's error table;
+  :mod:`crushd.app` turns them into ``{"error": {"code", "message"}}`` in
+  one place.
+* The others never reach HTTP.  :class:`StartupError` (bad configuration,
+  a data directory in use, a database from a newer crushd, an address that
+  cannot be bound) stops the daemon before it serves; :class:`ProviderError`
+  (a model request failed) ends a run ``failed`` with the error in its
+  record.
+
+:class:`CrushdError` is the base of both; ``crushd serve`` catches it and
+prints its message.  Every class has a stable snake_case ``code`` (for the
+JSON error, for logs and for tests); only request errors have a ``status``.
+"""
 
 from __future__ import annotations
 
 
 class CrushdError(Exception):
-    status = 500
+    """Base of every deliberate crushd error; ``message`` is for people."""
+
     code = "internal_error"
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
 
+
+# -- errors that end an HTTP request -------------------------------------------
+
+
+class RequestError(CrushdError):
+    """An error a request ends with: ``status``, ``code`` and ``headers()``."""
+
+    status = 500
+
     def headers(self) -> dict[str, str]:
         return {}
 
 
-class InvalidRequest(CrushdError):
+class _RetryLater(RequestError):
+    """A 503: the client may retry the same request in a few seconds."""
+
+    status = 503
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "5"}
+
+
+class InvalidRequest(RequestError):
     status = 400
     code = "invalid_request"
 
 
-class Unauthorized(CrushdError):
+class Unauthorized(RequestError):
     status = 401
     code = "unauthorized"
 
 
-class Forbidden(CrushdError):
+class Forbidden(RequestError):
     status = 403
     code = "forbidden"
 
 
-class NotFound(CrushdError):
+class NotFound(RequestError):
     status = 404
     code = "not_found"
 
 
-class WorkspaceClosing(CrushdError):
+class WorkspaceClosing(RequestError):
     status = 409
     code = "workspace_closing"
 
 
-class SessionBusy(CrushdError):
+class SessionBusy(RequestError):
     status = 409
     code = "session_busy"
 
 
-class RunIdConflict(CrushdError):
+class RunIdConflict(RequestError):
     status = 409
     code = "run_id_conflict"
 
 
-class QueueFull(CrushdError):
+class QueueFull(RequestError):
     status = 429
     code = "queue_full"
 
 
-class ShuttingDown(CrushdError):
-    status = 503
+class ShuttingDown(_RetryLater):
     code = "shutting_down"
 
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": "5"}
 
-
-class TooManyStreams(CrushdError):
-    status = 503
+class TooManyStreams(_RetryLater):
     code = "too_many_streams"
 
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": "5"}
+
+class StoreBusy(_RetryLater):
+    """The database lock was not free within the caller's budget."""
+
+    code = "storage_unavailable"
 
 
-class StoreClosed(CrushdError):
-    """A database was used after its workspace closed it."""
+class StoreClosed(WorkspaceClosing):
+    """A database was used after its workspace closed it.
 
-    status = 409
-    code = "workspace_closing"
+    To a client that is a request racing the workspace's close, so it
+    answers 409 ``workspace_closing`` as the contract says; the class of its
+    own tells a log (and a test) which of the two happened.
+    """
 
 
-class SchemaTooNew(CrushdError):
+# -- errors that never reach HTTP ----------------------------------------------
+
+
+class StartupError(CrushdError):
+    """The daemon cannot start; the message says why and what to do."""
+
+    code = "startup_failed"
+
+
+class ConfigError(StartupError):
+    """The configuration (flags, ``CRUSHD_*``, the TOML file) is not valid."""
+
+    code = "invalid_config"
+
+
+class AlreadyRunning(StartupError):
+    """Another crushd process holds the data directory's lock."""
+
+    code = "already_running"
+
+
+class SchemaTooNew(StartupError):
     """A database was written by a newer crushd than this one."""
 
     code = "schema_too_new"
+
+
+class ProviderError(CrushdError):
+    """A model request failed.
+
+    ``title`` is a short human message (the finish part's ``message``),
+    ``details`` the provider's own error text (the finish part's ``details``
+    and the run's ``error``).  ``retryable`` says whether the same request
+    may succeed later (overload, rate limit, a dropped connection);
+    ``retry_after`` is the wait in seconds the provider demanded, if any;
+    ``status`` the HTTP status when there was one; ``context_too_long``
+    marks a prompt the model cannot take (never retried as is).
+    """
+
+    code = "provider_error"
+
+    def __init__(
+        self,
+        title: str,
+        details: str = "",
+        *,
+        retryable: bool = False,
+        retry_after: float | None = None,
+        status: int | None = None,
+        context_too_long: bool = False,
+    ) -> None:
+        super().__init__(f"{title}: {details}" if details else title)
+        self.title = title
+        self.details = details
+        self.retryable = retryable and not context_too_long
+        self.retry_after = retry_after
+        self.status = status
+        self.context_too_long = context_too_long

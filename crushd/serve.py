@@ -34,13 +34,10 @@ from waitress.trigger import trigger as WaitressTrigger
 from crushd import systemd
 from crushd.app import create_app
 from crushd.config import Config
+from crushd.errors import StartupError
 from crushd.server import Server
 
 logger = logging.getLogger(__name__)
-
-
-class StartupError(Exception):
-    """The server cannot start; the message says why and what to do."""
 
 
 def is_loopback(host: str) -> bool:
@@ -93,14 +90,20 @@ class Runner:
         try:
             self.app = create_app(server=self.server)
             options = waitress_options(config)
-            if inherited:
-                self.wsgi = create_server(self.app, sockets=inherited, **options)
-            elif self._unix_socket:
-                self.wsgi = create_server(
-                    self.app, unix_socket=self._unix_socket, unix_socket_perms="600", **options
-                )
-            else:
-                self.wsgi = create_server(self.app, host=config.host, port=config.port, **options)
+            where = self._unix_socket or f"{config.host}:{config.port}"
+            try:
+                if inherited:
+                    self.wsgi = create_server(self.app, sockets=inherited, **options)
+                elif self._unix_socket:
+                    self.wsgi = create_server(
+                        self.app, unix_socket=self._unix_socket, unix_socket_perms="600", **options
+                    )
+                else:
+                    self.wsgi = create_server(
+                        self.app, host=config.host, port=config.port, **options
+                    )
+            except OSError as exc:  # in use, not permitted, no such directory
+                raise StartupError(f"cannot listen on {where}: {exc.strerror or exc}") from exc
         except BaseException:
             self.server.stop()
             raise

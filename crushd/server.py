@@ -25,7 +25,14 @@ from typing import Any
 
 from crushd import __version__
 from crushd.config import Config
-from crushd.errors import CrushdError, InvalidRequest, NotFound, ShuttingDown, WorkspaceClosing
+from crushd.errors import (
+    AlreadyRunning,
+    InvalidRequest,
+    NotFound,
+    ShuttingDown,
+    StartupError,
+    WorkspaceClosing,
+)
 from crushd.mcp import McpLoop
 from crushd.providers import Provider
 from crushd.providers.catalog import ModelCatalog
@@ -38,10 +45,6 @@ from crushd.workspace import Workspace
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = "crushd.lock"
-
-
-class AlreadyRunning(CrushdError):
-    code = "already_running"
 
 
 def _log_event(workspace_id: str, event: Any) -> None:
@@ -163,8 +166,13 @@ class Server:
                 return self
             self._started = True
         try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            self._dir_lock = DataDirLock(self.data_dir)
+            try:
+                self.data_dir.mkdir(parents=True, exist_ok=True)
+                self._dir_lock = DataDirLock(self.data_dir)
+            except OSError as exc:  # not permitted, read-only, not a directory
+                raise StartupError(
+                    f"cannot use the data directory {self.data_dir}: {exc.strerror or exc}"
+                ) from exc
             self.registry = RegistryStore(self.data_dir / "registry.db")
             for record in self.registry.registered():
                 self._open(record)

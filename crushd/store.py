@@ -24,7 +24,7 @@ from typing import Any
 import peewee as pw
 
 from crushd.common import ACTIVE_STATUSES, TERMINAL_STATUSES, new_id, utcnow
-from crushd.errors import CrushdError, NotFound, QueueFull, SessionBusy, StoreClosed
+from crushd.errors import NotFound, QueueFull, SessionBusy, StoreBusy, StoreClosed
 from crushd.models import (
     REGISTRY_MIGRATIONS,
     WORKSPACE_MIGRATIONS,
@@ -56,11 +56,6 @@ def lock_budget(seconds: float) -> Iterator[None]:
 def _cost(value: float | None) -> float | None:
     """A stored cost as the API shows it: rounded past float noise."""
     return None if value is None else round(value, 10)
-
-
-class StoreBusy(CrushdError):
-    status = 503
-    code = "shutting_down"
 
 
 def open_sqlite(path: Path) -> pw.SqliteDatabase:

@@ -11,7 +11,7 @@ Configuration comes from ``CRUSHD_*`` variables and the TOML file named by
 its lock and reopens every registered workspace (re-queueing their queued
 runs), so the host must import it in exactly one process: a second process
 on the same data directory fails here with
-:class:`crushd.server.AlreadyRunning` and its message.  For gunicorn that
+:class:`crushd.errors.AlreadyRunning` and its message.  For gunicorn that
 means one worker (``-w 1 --threads N``) and no ``--preload`` (the server, its
 lock and its run threads must live in the worker, not in the master that
 forks it).  Nor a ``HUP`` reload: its new worker races the old one for the

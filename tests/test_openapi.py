@@ -59,6 +59,7 @@ SPEC_ERROR_CODES = {
     "queue_full",
     "shutting_down",
     "too_many_streams",
+    "storage_unavailable",
 }
 
 # Error statuses whose body is deliberately not an Error: health reports "stopping".

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from crushd.cancel import CancelToken
+from crushd.errors import ProviderError
 
 FINISH_REASONS = (
     "end_turn",
@@ -115,37 +116,6 @@ class StepRequest:
     system: str
     messages: list[dict[str, Any]]
     tools: list[ToolSpec] = field(default_factory=list)
-
-
-class ProviderError(Exception):
-    """A model request failed.
-
-    ``title`` is a short human message (the finish part's ``message``),
-    ``details`` the provider's own error text (the finish part's ``details``
-    and the run's ``error``).  ``retryable`` says whether the same request
-    may succeed later (overload, rate limit, a dropped connection);
-    ``retry_after`` is the wait in seconds the provider demanded, if any;
-    ``status`` the HTTP status when there was one; ``context_too_long``
-    marks a prompt the model cannot take (never retried as is).
-    """
-
-    def __init__(
-        self,
-        title: str,
-        details: str = "",
-        *,
-        retryable: bool = False,
-        retry_after: float | None = None,
-        status: int | None = None,
-        context_too_long: bool = False,
-    ) -> None:
-        super().__init__(f"{title}: {details}" if details else title)
-        self.title = title
-        self.details = details
-        self.retryable = retryable and not context_too_long
-        self.retry_after = retry_after
-        self.status = status
-        self.context_too_long = context_too_long
 
 
 class Provider(ABC):
