@@ -11,9 +11,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from crushd.cancel import CancelToken
+
+if TYPE_CHECKING:
+    from crushd.tools.sandbox import Sandbox
 
 DEFAULT_MAX_OUTPUT = 30_000  # characters of tool output kept for the model
 
@@ -30,12 +33,14 @@ class ToolResult:
 
 @dataclass
 class ToolContext:
-    """What a tool call may use.  ``root`` is the resolved workspace path."""
+    """What a tool call may use.  ``root`` is the resolved workspace path;
+    ``sandbox`` is how ``bash`` commands are confined (None: not at all)."""
 
     root: Path
     token: CancelToken
     bash_timeout: float = 120.0
     max_output: int = DEFAULT_MAX_OUTPUT
+    sandbox: Sandbox | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -58,6 +63,12 @@ class Tool(ABC):
         """Resolved paths this call touches; any outside ``ctx.root`` needs
         permission even in yolo mode.  Raises :class:`ToolError` on bad params."""
         return []
+
+    def escapes(self, params: dict[str, Any], ctx: ToolContext) -> bool:
+        """True if this call leaves the protection the workspace relies on
+        (``bash`` run outside its sandbox): it asks permission even in yolo
+        mode, whatever ``allowed_tools`` says."""
+        return False
 
     def describe(self, params: dict[str, Any], ctx: ToolContext) -> PermissionAsk:
         paths = self.paths(params, ctx)

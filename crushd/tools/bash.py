@@ -11,6 +11,12 @@ Output is read on the calling thread with :mod:`selectors` and short waits,
 never a blocking ``read``: a background child that inherited the pipe keeps
 it open after the shell exits, so end-of-file cannot be what ends the call.
 Only the first and last halves of ``ctx.max_output`` bytes are kept.
+
+With ``ctx.sandbox`` set the shell runs inside bubblewrap (see
+:mod:`crushd.tools.sandbox`); ``bwrap`` is then the group leader, and its
+pid namespace takes down with it anything the command started, even what
+left the group.  ``"unsandboxed": true`` runs the command as without a
+sandbox, and :meth:`BashTool.escapes` makes that always ask permission.
 """
 
 from __future__ import annotations
@@ -96,7 +102,10 @@ class BashTool(Tool):
         "command is killed after `timeout` seconds (default 120, at most 600) and "
         "background jobs (`cmd &`) are killed when the command ends. Long output is "
         "cut in the middle. Prefer the view, ls, glob and grep tools for reading and "
-        "searching files, and write/edit for changing them."
+        "searching files, and write/edit for changing them. Commands may run in a "
+        "sandbox that allows writes only inside the workspace and /tmp and hides home "
+        "directories; when it refuses something the output says so, and you may call "
+        'again with "unsandboxed": true, which asks the user first.'
     )
     parameters: dict[str, Any] = {
         "type": "object",
@@ -106,6 +115,13 @@ class BashTool(Tool):
                 "type": "number",
                 "exclusiveMinimum": 0,
                 "description": "Seconds before the command is killed (default 120, max 600).",
+            },
+            "unsandboxed": {
+                "type": "boolean",
+                "description": (
+                    "Run outside the sandbox. Always asks the user; use it only after the "
+                    "sandbox refused a command that must reach outside the workspace."
+                ),
             },
         },
         "required": ["command"],
@@ -127,7 +143,12 @@ class BashTool(Tool):
             first = first[: _DESCRIBE_CHARS - 1] + "…"
         elif len(lines) > 1:
             first += " …"
+        if self.escapes(params, ctx):
+            return PermissionAsk(action="unsandboxed", path=str(ctx.root))
         return PermissionAsk(action=f"run: {first}", path=str(ctx.root))
+
+    def escapes(self, params: dict[str, Any], ctx: ToolContext) -> bool:
+        return ctx.sandbox is not None and bool(self._check(params).get("unsandboxed"))
 
     def run(self, params: dict[str, Any], ctx: ToolContext) -> ToolResult:
         """Run the command; blocks until it ends, times out or ``ctx.token``
@@ -135,10 +156,14 @@ class BashTool(Tool):
         checked = self._check(params)
         command: str = checked["command"]
         timeout = min(float(checked.get("timeout", ctx.bash_timeout)), MAX_TIMEOUT)
+        sandbox = None if checked.get("unsandboxed") else ctx.sandbox
+        argv = ["/bin/bash", "-c", command]
+        if sandbox is not None:
+            argv = sandbox.argv(argv)
         ctx.token.raise_if_cancelled()
         try:
             proc = subprocess.Popen(
-                ["/bin/bash", "-c", command],
+                argv,
                 cwd=ctx.root,
                 start_new_session=True,
                 stdin=subprocess.DEVNULL,
@@ -146,7 +171,7 @@ class BashTool(Tool):
                 stderr=subprocess.STDOUT,
             )
         except OSError as exc:
-            raise ToolError(f"bash: cannot start /bin/bash in {ctx.root}: {exc}") from exc
+            raise ToolError(f"bash: cannot start {argv[0]} in {ctx.root}: {exc}") from exc
         pgid = proc.pid  # start_new_session makes the shell its group's leader
         assert proc.stdout is not None
         output = BoundedOutput(ctx.max_output)
@@ -160,6 +185,9 @@ class BashTool(Tool):
         if outcome is _Outcome.CANCELLED:
             raise Cancelled(ctx.token.reason or "cancelled")
         text = output.text().rstrip("\n") or "(no output)"
+        note = sandbox.explain(text) if sandbox is not None else ""
+        if note:
+            text = f"{text}\n{note}"
         if outcome is _Outcome.TIMED_OUT:
             return ToolResult(
                 f"{text}\n[command timed out after {timeout:g} s; its process group was killed]",

@@ -1,0 +1,298 @@
+"""The ``bash`` sandbox: commands run under bubblewrap (``bwrap``).
+
+What a sandboxed command sees, in the order the mounts are made (later
+mounts cover earlier ones):
+
+1. the whole file system read-only (``--ro-bind / /``), a minimal ``/dev``,
+   a ``/proc`` of its own pid namespace (so no other process, crushd
+   included, can be seen or signalled) and a private, writable ``/tmp``;
+2. every hidden directory — ``/root``, ``/home``, ``/run/user``, the service
+   user's home — covered by an empty tmpfs, and crushd's data directory too;
+3. the ``sandbox_read`` paths bound back read-only;
+4. the workspace bound read-write (``workspace-write``) or read-only;
+5. crushd's own secrets (token file, config file, unix socket) covered by
+   ``/dev/null``, and the hidden tmpfs mounts made read-only, so a write
+   there fails with EROFS instead of vanishing silently.
+
+A workspace below ``/tmp`` would otherwise sit in the private ``/tmp`` with
+writable empty directories around it; the first directory below ``/tmp`` on
+its way is hidden like a home, so its siblings are neither visible nor
+writable.  ``--unshare-net`` leaves only a loopback of the sandbox's own when
+``network = false``.  ``--die-with-parent`` plus the pid namespace mean the
+whole tree dies with the ``bwrap`` process, which is the leader of the
+process group the bash tool kills: no ``setsid`` escapes it.
+
+:func:`detect` finds out once per server whether ``bwrap`` can create its
+namespaces here (it cannot inside some containers) and logs once if not.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+MODES = ("workspace-write", "read-only", "off")
+PROBE_TIMEOUT = 10.0  # seconds for the startup check of bwrap
+HOME_ROOTS = ("/root", "/home", "/run/user")
+SECRET_ENV = (
+    "CRUSHD_TOKEN",
+    "CRUSHD_TOKEN_FILE",
+    "CRUSHD_CONFIG",
+    "OPENAI_API_KEY",
+    "ANTHROPIC_API_KEY",
+)
+
+_EROFS = re.compile(r"read-only file system", re.IGNORECASE)
+_MISSING = re.compile(r"no such file or directory|permission denied", re.IGNORECASE)
+_PATHISH = re.compile(r"[^\s:'\"`]+")
+_NO_NETWORK = re.compile(
+    r"network is unreachable|could not resolve|temporary failure in name resolution|"
+    r"name or service not known|connection refused",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True)
+class Bubblewrap:
+    """Whether ``bwrap`` works on this machine: ``executable`` is its path
+    when it does, else None and ``reason`` says why."""
+
+    executable: str | None
+    reason: str = ""
+
+    @property
+    def available(self) -> bool:
+        return self.executable is not None
+
+
+def detect(path: str | None = None) -> Bubblewrap:
+    """Find ``bwrap`` on ``path`` (default ``$PATH``) and check that it can
+    build a sandbox here.  Blocks up to :data:`PROBE_TIMEOUT`; logs once
+    (a warning) when the sandbox is unavailable."""
+    executable = shutil.which("bwrap", path=path)
+    if executable is None:
+        found = Bubblewrap(None, "bwrap not found on PATH (install the bubblewrap package)")
+    else:
+        found = _probe(executable)
+    if found.available:
+        logger.info("event=sandbox_ready bwrap=%s", found.executable)
+    else:
+        logger.warning("event=sandbox_unavailable reason=%r bash=unsandboxed", found.reason)
+    return found
+
+
+def _probe(executable: str) -> Bubblewrap:
+    argv = [executable, *_base_args(network=False), "--", "/bin/true"]
+    try:
+        done = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=PROBE_TIMEOUT,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return Bubblewrap(None, f"{executable} did not run: {exc}")
+    if done.returncode != 0:
+        message = done.stderr.decode(errors="replace").strip().splitlines()
+        detail = message[-1] if message else f"exit code {done.returncode}"
+        return Bubblewrap(None, f"{executable} cannot create a sandbox here: {detail}")
+    return Bubblewrap(executable)
+
+
+def _base_args(network: bool) -> list[str]:
+    args = [
+        "--die-with-parent",
+        "--unshare-pid",
+        "--ro-bind",
+        "/",
+        "/",
+        "--dev",
+        "/dev",
+        "--proc",
+        "/proc",
+        "--tmpfs",
+        "/tmp",
+    ]
+    if not network:
+        args.append("--unshare-net")
+    return args
+
+
+def _real(path: str | os.PathLike[str]) -> str:
+    return os.path.realpath(os.path.expanduser(path))
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _outermost(paths: Iterable[str]) -> list[str]:
+    """The paths not lying inside another one of them, sorted, unique."""
+    kept: list[str] = []
+    for path in sorted(set(paths)):
+        if not any(_inside(path, other) for other in kept):
+            kept.append(path)
+    return kept
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """How one workspace's ``bash`` commands are sandboxed.  Immutable, so
+    any number of runs may share it."""
+
+    executable: str
+    root: str  # the workspace, resolved
+    mode: str  # "workspace-write" or "read-only"
+    network: bool
+    read: tuple[str, ...] = ()  # sandbox_read paths, resolved
+    homes: tuple[str, ...] = HOME_ROOTS  # hidden unless they hold the workspace
+    private: tuple[str, ...] = ()  # always hidden: crushd's data directory
+    masked: tuple[str, ...] = ()  # files covered by /dev/null: token, config, socket
+    unset_env: tuple[str, ...] = SECRET_ENV
+
+    def _mounts(self) -> list[tuple[str, str]]:
+        """``(path, kind)`` in mount order; ``kind`` is ``host`` (the host's
+        files show through), ``tmp`` (the private /tmp) or ``hidden`` (an
+        empty read-only tmpfs).  A later mount covers the earlier ones it
+        lies in.  Reads the file system: only existing directories are hidden."""
+        homes = [h for h in self.homes if not _inside(h, self.root)]  # the workspace wins
+        below_tmp = os.path.relpath(self.root, "/tmp")
+        if _inside(self.root, "/tmp") and os.sep in below_tmp:
+            homes.append(os.path.join("/tmp", below_tmp.split(os.sep)[0]))
+        private = [p for p in self.private if os.path.isdir(p)]
+        early = _outermost([h for h in homes if os.path.isdir(h)] + private)
+        shown = [*self.read, self.root]
+        # crushd's own data stays hidden even inside the workspace or a sandbox_read path.
+        late = _outermost([p for p in private if any(_inside(p, s) for s in shown)])
+        return [
+            ("/", "host"),
+            ("/tmp", "tmp"),
+            *[(h, "hidden") for h in early],
+            *[(r, "host") for r in self.read],
+            (self.root, "host"),
+            *[(p, "hidden") for p in late],
+        ]
+
+    @staticmethod
+    def _kind(path: str, mounts: list[tuple[str, str]]) -> str:
+        return next(kind for where, kind in reversed(mounts) if _inside(path, where))
+
+    def hidden(self) -> list[str]:
+        """Directories covered by an empty, read-only tmpfs."""
+        return sorted({path for path, kind in self._mounts() if kind == "hidden"})
+
+    def argv(self, command: list[str]) -> list[str]:
+        """The ``bwrap`` command line that runs ``command`` sandboxed, in the
+        workspace.  Reads the file system (which hidden paths exist)."""
+        mounts = self._mounts()
+        args = [self.executable, *_base_args(self.network)]
+        for path, kind in mounts[2:]:
+            if kind == "hidden":
+                args += ["--tmpfs", path]
+            elif path == self.root:
+                bind = "--bind" if self.mode == "workspace-write" else "--ro-bind"
+                args += [bind, path, path]
+            else:
+                args += ["--ro-bind-try", path, path]
+        for path in self.masked:
+            if os.path.exists(path) and self._kind(path, mounts) == "host":
+                args += ["--ro-bind", "/dev/null", path]
+        for path, kind in mounts:
+            if kind == "hidden":
+                args += ["--remount-ro", path]
+        for name in self.unset_env:
+            args += ["--unsetenv", name]
+        args += [
+            "--setenv",
+            "TMPDIR",
+            "/tmp",
+            "--setenv",
+            "XDG_CACHE_HOME",
+            "/tmp/.cache",
+            "--chdir",
+            self.root,
+            "--",
+            *command,
+        ]
+        return args
+
+    def explain(self, output: str) -> str:
+        """Lines to append to a command's output when it looks refused by
+        the sandbox (a write outside the workspace, a hidden path, no
+        network), or ``""``.  Says how to get the command through."""
+        reasons = []
+        if _EROFS.search(output):
+            where = "outside /tmp" if self.mode == "read-only" else "outside the workspace and /tmp"
+            reasons.append(f"it refuses writes {where} (read-only file system)")
+        mounts = self._mounts()
+        if any(self._names_hidden(line, mounts) for line in output.splitlines()):
+            reasons.append(
+                "it hides home directories, crushd's data and the surroundings of a "
+                f"workspace in /tmp ({', '.join(self.hidden())}); only sandbox_read paths "
+                "are visible there"
+            )
+        if not self.network and _NO_NETWORK.search(output):
+            reasons.append("it has no network (network = false)")
+        if not reasons:
+            return ""
+        return (
+            "[sandbox: this command ran in crushd's sandbox and may have been refused: "
+            + "; ".join(reasons)
+            + '. If the command really needs this, call bash again with "unsandboxed": true '
+            "(the user is asked to allow it), or ask the user to list the path in sandbox_read.]"
+        )
+
+    def _names_hidden(self, line: str, mounts: list[tuple[str, str]]) -> bool:
+        """True if ``line`` is a not-found or permission error naming a path
+        the sandbox hides (relative paths are taken from the workspace)."""
+        if not _MISSING.search(line):
+            return False
+        for token in _PATHISH.findall(line):
+            if "/" not in token and not token.startswith("~"):
+                continue
+            path = os.path.normpath(os.path.join(self.root, os.path.expanduser(token)))
+            if self._kind(path, mounts) == "hidden":
+                return True
+        return False
+
+
+def sandbox_for(
+    bubblewrap: Bubblewrap,
+    root: str | os.PathLike[str],
+    mode: str,
+    network: bool,
+    read: Iterable[str] = (),
+    private: Iterable[str] = (),
+    masked: Iterable[str] = (),
+    unset_env: Iterable[str] = (),
+) -> Sandbox | None:
+    """The sandbox of a workspace, or None when its commands run unsandboxed
+    (``mode`` is ``off`` or bwrap does not work here)."""
+    if mode not in MODES:
+        raise ValueError(f"sandbox must be one of {', '.join(MODES)}, not {mode!r}")
+    if mode == "off" or bubblewrap.executable is None:
+        return None
+    home = _real(Path.home())
+    homes = list(HOME_ROOTS)
+    if home != "/" and not any(_inside(home, h) for h in homes):
+        homes.append(home)
+    return Sandbox(
+        executable=bubblewrap.executable,
+        root=_real(root),
+        mode=mode,
+        network=network,
+        read=tuple(_real(p) for p in read),
+        homes=tuple(_real(h) for h in homes),
+        private=tuple(_real(p) for p in private),
+        masked=tuple(_real(p) for p in masked),
+        unset_env=tuple(dict.fromkeys([*SECRET_ENV, *unset_env])),
+    )

@@ -1,0 +1,321 @@
+"""The bash sandbox with the real bubblewrap and real processes: what a
+sandboxed command can write, read and reach, and that cancel and timeout
+still leave no process behind."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import wait_for
+from test_agent import processes_with
+
+from crushd.cancel import Cancelled, CancelToken
+from crushd.tools import ToolContext, ToolResult
+from crushd.tools.bash import BashTool
+from crushd.tools.sandbox import Bubblewrap, detect, sandbox_for
+
+REFUSED = "[sandbox: this command ran in crushd's sandbox and may have been refused"
+
+
+@pytest.fixture(scope="module")
+def bwrap() -> Bubblewrap:
+    found = detect()
+    assert found.available, f"bubblewrap must work for these tests: {found.reason}"
+    return found
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    ws = tmp_path / "project"
+    ws.mkdir()
+    return Path(os.path.realpath(ws))
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A sibling of the workspace holding a secret."""
+    path = tmp_path / "outside"
+    path.mkdir()
+    (path / "secret.txt").write_text("sibling secret\n")
+    return path
+
+
+@pytest.fixture
+def home_secret() -> Iterator[Path]:
+    """A private directory in the real home of the user running the tests,
+    like ``~/.ssh``, removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix=".crushd-sandbox-test-", dir=Path.home()))
+    (path / "id_rsa").write_text("PRIVATE KEY\n")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def make_ctx(bwrap: Bubblewrap, root: Path, **options) -> ToolContext:
+    values = {"mode": "workspace-write", "network": True}
+    values.update(options)
+    sandbox = sandbox_for(bwrap, root, **values)
+    assert sandbox is not None
+    return ToolContext(root=root, token=CancelToken(name="test"), sandbox=sandbox)
+
+
+def bash(ctx: ToolContext, command: str, **params) -> ToolResult:
+    return BashTool().run({"command": command, **params}, ctx)
+
+
+# -- the file system -------------------------------------------------------------
+
+
+def test_writes_inside_the_workspace_and_tmp_work(bwrap, root):
+    ctx = make_ctx(bwrap, root)
+    name = f"crushd-sandbox-{uuid.uuid4().hex}"
+    result = bash(
+        ctx, f"mkdir -p sub && echo hi > sub/f.txt && echo t > /tmp/{name} && cat /tmp/{name}"
+    )
+    assert result == ToolResult("t")
+    assert (root / "sub" / "f.txt").read_text() == "hi\n"
+    assert not Path("/tmp", name).exists()  # the sandbox's /tmp is its own
+
+
+def test_writes_outside_fail_and_say_the_sandbox_refused(bwrap, root, outside):
+    ctx = make_ctx(bwrap, root)
+    beside = bash(ctx, "touch ../beside.txt")
+    assert beside.is_error
+    assert "Read-only file system" in beside.content
+    assert REFUSED in beside.content and '"unsandboxed": true' in beside.content
+    assert not (root.parent / "beside.txt").exists()
+
+    into_sibling = bash(ctx, "echo pwned > ../outside/new.txt")
+    assert into_sibling.is_error and REFUSED in into_sibling.content
+    assert not (outside / "new.txt").exists()
+
+    name = f".crushd-sandbox-{uuid.uuid4().hex}"
+    in_home = bash(ctx, f"echo pwned > ~/{name}")
+    assert in_home.is_error
+    assert "Read-only file system" in in_home.content and REFUSED in in_home.content
+    assert not (Path.home() / name).exists()
+
+    system = bash(ctx, "echo pwned > /etc/crushd-sandbox-test")
+    assert system.is_error and REFUSED in system.content
+    assert not Path("/etc/crushd-sandbox-test").exists()
+
+
+def test_home_directories_and_siblings_are_hidden(bwrap, root, outside, home_secret):
+    ctx = make_ctx(bwrap, root)
+    key = bash(ctx, f"cat ~/{home_secret.name}/id_rsa")
+    assert key.is_error and "PRIVATE KEY" not in key.content
+    assert "No such file or directory" in key.content and REFUSED in key.content
+    listing = bash(ctx, "ls -A ~ /root /home 2>&1; cat ../outside/secret.txt")
+    assert home_secret.name not in listing.content
+    assert "sibling secret" not in listing.content
+    # The rest of the system stays readable.
+    system = bash(ctx, "head -c 4 /etc/passwd; echo; ls /usr/bin/env")
+    assert system == ToolResult("root\n/usr/bin/env")
+
+
+def test_sandbox_read_makes_a_hidden_path_readable_not_writable(bwrap, root, home_secret):
+    ctx = make_ctx(bwrap, root, read=[str(home_secret)])
+    assert bash(ctx, f"cat ~/{home_secret.name}/id_rsa") == ToolResult("PRIVATE KEY")
+    write = bash(ctx, f"echo x > ~/{home_secret.name}/new")
+    assert write.is_error and "Read-only file system" in write.content
+    assert not (home_secret / "new").exists()
+
+
+def test_workspace_inside_a_home_is_still_writable(bwrap, home_secret):
+    project = home_secret / "project"
+    project.mkdir()
+    ctx = make_ctx(bwrap, project)
+    assert bash(ctx, "echo ok > f && cat f && ls ..") == ToolResult("ok\nproject")
+    assert (project / "f").read_text() == "ok\n"
+    refused = bash(ctx, "cat ../id_rsa")
+    assert refused.is_error and "PRIVATE KEY" not in refused.content
+
+
+def test_read_only_mode_refuses_writes_in_the_workspace(bwrap, root):
+    (root / "kept.txt").write_text("kept\n")
+    ctx = make_ctx(bwrap, root, mode="read-only")
+    assert bash(ctx, "cat kept.txt") == ToolResult("kept")
+    result = bash(ctx, "echo changed > kept.txt")
+    assert result.is_error and REFUSED in result.content
+    assert (root / "kept.txt").read_text() == "kept\n"
+    assert bash(ctx, "echo scratch > /tmp/s && cat /tmp/s") == ToolResult("scratch")
+
+
+def test_crushd_secrets_are_hidden(bwrap, root, monkeypatch):
+    # Both inside the workspace, the one place outside /tmp a test may write:
+    # the hardest case, as the workspace is bound read-write over everything.
+    data = root / "crushd-data"
+    data.mkdir()
+    (data / "workspace.db").write_text("sessions")
+    token = root / "token"
+    token.write_text("s3cret-token\n")
+    monkeypatch.setenv("CRUSHD_TOKEN", "s3cret-env")
+    monkeypatch.setenv("MY_KEY", "model-key")
+    ctx = make_ctx(bwrap, root, private=[str(data)], masked=[str(token)], unset_env=["MY_KEY"])
+    result = bash(ctx, 'ls -A crushd-data; echo "[$CRUSHD_TOKEN][$MY_KEY]"; cat token')
+    assert result.is_error
+    assert result.content.splitlines()[:2] == ["[][]", "cat: token: Permission denied"]
+    write = bash(ctx, "echo x > crushd-data/new; echo x > token")
+    assert write.is_error and "crushd-data/new: Read-only file system" in write.content
+    assert sorted(os.listdir(data)) == ["workspace.db"]
+    assert token.read_text() == "s3cret-token\n"
+
+
+def test_an_ordinary_failure_gets_no_sandbox_note(bwrap, root):
+    ctx = make_ctx(bwrap, root)
+    result = bash(ctx, "cat missing.txt; ls sub/none; exit 2")
+    assert result.is_error and "exit code 2" in result.content
+    assert REFUSED not in result.content
+
+
+def test_unsandboxed_runs_as_without_a_sandbox(bwrap, root, outside):
+    ctx = make_ctx(bwrap, root)
+    tool = BashTool()
+    params = {"command": "cat ../outside/secret.txt; touch ../beside.txt", "unsandboxed": True}
+    assert tool.escapes(params, ctx)
+    assert tool.describe(params, ctx).action == "unsandboxed"
+    assert not tool.escapes({"command": "ls"}, ctx)
+    assert tool.describe({"command": "ls"}, ctx).action == "run: ls"
+    assert tool.run(params, ctx) == ToolResult("sibling secret")
+    assert (root.parent / "beside.txt").exists()
+    # Without a sandbox there is nothing to escape: the flag changes nothing.
+    plain = ToolContext(root=root, token=CancelToken())
+    assert not tool.escapes(params, plain)
+    assert tool.describe(params, plain).action.startswith("run: cat")
+
+
+# -- the network -----------------------------------------------------------------
+
+
+@pytest.fixture
+def listener() -> Iterator[int]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        yield sock.getsockname()[1]
+
+
+CONNECT = "exec 3<>/dev/tcp/127.0.0.1/{port} && echo connected"
+
+
+def test_network_false_cannot_reach_a_loopback_listener(bwrap, root, listener):
+    result = bash(make_ctx(bwrap, root, network=False), CONNECT.format(port=listener))
+    assert result.is_error and "connected" not in result.content
+    assert "Connection refused" in result.content
+    assert "it has no network (network = false)" in result.content
+
+
+def test_network_true_reaches_a_loopback_listener(bwrap, root, listener):
+    result = bash(make_ctx(bwrap, root, network=True), CONNECT.format(port=listener))
+    assert result == ToolResult("connected")
+
+
+# -- processes -------------------------------------------------------------------
+
+
+def tree(marker: str) -> str:
+    """A command leaving a background child, a child in a session of its own
+    and a foreground sleep, all findable on the host by ``marker``."""
+    return (
+        f"(exec -a {marker}-bg sleep 300) & "
+        f"setsid bash -c 'exec -a {marker}-setsid sleep 300' & "
+        f"echo started; exec -a {marker}-fg sleep 300"
+    )
+
+
+def named(marker: str) -> list[int]:
+    """Live processes whose argv[0] starts with ``marker`` (set with ``exec -a``)."""
+    found = []
+    for pid in processes_with(marker):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(marker.encode()):
+                found.append(pid)
+        except OSError:  # exited meanwhile
+            continue
+    return found
+
+
+def test_timeout_kills_the_whole_tree_in_the_sandbox(bwrap, root):
+    marker = f"crushd-sbx-{uuid.uuid4().hex[:12]}"
+    started = time.monotonic()
+    result = bash(make_ctx(bwrap, root), tree(marker), timeout=1)
+    assert time.monotonic() - started < 5
+    assert result.is_error and "timed out after 1 s" in result.content
+    assert "started" in result.content
+    wait_for(lambda: not processes_with(marker), 5, message="sandboxed processes survived")
+
+
+def test_cancel_kills_the_whole_tree_in_the_sandbox(bwrap, root):
+    marker = f"crushd-sbx-{uuid.uuid4().hex[:12]}"
+    ctx = make_ctx(bwrap, root)
+
+    seen: list[int] = []
+
+    def cancel_when_running() -> None:
+        deadline = time.monotonic() + 10
+        while len(seen) < 3 and time.monotonic() < deadline:
+            ctx.token.wait(0.02)
+            seen[:] = named(marker)
+        ctx.token.cancel(reason="user")
+
+    watcher = threading.Thread(target=cancel_when_running)
+    watcher.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(Cancelled):
+            bash(ctx, tree(marker))
+    finally:
+        watcher.join()
+    assert time.monotonic() - started < 12
+    assert ctx.token.reason == "user"
+    assert len(seen) == 3, "the three sandboxed processes never all ran"
+    wait_for(lambda: not processes_with(marker), 5, message="sandboxed processes survived")
+    assert not ctx.token._callbacks
+
+
+def test_background_children_do_not_hold_the_call(bwrap, root):
+    marker = f"crushd-sbx-{uuid.uuid4().hex[:12]}"
+    started = time.monotonic()
+    result = bash(make_ctx(bwrap, root), f"(exec -a {marker} sleep 300) & echo done")
+    assert time.monotonic() - started < 3
+    assert result == ToolResult("done")
+    wait_for(lambda: not processes_with(marker), 5, message="the background child survived")
+
+
+# -- detection -------------------------------------------------------------------
+
+
+def test_missing_bwrap_is_unavailable_and_logged(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="crushd.tools.sandbox")
+    found = detect(path=str(tmp_path))
+    assert not found.available and "bwrap not found" in found.reason
+    assert sandbox_for(found, tmp_path, "workspace-write", True) is None
+    assert caplog.text.count("event=sandbox_unavailable") == 1
+
+
+def test_a_bwrap_that_cannot_create_namespaces_is_unavailable(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="crushd.tools.sandbox")
+    fake = tmp_path / "bwrap"
+    fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    found = detect(path=str(tmp_path))
+    assert not found.available
+    assert "No permissions to create new namespace" in found.reason
+    assert "event=sandbox_unavailable" in caplog.text
+
+
+def test_sandbox_off_means_no_sandbox(bwrap, root):
+    assert sandbox_for(bwrap, root, "off", True) is None
+    with pytest.raises(ValueError, match="sandbox must be one of"):
+        sandbox_for(bwrap, root, "strict", True)
