@@ -259,21 +259,33 @@ def _signal_group(pgid: int, sig: signal.Signals, reason: str) -> None:
 def _stop_group(proc: subprocess.Popen[bytes], pgid: int) -> None:
     """Make sure nothing of the group survives, then reap the shell.
 
-    Blocks up to :data:`KILL_GRACE` plus :data:`REAP_TIMEOUT` seconds.
+    Blocks up to twice :data:`KILL_GRACE` plus :data:`REAP_TIMEOUT`
+    seconds.  SIGKILL takes effect asynchronously, so after it the group is
+    waited for too: when this returns, its members are gone.
     """
     members = live_group_members(pgid)
     if members:
         _signal_group(pgid, signal.SIGTERM, "cleanup")
-        grace = Deadline(KILL_GRACE)
-        while members and not grace.expired:
-            _wait_for_exit(proc, members, grace.remaining())
-            members = live_group_members(pgid)
+        members = _wait_for_group(proc, pgid, members, KILL_GRACE)
         if members:
             _signal_group(pgid, signal.SIGKILL, "grace_expired")
+            if _wait_for_group(proc, pgid, members, KILL_GRACE):
+                logger.error("event=tool_kill_incomplete pgid=%s", pgid)
     try:
         proc.wait(REAP_TIMEOUT)
     except subprocess.TimeoutExpired:
         logger.error("event=tool_unreaped pgid=%s", pgid)
+
+
+def _wait_for_group(
+    proc: subprocess.Popen[bytes], pgid: int, members: list[int], timeout: float
+) -> list[int]:
+    """Wait up to ``timeout`` for the group to empty; return who is left."""
+    deadline = Deadline(timeout)
+    while members and not deadline.expired:
+        _wait_for_exit(proc, members, deadline.remaining())
+        members = live_group_members(pgid)
+    return members
 
 
 def live_group_members(pgid: int) -> list[int]:
