@@ -96,6 +96,22 @@ def main() -> None:
     help="Seconds a provider stream may send nothing before it is retried (120).",
 )
 @click.option(
+    "--sandbox",
+    type=click.Choice(["workspace-write", "read-only", "off"]),
+    help="How bash commands are sandboxed where bwrap works (default workspace-write).",
+)
+@click.option(
+    "--network/--no-network",
+    default=None,
+    help="Whether sandboxed bash commands may use the network (default: they may).",
+)
+@click.option(
+    "--sandbox-read",
+    "sandbox_read",
+    multiple=True,
+    help="A hidden path (e.g. in a home directory) sandboxed bash may read (repeatable).",
+)
+@click.option(
     "--config",
     "config_file",
     type=click.Path(dir_okay=False, exists=True),

@@ -16,6 +16,7 @@ from crushd.mcp import McpConfigError, McpServerConfig, parse_mcp_tables
 from crushd.providers import PROVIDERS
 from crushd.providers.catalog import DEFAULT_CONTEXT_WINDOW, PRICE_FIELDS, ModelSpec
 from crushd.providers.retry import RetryPolicy
+from crushd.tools.sandbox import MODES as SANDBOX_MODES
 
 #: Top-level keys (and flags) that define a model of their own.
 MODEL_FLAGS = ("provider", "model", "base_url", "api_key_env")
@@ -60,6 +61,14 @@ class Config:
     stream_idle_timeout: float = 120.0
     bash_timeout: float = 120.0
     allowed_tools: list[str] = field(default_factory=list)
+    sandbox: str = "workspace-write"  # how bash runs where bwrap works; see sandbox_settings
+    network: bool = True
+    sandbox_read: list[str] = field(default_factory=list)
+    # [workspaces."<path>"] tables: sandbox, network, sandbox_read for one workspace.
+    workspaces: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # The TOML file this configuration was read from, set by load(): kept out
+    # of the bash sandbox's sight, as it may hold the token.
+    source_file: str | None = None
     log_level: str = "info"
     ping_interval: float = 15.0
     event_buffer: int = 10_000
@@ -127,7 +136,10 @@ class Config:
             values.update(_from_toml(Path(path)))
         given = {k: v for k, v in (flags or {}).items() if v is not None and v != ()}
         values.update(given)
-        return cls.from_mapping(values, flags_define_model=any(k in given for k in MODEL_FLAGS))
+        config = cls.from_mapping(values, flags_define_model=any(k in given for k in MODEL_FLAGS))
+        if path:
+            config.source_file = str(Path(path).expanduser().resolve())
+        return config
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any], *, flags_define_model: bool = False) -> Config:
@@ -148,7 +160,7 @@ class Config:
         for key, raw in values.items():
             name = key.replace("-", "_")
             name = SINGULAR_KEYS.get(name, name)
-            if name not in fields:
+            if name not in fields or name == "source_file":
                 raise ConfigError(f"unknown configuration key {key!r}")
             if name == "mcp":
                 kwargs[name] = _mcp_servers(raw)
@@ -235,6 +247,66 @@ class Config:
                 f"default_model {self.default_model!r} is not a configured model "
                 f"(configured: {', '.join(self.models)})"
             )
+        _check_sandbox("", self.sandbox, self.network, self.sandbox_read)
+        for path, table in self.workspaces.items():
+            where = f"workspaces.{path!r}: "
+            if not isinstance(table, dict):
+                raise ConfigError(f"{where}must be a table of sandbox, network, sandbox_read")
+            unknown = sorted(set(table) - set(WORKSPACE_KEYS))
+            if unknown:
+                raise ConfigError(
+                    f"{where}unknown key(s) {', '.join(unknown)} "
+                    f"(allowed: {', '.join(WORKSPACE_KEYS)})"
+                )
+            if not os.path.isabs(os.path.expanduser(path)):
+                raise ConfigError(f"{where}the workspace path must be absolute")
+            _check_sandbox(
+                where,
+                table.get("sandbox", self.sandbox),
+                table.get("network", self.network),
+                table.get("sandbox_read", []),
+            )
+
+    def sandbox_settings(self, workspace: str | os.PathLike[str]) -> SandboxSettings:
+        """The sandbox of the workspace at ``workspace``: the top-level
+        ``sandbox``/``network``/``sandbox_read``, overridden by its
+        ``[workspaces."<path>"]`` table (whose ``sandbox_read`` adds to the
+        top-level list).  Paths compare after resolving symbolic links."""
+        real = os.path.realpath(workspace)
+        table: dict[str, Any] = {}
+        for path, candidate in self.workspaces.items():
+            if os.path.realpath(os.path.expanduser(path)) == real:
+                table = candidate
+        return SandboxSettings(
+            mode=table.get("sandbox", self.sandbox),
+            network=table.get("network", self.network),
+            read=tuple([*self.sandbox_read, *table.get("sandbox_read", [])]),
+        )
+
+
+WORKSPACE_KEYS = ("sandbox", "network", "sandbox_read")
+
+
+@dataclass(frozen=True)
+class SandboxSettings:
+    mode: str  # one of SANDBOX_MODES
+    network: bool
+    read: tuple[str, ...]
+
+
+def _check_sandbox(where: str, mode: Any, network: Any, read: Any) -> None:
+    if mode not in SANDBOX_MODES:
+        raise ConfigError(f"{where}sandbox must be one of {', '.join(SANDBOX_MODES)}, not {mode!r}")
+    if not isinstance(network, bool):
+        raise ConfigError(f"{where}network must be true or false, not {network!r}")
+    if not isinstance(read, list) or not all(isinstance(p, str) for p in read):
+        raise ConfigError(f"{where}sandbox_read must be a list of paths")
+    for path in read:
+        if not path or "\0" in path or not os.path.isabs(os.path.expanduser(path)):
+            raise ConfigError(
+                f"{where}sandbox_read entries must be absolute paths (or start with ~), "
+                f"not {path!r}"
+            )
 
 
 def _from_env(env: dict[str, str]) -> dict[str, Any]:
@@ -247,7 +319,7 @@ def _from_env(env: dict[str, str]) -> dict[str, Any]:
         if name == "models":  # tables come only from the file
             continue
         name = SINGULAR_KEYS.get(name, name)
-        if name == "allow_roots":
+        if name in ("allow_roots", "sandbox_read"):
             values[name] = [p for p in value.split(os.pathsep) if p]
         elif name in ("allowed_tools", "allow_origins", "allow_hosts"):
             values[name] = [t.strip() for t in value.split(",") if t.strip()]
@@ -305,9 +377,18 @@ def _coerce(name: str, annotation: Any, raw: Any) -> Any:
         if kind.startswith("float"):
             return float(raw)
         if kind.startswith("bool"):
-            if isinstance(raw, str):
-                return raw.strip().lower() in ("1", "true", "yes", "on")
-            return bool(raw)
+            if isinstance(raw, bool):
+                return raw
+            word = str(raw).strip().lower() if isinstance(raw, str | int) else None
+            if word in ("1", "true", "yes", "on"):
+                return True
+            if word in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if kind.startswith("dict"):
+            if not isinstance(raw, dict):
+                raise ValueError("expected a table")
+            return dict(raw)
         return str(raw)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{name}: cannot use {raw!r} ({exc})") from exc

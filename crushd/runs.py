@@ -44,6 +44,7 @@ from crushd.providers.retry import NO_RETRIES, RetryPolicy, stream_with_retries
 from crushd.store import WorkspaceStore, lock_budget
 from crushd.tools.base import Tool, ToolContext, ToolError, ToolResult
 from crushd.tools.paths import is_inside
+from crushd.tools.sandbox import Sandbox
 
 if TYPE_CHECKING:
     from crushd.permissions import PermissionBroker
@@ -81,6 +82,7 @@ class RunEnv:
     retry: RetryPolicy = NO_RETRIES
     cleanup_timeout: float = 5.0
     bash_timeout: float = 120.0
+    sandbox: Sandbox | None = None  # how bash commands are confined; None: not at all
     allowed_tools: frozenset[str] = frozenset()
     on_completed: Callable[[dict[str, Any]], None] = lambda run: None
     clock: Callable[[], float] = time.monotonic
@@ -338,7 +340,9 @@ class Run:
         self.step: _Step | None = None
         self.provider: Provider | None = None  # the run's model, known once it started
         self.spec: ModelSpec | None = None  # its configuration (prices)
-        self.tools_ctx = ToolContext(root=env.root, token=token, bash_timeout=env.bash_timeout)
+        self.tools_ctx = ToolContext(
+            root=env.root, token=token, bash_timeout=env.bash_timeout, sandbox=env.sandbox
+        )
         self.tools: dict[str, Tool] = {**env.extra_tools(), **env.tools}
 
     @property
@@ -520,7 +524,8 @@ class Run:
                 outside = [
                     p for p in tool.paths(params, self.tools_ctx) if not is_inside(p, self.env.root)
                 ]
-                if self._needs_permission(tool, outside):
+                escapes = tool.escapes(params, self.tools_ctx)  # e.g. bash unsandboxed
+                if self._needs_permission(tool, bool(outside) or escapes):
                     ask = tool.describe(params, self.tools_ctx)
                     decision = self.env.permissions.request(
                         session_id=self.session_id,
@@ -550,8 +555,11 @@ class Run:
             step.results[call["id"]] = tool_result_part(call, result.content, result.is_error)
         return denied
 
-    def _needs_permission(self, tool: Tool, outside: list[Path]) -> bool:
-        if outside:
+    def _needs_permission(self, tool: Tool, always: bool) -> bool:
+        """``always``: the call reaches outside the workspace or its sandbox,
+        which asks every time, whatever yolo, allowed_tools or an earlier
+        "allow for the session" say."""
+        if always:
             return True
         if not tool.mutating or self.env.yolo:
             return False

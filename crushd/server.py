@@ -34,12 +34,13 @@ from crushd.errors import (
     WorkspaceClosing,
 )
 from crushd.mcp import McpLoop
-from crushd.providers import Provider
+from crushd.providers import PROVIDERS, Provider
 from crushd.providers.catalog import ModelCatalog
 from crushd.signals import Signals
 from crushd.stopping import StopController
 from crushd.store import RegistryStore
 from crushd.tools import Tool, default_tools
+from crushd.tools.sandbox import Bubblewrap, Sandbox, detect, sandbox_for
 from crushd.workspace import Workspace
 
 logger = logging.getLogger(__name__)
@@ -92,9 +93,11 @@ class Server:
     build their clients from the configuration as usual).  ``tools`` (one
     mapping shared by every workspace) defaults to a fresh
     :func:`default_tools` set per workspace, ``clock`` (monotonic seconds, for the uptime and the
-    coalescing of streamed writes) to :func:`time.monotonic`.  Constructing
-    opens no file and starts no thread; the provider is the server's from
-    here on and :meth:`stop` closes it.
+    coalescing of streamed writes) to :func:`time.monotonic`, ``bubblewrap``
+    (whether the bash sandbox works here) to what :func:`detect` finds at
+    :meth:`start`.  Constructing opens no file and starts no thread or
+    process; the provider is the server's from here on and :meth:`stop`
+    closes it.
     """
 
     def __init__(
@@ -104,6 +107,7 @@ class Server:
         provider: Provider | None = None,
         tools: Mapping[str, Tool] | None = None,
         clock: Callable[[], float] | None = None,
+        bubblewrap: Bubblewrap | None = None,
     ) -> None:
         self.config = config
         self.version = __version__
@@ -117,6 +121,7 @@ class Server:
             providers={config.default_model or "": provider} if provider is not None else None,
         )
         self._tools = tools
+        self.bubblewrap = bubblewrap  # detected by start() unless given
         self.clock = clock or time.monotonic
         self.signals = Signals()
         # One permanent receiver, connected before any workspace opens.
@@ -173,6 +178,8 @@ class Server:
                 raise StartupError(
                     f"cannot use the data directory {self.data_dir}: {exc.strerror or exc}"
                 ) from exc
+            if self.bubblewrap is None:
+                self.bubblewrap = detect()
             self.registry = RegistryStore(self.data_dir / "registry.db")
             for record in self.registry.registered():
                 self._open(record)
@@ -209,12 +216,35 @@ class Server:
             self.signals,
             self.clock,
             mcp_loop=self.mcp_loop,
+            sandbox=self._sandbox_for(record["path"]),
         )
         with self._lock:
             self._workspaces[workspace.id] = workspace
         workspace.start()
         logger.info("event=workspace_opened workspace=%s path=%s", workspace.id, workspace.path)
         return workspace
+
+    def _sandbox_for(self, path: str) -> Sandbox | None:
+        """How bash runs in the workspace at ``path``: None when unsandboxed.
+        What crushd itself keeps secret (its data, the token, the config
+        file, the unix socket, the model keys) stays out of the sandbox."""
+        if self.bubblewrap is None:
+            return None
+        settings = self.config.sandbox_settings(path)
+        masked = [self.config.token_file, self.config.source_file, self.config.unix_socket]
+        keys = [facts.api_key_env for facts in PROVIDERS.values()]
+        for spec in self.config.models.values():
+            keys.append(spec.api_key_env or PROVIDERS[spec.provider].api_key_env)
+        return sandbox_for(
+            self.bubblewrap,
+            path,
+            settings.mode,
+            settings.network,
+            read=settings.read,
+            private=[str(self.data_dir)],
+            masked=[m for m in masked if m],
+            unset_env=[k for k in keys if k],
+        )
 
     def _registry(self) -> RegistryStore:
         if self.registry is None:
@@ -297,6 +327,7 @@ class Server:
             "workspaces": len(workspaces),
             "active_runs": sum(w.active_run_count() for w in workspaces),
             "uptime_s": round(self.clock() - self.started, 3),
+            "sandbox": "bwrap" if self.bubblewrap and self.bubblewrap.available else "unavailable",
         }
 
     # -- stop ----------------------------------------------------------------

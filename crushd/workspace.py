@@ -46,6 +46,7 @@ from crushd.runs import CANCELED_MESSAGE, Run, RunEnv, seal_run_messages
 from crushd.signals import Signals, send
 from crushd.store import WorkspaceStore
 from crushd.tools.base import Tool
+from crushd.tools.sandbox import Sandbox
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class Workspace:
         signals: Signals,
         clock: Callable[[], float] = time.monotonic,
         mcp_loop: McpLoop | None = None,
+        sandbox: Sandbox | None = None,
     ) -> None:
         self.id: str = record["id"]
         self.path = Path(record["path"])
@@ -93,6 +95,7 @@ class Workspace:
         self.created_at: str = record["created_at"]
         self.config = config
         self.models = models
+        self.sandbox = sandbox  # how bash runs here; None: unsandboxed
         self._tools = tools
         self._signals = signals
         directory = data_dir / "workspaces" / self.id
@@ -146,6 +149,7 @@ class Workspace:
             retry=config.retry_policy(),
             cleanup_timeout=config.cleanup_timeout,
             bash_timeout=config.bash_timeout,
+            sandbox=sandbox,
             allowed_tools=frozenset(config.allowed_tools),
             on_completed=self._run_completed,
             clock=clock,
@@ -170,6 +174,7 @@ class Workspace:
             "id": self.id,
             "path": str(self.path),
             "yolo": self.yolo,
+            "sandbox": self.sandbox.mode if self.sandbox else "off",
             "created_at": self.created_at,
             "closing": closing,
             "active_runs": active,

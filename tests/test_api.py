@@ -18,7 +18,16 @@ from crushd.app import create_app
 from crushd.common import text_of
 from crushd.server import AlreadyRunning, Server
 
-WORKSPACE_KEYS = {"id", "path", "yolo", "created_at", "closing", "active_runs", "queued_runs"}
+WORKSPACE_KEYS = {
+    "id",
+    "path",
+    "yolo",
+    "sandbox",
+    "created_at",
+    "closing",
+    "active_runs",
+    "queued_runs",
+}
 SESSION_KEYS = {
     "id", "title", "created_at", "updated_at", "message_count", "prompt_tokens",
     "completion_tokens", "cache_read_tokens", "cache_write_tokens", "cost_usd", "is_busy",

@@ -8,6 +8,8 @@ import logging
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -17,9 +19,21 @@ from pathlib import Path
 
 import pytest
 from conftest import wait_for
-from test_agent import processes_with
+from fakeprovider import FakeProvider, Text, ToolCall
+from test_agent import (
+    api,
+    decide,
+    parts,
+    pending_permission,
+    processes_with,
+    register,
+    run_events,
+    submit,
+)
+from test_runs import messages, wait_terminal
 
 from crushd.cancel import Cancelled, CancelToken
+from crushd.config import Config, ConfigError, SandboxSettings
 from crushd.tools import ToolContext, ToolResult
 from crushd.tools.bash import BashTool
 from crushd.tools.sandbox import Bubblewrap, detect, sandbox_for
@@ -319,3 +333,244 @@ def test_sandbox_off_means_no_sandbox(bwrap, root):
     assert sandbox_for(bwrap, root, "off", True) is None
     with pytest.raises(ValueError, match="sandbox must be one of"):
         sandbox_for(bwrap, root, "strict", True)
+
+
+# -- through the daemon ----------------------------------------------------------
+#
+# A live crushd on a real socket, the model a FakeProvider scripting bash calls.
+
+KEY_ENV = "CRUSHD_TEST_SANDBOX_KEY"
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeProvider]:
+    with FakeProvider() as server:
+        yield server
+
+
+@pytest.fixture
+def agent(fake, live_factory, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "sk-sandbox-test")
+
+    def start(**overrides):
+        values = {
+            "provider": "openai",
+            "model": "m",
+            "base_url": fake.openai_base_url,
+            "api_key_env": KEY_ENV,
+        }
+        return live_factory(**{**values, **overrides})
+
+    return start
+
+
+def only_result(http, wid: str, run: dict) -> dict:
+    stored = messages(http, wid, run["session_id"])
+    (result,) = parts(stored[2], "tool_result")
+    return result
+
+
+def test_yolo_workspace_write_runs_bash_without_asking(fake, agent, project, tmp_path):
+    fake.script(
+        [
+            ToolCall("bash", {"command": "echo in > inside.txt"}, id="call_in"),
+            ToolCall("bash", {"command": "echo pwned > ../outside.txt"}, id="call_out"),
+        ]
+    )
+    fake.script([Text("tried")])
+    live = agent()
+    with api(live.url) as http:
+        assert http.get("/v1/health").json()["sandbox"] == "bwrap"
+        wid = register(http, project, yolo=True)
+        assert http.get(f"/v1/workspaces/{wid}").json()["sandbox"] == "workspace-write"
+        run = submit(http, wid, "write both")
+        done = wait_terminal(http, wid, run["id"])
+        assert done["status"] == "completed" and done["text"] == "tried"
+        stored = messages(http, wid, run["session_id"])
+        inside, out = parts(stored[2], "tool_result")
+        assert inside["is_error"] is False
+        assert out["is_error"] is True and REFUSED in out["content"]
+        events = run_events(live.url, wid, run["session_id"], run["id"])
+    assert (project / "inside.txt").read_text() == "in\n"
+    assert not (tmp_path / "outside.txt").exists()
+    assert not any(e["type"] == "permission.requested" for e in events)
+
+
+def test_unsandboxed_asks_even_in_yolo(fake, agent, project, tmp_path):
+    command = "echo escaped > ../outside.txt"
+    fake.script([ToolCall("bash", {"command": command, "unsandboxed": True}, id="call_1")])
+    fake.script([ToolCall("bash", {"command": command, "unsandboxed": True}, id="call_2")])
+    fake.script([Text("done")])
+    live = agent()
+    with api(live.url) as http:
+        wid = register(http, project, yolo=True)
+        run = submit(http, wid, "escape")
+        asked = pending_permission(http, wid)
+        assert (asked["tool"], asked["action"]) == ("bash", "unsandboxed")
+        assert asked["params"] == {"command": command, "unsandboxed": True}
+        assert asked["path"] == str(project.resolve())
+        assert decide(http, wid, asked["id"], "allow_session").status_code == 200
+        # Allowing it for the session does not stop the next one from asking.
+        again = pending_permission(http, wid)
+        assert again["tool_call_id"] == "call_2" and again["action"] == "unsandboxed"
+        assert decide(http, wid, again["id"], "allow").status_code == 200
+        done = wait_terminal(http, wid, run["id"])
+        assert done["status"] == "completed"
+    assert (tmp_path / "outside.txt").read_text() == "escaped\n"
+
+
+def test_a_denied_unsandboxed_command_does_not_run(fake, agent, project, tmp_path):
+    command = "echo escaped > ../outside.txt"
+    fake.script([ToolCall("bash", {"command": command, "unsandboxed": True})])
+    live = agent()
+    with api(live.url) as http:
+        wid = register(http, project, yolo=True)
+        run = submit(http, wid, "escape")
+        asked = pending_permission(http, wid)
+        assert decide(http, wid, asked["id"], "deny").status_code == 200
+        done = wait_terminal(http, wid, run["id"])
+        assert done["status"] == "completed" and "Permission denied: bash" in done["error"]
+    assert not (tmp_path / "outside.txt").exists()
+
+
+def test_a_sandboxed_command_still_asks_without_yolo(fake, agent, project):
+    fake.script([ToolCall("bash", {"command": "echo hi > f.txt"})])
+    fake.script([Text("ok")])
+    live = agent()
+    with api(live.url) as http:
+        wid = register(http, project, yolo=False)
+        run = submit(http, wid, "write")
+        asked = pending_permission(http, wid)
+        assert (asked["tool"], asked["action"]) == ("bash", "run: echo hi > f.txt")
+        decide(http, wid, asked["id"], "allow")
+        assert wait_terminal(http, wid, run["id"])["status"] == "completed"
+    assert (project / "f.txt").read_text() == "hi\n"
+
+
+def test_sandbox_off_behaves_as_before(fake, agent, project, tmp_path):
+    command = "echo written > ../outside.txt"
+    fake.script([ToolCall("bash", {"command": command})])
+    fake.script([ToolCall("bash", {"command": "cat ../outside.txt", "unsandboxed": True})])
+    fake.script([Text("done")])
+    live = agent(sandbox="off")
+    with api(live.url) as http:
+        assert http.get("/v1/health").json()["sandbox"] == "bwrap"  # it works, but is off
+        wid = register(http, project, yolo=True)
+        assert http.get(f"/v1/workspaces/{wid}").json()["sandbox"] == "off"
+        run = submit(http, wid, "write outside")
+        done = wait_terminal(http, wid, run["id"])
+        assert done["status"] == "completed" and done["text"] == "done"
+        stored = messages(http, wid, run["session_id"])
+        (second,) = parts(stored[4], "tool_result")
+        assert second["content"] == "written"
+        events = run_events(live.url, wid, run["session_id"], run["id"])
+    assert (tmp_path / "outside.txt").read_text() == "written\n"
+    assert not any(e["type"] == "permission.requested" for e in events)
+
+
+def test_workspace_table_overrides_the_sandbox(agent, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    live = agent(
+        network=False,
+        sandbox_read=["/opt"],
+        workspaces={str(second): {"sandbox": "read-only", "sandbox_read": ["~/.cargo"]}},
+    )
+    with api(live.url) as http:
+        one = register(http, first, yolo=True)
+        two = register(http, second, yolo=True)
+        assert http.get(f"/v1/workspaces/{one}").json()["sandbox"] == "workspace-write"
+        assert http.get(f"/v1/workspaces/{two}").json()["sandbox"] == "read-only"
+    a, b = live.server.get(one).sandbox, live.server.get(two).sandbox
+    assert KEY_ENV in a.unset_env  # the model's key is crushd's, not the command's
+    assert (a.network, b.network) == (False, False)
+    assert a.read == ("/opt",)
+    assert b.read == ("/opt", os.path.realpath(Path.home() / ".cargo"))
+    # crushd keeps its own data and model keys out of every sandbox.
+    assert str(live.server.data_dir) in a.private
+    assert {"OPENAI_API_KEY", "ANTHROPIC_API_KEY", "CRUSHD_TOKEN"} <= set(a.unset_env)
+
+
+def test_without_bwrap_the_daemon_falls_back_and_says_so(fake, daemon_factory, project, tmp_path):
+    empty = tmp_path / "no-bwrap"
+    empty.mkdir()
+    fake.script([ToolCall("bash", {"command": "echo plain > ../outside.txt"})])
+    fake.script([Text("done")])
+    args = f"--provider openai --base-url {fake.openai_base_url} --model m"
+    daemon = daemon_factory(*args.split(), env={"PATH": str(empty), "OPENAI_API_KEY": "sk-t"})
+    with daemon.client() as http:
+        assert http.get("/v1/health").json()["sandbox"] == "unavailable"
+        wid = register(http, project, yolo=True)
+        assert http.get(f"/v1/workspaces/{wid}").json()["sandbox"] == "off"
+        run = submit(http, wid, "write outside")
+        done = wait_terminal(http, wid, run["id"])
+        assert done["status"] == "completed"
+    assert (tmp_path / "outside.txt").read_text() == "plain\n"
+    log = daemon.log()
+    assert log.count("event=sandbox_unavailable") == 1
+    assert "bwrap not found on PATH" in log
+
+
+# -- configuration ---------------------------------------------------------------
+
+
+def test_sandbox_settings_from_every_layer(tmp_path):
+    assert Config.load(env={}).sandbox_settings("/srv/p") == SandboxSettings(
+        "workspace-write", True, ()
+    )
+    env = {"CRUSHD_SANDBOX": "read-only", "CRUSHD_NETWORK": "false",
+           "CRUSHD_SANDBOX_READ": os.pathsep.join(["/opt/a", "~/.m2"])}  # fmt: skip
+    assert Config.load(env=env).sandbox_settings("/srv/p") == SandboxSettings(
+        "read-only", False, ("/opt/a", "~/.m2")
+    )
+    path = tmp_path / "crushd.toml"
+    path.write_text(
+        'sandbox_read = ["/opt/sdk"]\n'
+        f'[workspaces."{tmp_path}"]\n'
+        'sandbox = "off"\nnetwork = false\nsandbox_read = ["/srv/data"]\n'
+    )
+    config = Config.load(env={}, config_file=str(path))
+    assert config.source_file == str(path.resolve())
+    assert config.sandbox_settings(tmp_path) == SandboxSettings(
+        "off", False, ("/opt/sdk", "/srv/data")
+    )
+    assert config.sandbox_settings("/elsewhere") == SandboxSettings(
+        "workspace-write", True, ("/opt/sdk",)
+    )
+    flags = {"sandbox": "read-only", "network": False, "sandbox_read": ("/x",)}
+    flagged = Config.load(flags, env={}, config_file=str(path))
+    assert flagged.sandbox_settings("/elsewhere") == SandboxSettings("read-only", False, ("/x",))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('sandbox = "strict"\n', "sandbox must be one of workspace-write, read-only, off"),
+        ('network = "maybe"\n', "network: cannot use 'maybe' (expected true or false)"),
+        ('sandbox_read = ["relative/path"]\n', "sandbox_read entries must be absolute paths"),
+        ('[workspaces."/srv/p"]\nnetwrok = false\n', "unknown key(s) netwrok"),
+        ('[workspaces."srv/p"]\nnetwork = false\n', "the workspace path must be absolute"),
+        ('[workspaces."/srv/p"]\nnetwork = "no"\n', "network must be true or false"),
+        ('[workspaces."/srv/p"]\nsandbox = "none"\n', "sandbox must be one of"),
+        ('[workspaces."/srv/p"]\nsandbox_read = "/x"\n', "sandbox_read must be a list"),
+        ('workspaces = "all"\n', "workspaces: cannot use 'all' (expected a table)"),
+        ('source_file = "/x"\n', "unknown configuration key 'source_file'"),
+    ],
+)
+def test_bad_sandbox_settings_are_clear_config_errors(tmp_path, text, message):
+    path = tmp_path / "crushd.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        Config.load(env={}, config_file=str(path))
+    assert message in caught.value.message
+
+
+def test_crushd_serve_sandbox_flags_reach_the_config(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "crushd", "serve", "--sandbox", "sometimes", "--port", "0",
+         "--data-dir", str(tmp_path / "data")],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "sometimes" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -42,13 +42,7 @@ logger = logging.getLogger(__name__)
 MODES = ("workspace-write", "read-only", "off")
 PROBE_TIMEOUT = 10.0  # seconds for the startup check of bwrap
 HOME_ROOTS = ("/root", "/home", "/run/user")
-SECRET_ENV = (
-    "CRUSHD_TOKEN",
-    "CRUSHD_TOKEN_FILE",
-    "CRUSHD_CONFIG",
-    "OPENAI_API_KEY",
-    "ANTHROPIC_API_KEY",
-)
+SECRET_ENV = ("CRUSHD_TOKEN", "CRUSHD_TOKEN_FILE", "CRUSHD_CONFIG")  # plus the model keys
 
 _EROFS = re.compile(r"read-only file system", re.IGNORECASE)
 _MISSING = re.compile(r"no such file or directory|permission denied", re.IGNORECASE)
@@ -90,7 +84,10 @@ def detect(path: str | None = None) -> Bubblewrap:
 
 
 def _probe(executable: str) -> Bubblewrap:
-    argv = [executable, *_base_args(network=False), "--", "/bin/true"]
+    # Without --unshare-net: where only the network namespace is refused (Ubuntu
+    # 24.04's AppArmor default), network = true still works, and network = false
+    # fails closed with bwrap's own message on every command.
+    argv = [executable, *_base_args(network=True), "--", "/bin/true"]
     try:
         done = subprocess.run(
             argv,
