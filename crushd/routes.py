@@ -15,7 +15,7 @@ from flask import Blueprint, Response, current_app, request
 
 from crushd import __version__
 from crushd.common import RUN_STATUSES
-from crushd.errors import InvalidRequest, NotFound, ShuttingDown, TooManyStreams
+from crushd.errors import InvalidRequest, ShuttingDown, TooManyStreams
 from crushd.events import sse_stream
 from crushd.server import Server
 
@@ -83,13 +83,6 @@ def bool_arg(name: str) -> bool:
     return raw in ("true", "1", "yes")
 
 
-def session_or_404(workspace: Any, session_id: str) -> dict[str, Any]:
-    session = workspace.store.get_session(session_id)
-    if session is None:
-        raise NotFound(f"session {session_id} not found")
-    return session
-
-
 # -- server ------------------------------------------------------------------
 
 
@@ -149,46 +142,35 @@ def delete_workspace(wid: str) -> Any:
 def create_session(wid: str) -> Any:
     workspace = server().get(wid)
     title = text_field(body(optional=True), "title", required=False) or "New session"
-    session = workspace.store.create_session(title)
-    workspace.hub.publish("session.created", session["id"], session)
-    return session, 201
+    return workspace.create_session(title), 201
 
 
 @api.get("/workspaces/<wid>/sessions")
 def list_sessions(wid: str) -> Any:
-    return server().get(wid).store.list_sessions()
+    return server().get(wid).list_sessions()
 
 
 @api.get("/workspaces/<wid>/sessions/<sid>")
 def get_session(wid: str, sid: str) -> Any:
-    return session_or_404(server().get(wid), sid)
+    return server().get(wid).get_session(sid)
 
 
 @api.put("/workspaces/<wid>/sessions/<sid>")
 def update_session(wid: str, sid: str) -> Any:
     workspace = server().get(wid)
     title = text_field(body(), "title")
-    session = workspace.store.update_session(sid, title)
-    if session is None:
-        raise NotFound(f"session {sid} not found")
-    workspace.hub.publish("session.updated", sid, session)
-    return session
+    return workspace.update_session(sid, title)
 
 
 @api.delete("/workspaces/<wid>/sessions/<sid>")
 def delete_session(wid: str, sid: str) -> Any:
-    workspace = server().get(wid)
-    if not workspace.store.delete_session(sid):
-        raise NotFound(f"session {sid} not found")
-    workspace.hub.publish("session.deleted", sid, {"id": sid})
+    server().get(wid).delete_session(sid)
     return "", 204
 
 
 @api.get("/workspaces/<wid>/sessions/<sid>/messages")
 def list_messages(wid: str, sid: str) -> Any:
-    workspace = server().get(wid)
-    session_or_404(workspace, sid)
-    return workspace.store.list_messages(sid)
+    return server().get(wid).list_messages(sid)
 
 
 # -- prompts and runs --------------------------------------------------------
@@ -218,9 +200,7 @@ def list_runs(wid: str) -> Any:
     if status is not None and status not in RUN_STATUSES:
         raise InvalidRequest(f"status must be one of {', '.join(RUN_STATUSES)}")
     limit = number_arg("limit", 1, 1000, int) or 100
-    return workspace.store.list_runs(
-        session_id=request.args.get("session_id") or None, status=status, limit=limit
-    )
+    return workspace.list_runs(request.args.get("session_id") or None, status, limit)
 
 
 @api.get("/workspaces/<wid>/runs/<run_id>")
@@ -299,7 +279,7 @@ def events(wid: str) -> Any:
             raise InvalidRequest("Last-Event-ID / since must not be negative")
     session_id = request.args.get("session_id") or None
     if session_id is not None:
-        session_or_404(workspace, session_id)
+        workspace.get_session(session_id)
     if not srv.acquire_stream():
         raise TooManyStreams(f"at most {srv.config.max_streams} event streams at once")
     sub, backlog, reset = workspace.hub.subscribe(since, session_id)

@@ -364,6 +364,44 @@ class Workspace:
         with self._finished:
             self._finished.notify_all()
 
+    # -- sessions API ----------------------------------------------------------
+    #
+    # Each change is written, then announced; the views only parse and shape.
+
+    def create_session(self, title: str) -> dict[str, Any]:
+        """Create an empty session; publishes ``session.created``."""
+        session = self.store.create_session(title)
+        self.hub.publish("session.created", session["id"], session)
+        return session
+
+    def get_session(self, session_id: str) -> dict[str, Any]:
+        session = self.store.get_session(session_id)
+        if session is None:
+            raise NotFound(f"session {session_id} not found")
+        return session
+
+    def list_sessions(self) -> list[dict[str, Any]]:
+        return self.store.list_sessions()
+
+    def update_session(self, session_id: str, title: str) -> dict[str, Any]:
+        """Rename a session; publishes ``session.updated``."""
+        session = self.store.update_session(session_id, title)
+        if session is None:
+            raise NotFound(f"session {session_id} not found")
+        self.hub.publish("session.updated", session_id, session)
+        return session
+
+    def delete_session(self, session_id: str) -> None:
+        """Delete a session with no queued or running run (else SessionBusy);
+        publishes ``session.deleted``."""
+        if not self.store.delete_session(session_id):
+            raise NotFound(f"session {session_id} not found")
+        self.hub.publish("session.deleted", session_id, {"id": session_id})
+
+    def list_messages(self, session_id: str) -> list[dict[str, Any]]:
+        self.get_session(session_id)
+        return self.store.list_messages(session_id)
+
     # -- runs API ------------------------------------------------------------
 
     def get_run(self, run_id: str) -> dict[str, Any]:
@@ -425,8 +463,7 @@ class Workspace:
     def cancel_session(self, session_id: str, queued_only: bool = False) -> list[str]:
         """Cancel the session's queued runs (and its active one unless
         ``queued_only``); return their ids, active first."""
-        if self.store.get_session(session_id) is None:
-            raise NotFound(f"session {session_id} not found")
+        self.get_session(session_id)
         cancelled: list[str] = []
         with self._lock:
             active = self._active.get(session_id)
@@ -450,9 +487,14 @@ class Workspace:
             self._latch.count_down()
         return cancelled
 
+    def list_runs(
+        self, session_id: str | None = None, status: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """The workspace's runs, newest first, optionally of one session or status."""
+        return self.store.list_runs(session_id=session_id, status=status, limit=limit)
+
     def queued_runs(self, session_id: str) -> list[dict[str, Any]]:
-        if self.store.get_session(session_id) is None:
-            raise NotFound(f"session {session_id} not found")
+        self.get_session(session_id)
         return self.store.list_runs(
             session_id=session_id, status="queued", limit=1_000_000, oldest_first=True
         )
