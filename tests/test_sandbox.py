@@ -108,6 +108,7 @@ def test_writes_outside_fail_and_say_the_sandbox_refused(bwrap, root, outside):
     assert beside.is_error
     assert "Read-only file system" in beside.content
     assert REFUSED in beside.content and '"unsandboxed": true' in beside.content
+    assert "sandbox_read" not in beside.content  # reading more would not help a write
     assert not (root.parent / "beside.txt").exists()
 
     into_sibling = bash(ctx, "echo pwned > ../outside/new.txt")
@@ -130,6 +131,7 @@ def test_home_directories_and_siblings_are_hidden(bwrap, root, outside, home_sec
     key = bash(ctx, f"cat ~/{home_secret.name}/id_rsa")
     assert key.is_error and "PRIVATE KEY" not in key.content
     assert "No such file or directory" in key.content and REFUSED in key.content
+    assert "add the path to sandbox_read" in key.content
     listing = bash(ctx, "ls -A ~ /root /home 2>&1; cat ../outside/secret.txt")
     assert home_secret.name not in listing.content
     assert "sibling secret" not in listing.content

@@ -231,21 +231,26 @@ class Sandbox:
             where = "outside /tmp" if self.mode == "read-only" else "outside the workspace and /tmp"
             reasons.append(f"it refuses writes {where} (read-only file system)")
         mounts = self._mounts()
-        if any(self._names_hidden(line, mounts) for line in output.splitlines()):
+        hidden = any(self._names_hidden(line, mounts) for line in output.splitlines())
+        if hidden:
             reasons.append(
                 "it hides home directories, crushd's data and the surroundings of a "
-                f"workspace in /tmp ({', '.join(self.hidden())}); only sandbox_read paths "
-                "are visible there"
+                f"workspace in /tmp ({', '.join(self.hidden())})"
             )
         if not self.network and _NO_NETWORK.search(output):
             reasons.append("it has no network (network = false)")
         if not reasons:
             return ""
+        other_way = (
+            ", or ask the user to add the path to sandbox_read (readable, not writable)"
+            if hidden
+            else ""
+        )
         return (
             "[sandbox: this command ran in crushd's sandbox and may have been refused: "
             + "; ".join(reasons)
             + '. If the command really needs this, call bash again with "unsandboxed": true '
-            "(the user is asked to allow it), or ask the user to list the path in sandbox_read.]"
+            f"(the user is asked to allow it){other_way}.]"
         )
 
     def _names_hidden(self, line: str, mounts: list[tuple[str, str]]) -> bool:
