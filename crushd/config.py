@@ -12,7 +12,7 @@ from typing import Any
 
 from crushd.browser import normalize_origin, split_host
 from crushd.errors import ConfigError
-from crushd.mcp import McpConfigError, McpServerConfig, parse_mcp_tables
+from crushd.mcp_config import McpServerConfig, parse_mcp_tables
 from crushd.providers import PROVIDERS
 from crushd.providers.catalog import DEFAULT_CONTEXT_WINDOW, PRICE_FIELDS, ModelSpec
 from crushd.providers.retry import RetryPolicy
@@ -353,10 +353,7 @@ def _from_toml(path: Path) -> dict[str, Any]:
 def _mcp_servers(raw: Any) -> dict[str, McpServerConfig]:
     if isinstance(raw, dict) and all(isinstance(v, McpServerConfig) for v in raw.values()):
         return dict(raw)
-    try:
-        return parse_mcp_tables(raw)
-    except McpConfigError as exc:
-        raise ConfigError(exc.message) from None
+    return parse_mcp_tables(raw)  # its McpConfigError is a ConfigError
 
 
 def _coerce(name: str, annotation: Any, raw: Any) -> Any:

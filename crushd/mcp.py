@@ -24,6 +24,9 @@ Shape (why it is built this way):
   in.  Its pid (the group id) comes back through a pid file, so a stop that
   overruns its deadline can SIGKILL the group itself.
 
+The ``[mcp.NAME]`` tables are read by :mod:`crushd.mcp_config`; what a
+tool call looks like to the run loop is :mod:`crushd.tools.mcp`.
+
 Thread-safety: :class:`McpLoop`, :class:`McpClient` and :class:`WorkspaceMcp`
 public methods may be called from any thread.  Attributes marked "loop only"
 are touched only by coroutines running on the loop thread.
@@ -34,195 +37,32 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
 from crushd.cancel import Cancelled, CancelToken
-from crushd.errors import CrushdError
-from crushd.tools.base import PermissionAsk, Tool, ToolContext, ToolResult
+from crushd.mcp_config import McpServerConfig, safe_name
+from crushd.tools.base import Tool, ToolResult
 from crushd.tools.bash import live_group_members
 from crushd.tools.common import truncate
+from crushd.tools.mcp import McpTool, result_text
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT = 60.0  # seconds per tool call
 CONNECT_TIMEOUT = 30.0  # seconds for a server to start, initialize and list its tools
 STOP_TIMEOUT = 5.0  # seconds a workspace close gives its servers before killing them
-MAX_TOOL_NAME = 64  # what OpenAI and Anthropic accept for a function name
 STDERR_TAIL = 2000  # characters of a server's stderr quoted in its error
 STATUSES = ("starting", "connected", "failed", "disabled")
-TRANSPORTS = {"stdio": "stdio", "http": "http", "streamable_http": "http", "sse": "sse"}
-_KEYS = {
-    "command",
-    "args",
-    "env",
-    "url",
-    "transport",
-    "headers",
-    "allow",
-    "disabled_tools",
-    "timeout",
-    "enabled",
-}
-_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 _CHILD = Path(__file__).with_name("mcp_child.py")
-
-
-class McpConfigError(CrushdError):
-    status = 400
-    code = "invalid_config"
-
-
-# -- configuration -----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class McpServerConfig:
-    """One ``[mcp.NAME]`` table, validated.  ``transport`` is ``stdio``,
-    ``http`` (streamable HTTP) or ``sse``."""
-
-    name: str
-    transport: str
-    command: str | None = None
-    args: tuple[str, ...] = ()
-    env: dict[str, str] = field(default_factory=dict)
-    url: str | None = None
-    headers: dict[str, str] = field(default_factory=dict)
-    allow: frozenset[str] = frozenset()
-    disabled_tools: frozenset[str] = frozenset()
-    timeout: float = DEFAULT_TIMEOUT
-    enabled: bool = True
-
-    @property
-    def prefix(self) -> str:
-        return f"mcp_{safe_name(self.name)}_"
-
-    def offered_name(self, tool: str) -> str:
-        return offered_name(self.name, tool)
-
-    def lists(self, names: frozenset[str], tool: str) -> bool:
-        """True if ``tool`` (its own name or its offered name) is in ``names``."""
-        return tool in names or self.offered_name(tool) in names
-
-
-def safe_name(text: str) -> str:
-    return _UNSAFE.sub("_", text)
-
-
-def offered_name(server: str, tool: str) -> str:
-    """``mcp_<server>_<tool>`` with characters outside ``[A-Za-z0-9_-]`` as
-    ``_``; a name longer than providers accept keeps its start and gets a
-    short hash of the whole, so it stays unique."""
-    name = f"mcp_{safe_name(server)}_{safe_name(tool)}"
-    if len(name) <= MAX_TOOL_NAME:
-        return name
-    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
-    return f"{name[: MAX_TOOL_NAME - 9]}_{digest}"
-
-
-def parse_mcp_tables(tables: Any) -> dict[str, McpServerConfig]:
-    """Validate the ``[mcp]`` table of a config file; raise
-    :class:`McpConfigError` naming the table and the key at fault."""
-    if tables is None:
-        return {}
-    if not isinstance(tables, dict):
-        raise McpConfigError("mcp must be a table of [mcp.NAME] server tables")
-    servers: dict[str, McpServerConfig] = {}
-    prefixes: dict[str, str] = {}
-    for name, table in tables.items():
-        server = _parse_table(str(name), table)
-        clash = prefixes.get(server.prefix)
-        if clash is not None:
-            raise McpConfigError(
-                f"mcp.{name}: its tools would be offered as {server.prefix}*, "
-                f"like those of mcp.{clash}; rename one of them"
-            )
-        prefixes[server.prefix] = str(name)
-        servers[str(name)] = server
-    return servers
-
-
-def _parse_table(name: str, table: Any) -> McpServerConfig:
-    where = f"mcp.{name}"
-    if not name:
-        raise McpConfigError("mcp: a server name must not be empty")
-    if not isinstance(table, dict):
-        raise McpConfigError(f"{where} must be a table (command = ... or url = ...)")
-    unknown = sorted(set(table) - _KEYS)
-    if unknown:
-        raise McpConfigError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; expected {', '.join(sorted(_KEYS))}"
-        )
-    command, url = table.get("command"), table.get("url")
-    if (command is None) == (url is None):
-        raise McpConfigError(
-            f"{where} needs exactly one of command (a local server) or url (a remote one)"
-        )
-    transport = table.get("transport", "stdio" if command is not None else "http")
-    if transport not in TRANSPORTS:
-        raise McpConfigError(f"{where}: transport must be stdio, http or sse, not {transport!r}")
-    transport = TRANSPORTS[transport]
-    if command is not None:
-        if not isinstance(command, str) or not command.strip():
-            raise McpConfigError(f"{where}: command must be a non-empty string")
-        if transport != "stdio":
-            raise McpConfigError(f"{where}: a command server speaks stdio, not {transport}")
-        for key in ("url", "headers"):
-            if key in table:
-                raise McpConfigError(f"{where}: {key} is for remote servers (url = ...)")
-    else:
-        if not isinstance(url, str) or not re.match(r"https?://[^/\s]+", url):
-            raise McpConfigError(f"{where}: url must be an http:// or https:// URL, not {url!r}")
-        if transport == "stdio":
-            raise McpConfigError(f"{where}: a url server speaks http or sse, not stdio")
-        for key in ("args", "env"):
-            if key in table:
-                raise McpConfigError(f"{where}: {key} is for local servers (command = ...)")
-    timeout = table.get("timeout", DEFAULT_TIMEOUT)
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
-        raise McpConfigError(f"{where}: timeout must be a positive number of seconds")
-    enabled = table.get("enabled", True)
-    if not isinstance(enabled, bool):
-        raise McpConfigError(f"{where}: enabled must be true or false")
-    return McpServerConfig(
-        name=name,
-        transport=transport,
-        command=command,
-        args=tuple(_strings(where, "args", table.get("args", []))),
-        env=_string_table(where, "env", table.get("env", {})),
-        url=url,
-        headers=_string_table(where, "headers", table.get("headers", {})),
-        allow=frozenset(_strings(where, "allow", table.get("allow", []))),
-        disabled_tools=frozenset(
-            _strings(where, "disabled_tools", table.get("disabled_tools", []))
-        ),
-        timeout=float(timeout),
-        enabled=enabled,
-    )
-
-
-def _strings(where: str, key: str, value: Any) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise McpConfigError(f"{where}: {key} must be a list of strings")
-    return list(value)
-
-
-def _string_table(where: str, key: str, value: Any) -> dict[str, str]:
-    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-        raise McpConfigError(f'{where}: {key} must be a table of strings ({key}.NAME = "value")')
-    return {str(k): v for k, v in value.items()}
 
 
 # -- the event loop ----------------------------------------------------------
@@ -424,11 +264,11 @@ class McpClient:
         or loss.  Every exit sets the status; none raises."""
         assert self._ready is not None and self._stop is not None and self._lost is not None
         self._set_status("starting", None)
-        errlog = self._open_errlog()
+        stderr = StderrTail(self.name)
         error: str | None = None
         try:
             async with contextlib.AsyncExitStack() as stack:
-                read, write = await self._open(stack, errlog)
+                read, write = await self._open(stack, stderr)
                 read = await _watch(stack, read, self._lost)
                 from mcp.client.session import ClientSession
 
@@ -460,7 +300,8 @@ class McpClient:
             if not self._ready.done():
                 self._ready.set_result(None)
             if error is not None:
-                error = _with_stderr(error, errlog)
+                stderr.close()
+                error = f"{error}; stderr: {stderr.tail}" if stderr.tail else error
                 logger.warning(
                     "event=mcp_failed server=%s workspace=%s error=%s",
                     self.name,
@@ -468,11 +309,10 @@ class McpClient:
                     json.dumps(error),
                 )
                 self._set_status("failed", error)
-            if errlog is not None:
-                errlog.close()
+            stderr.close()
             await self._kill_leftovers()
 
-    async def _open(self, stack: contextlib.AsyncExitStack, errlog: Any) -> tuple[Any, Any]:
+    async def _open(self, stack: contextlib.AsyncExitStack, stderr: StderrTail) -> tuple[Any, Any]:
         config = self.config
         if config.transport == "stdio":
             from mcp.client.stdio import StdioServerParameters, stdio_client
@@ -494,9 +334,8 @@ class McpClient:
                 env=env,
                 cwd=str(self._root),
             )
-            streams = await stack.enter_async_context(
-                stdio_client(params, errlog=errlog or sys.stderr)
-            )
+            with stderr.pipe() as errlog:
+                streams = await stack.enter_async_context(stdio_client(params, errlog=errlog))
             self._read_pgid()
             return streams
         import httpx2
@@ -513,11 +352,6 @@ class McpClient:
         return await stack.enter_async_context(
             streamable_http_client(config.url, http_client=client)
         )
-
-    def _open_errlog(self) -> Any:
-        if self.config.transport != "stdio":
-            return None
-        return tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace")
 
     def _read_pgid(self) -> None:
         if self._run_dir is None:
@@ -650,96 +484,66 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(leaf).__name__}: {text}" if text else type(leaf).__name__
 
 
-def _with_stderr(error: str, errlog: Any) -> str:
-    if errlog is None:
-        return error
-    try:
-        errlog.flush()
-        errlog.seek(0)
-        tail = errlog.read()[-STDERR_TAIL:].strip()
-    except (OSError, ValueError):  # closed or unreadable: the error stands alone
-        return error
-    return f"{error}; stderr: {tail}" if tail else error
+class StderrTail:
+    """A local server's stderr: a pipe read on the loop, each line logged at
+    debug level, only the last :data:`STDERR_TAIL` characters kept (quoted in
+    the error of a server that fails).  Loop only."""
 
+    def __init__(self, server: str) -> None:
+        self._server = server
+        self._fd: int | None = None
+        self._partial = b""
+        self.tail = ""
 
-# -- results -----------------------------------------------------------------
+    @contextlib.contextmanager
+    def pipe(self) -> Iterator[Any]:
+        """The write end, as a file for the SDK to hand the child; our copy
+        is closed once the child has its own."""
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        self._fd = read_fd
+        asyncio.get_running_loop().add_reader(read_fd, self._read)
+        with os.fdopen(write_fd, "w") as errlog:
+            yield errlog
 
+    def _read(self) -> None:
+        if self._fd is None:
+            return
+        while True:
+            try:
+                data = os.read(self._fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._stop_reading()
+                self._line(self._partial)
+                return
+            *lines, self._partial = (self._partial + data).split(b"\n")
+            for line in lines:
+                self._line(line)
+            if len(self._partial) > STDERR_TAIL:
+                self._line(self._partial)
+                self._partial = b""
 
-def result_text(result: Any) -> str:
-    """The model's view of a ``CallToolResult``: text as is, every other
-    content block described (kind, type, size, URI) rather than dropped."""
-    parts: list[str] = []
-    texts: list[str] = []
-    for block in result.content:
-        kind = getattr(block, "type", "")
-        if kind == "text":
-            parts.append(block.text)
-            texts.append(block.text)
-        elif kind in ("image", "audio"):
-            size = len(block.data) * 3 // 4
-            parts.append(f"[{kind} content: {block.mime_type}, about {size} bytes]")
-        elif kind == "resource_link":
-            mime = f", {block.mime_type}" if block.mime_type else ""
-            about = f": {block.description}" if block.description else ""
-            parts.append(f"[resource link {block.name} <{block.uri}>{mime}{about}]")
-        elif kind == "resource":
-            res = block.resource
-            mime = f", {res.mime_type}" if getattr(res, "mime_type", None) else ""
-            if hasattr(res, "text"):
-                parts.append(f"[resource <{res.uri}>{mime}]\n{res.text}")
-            else:
-                size = len(res.blob) * 3 // 4
-                parts.append(f"[resource <{res.uri}>{mime}, about {size} bytes of binary data]")
-        else:
-            parts.append(f"[{kind or 'unknown'} content]")
-    structured = result.structured_content
-    if structured is not None and not _mirrors(texts, structured):
-        parts.append(f"[structured content]\n{json.dumps(structured, ensure_ascii=False)}")
-    return "\n".join(parts) if parts else "(no output)"
+    def _line(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", errors="replace").rstrip()
+        if not line:
+            return
+        logger.debug("event=mcp_stderr server=%s line=%s", self._server, json.dumps(line))
+        self.tail = f"{self.tail}\n{line}".strip()[-STDERR_TAIL:]
 
+    def _stop_reading(self) -> None:
+        if self._fd is not None:
+            asyncio.get_running_loop().remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = None
 
-def _mirrors(texts: list[str], structured: Any) -> bool:
-    """True if the text blocks already say what the structured content says
-    (servers are asked to send both; ``{"result": text}`` is how Python
-    servers wrap a plain return value)."""
-    joined = "\n".join(texts)
-    if isinstance(structured, dict) and list(structured) == ["result"]:
-        return structured["result"] == joined
-    for text in texts:
-        try:
-            if json.loads(text) == structured:
-                return True
-        except ValueError:
-            continue
-    return False
-
-
-class McpTool(Tool):
-    """An MCP server's tool as crushd offers it: asks permission unless the
-    workspace is yolo, the tool is in the server's ``allow`` or it was
-    allowed for the session."""
-
-    def __init__(self, client: McpClient, tool: Any) -> None:
-        self.client = client
-        self.server_tool = tool.name
-        self.name = client.config.offered_name(tool.name)
-        about = tool.description or tool.title or tool.name
-        self.description = f"{about} (tool {tool.name} of MCP server {client.name})"
-        schema = dict(tool.input_schema or {})
-        schema.setdefault("type", "object")
-        self.parameters = schema
-        self.mutating = not client.config.lists(client.config.allow, tool.name)
-
-    def describe(self, params: dict[str, Any], ctx: ToolContext) -> PermissionAsk:
-        shown = json.dumps(params, ensure_ascii=False)
-        if len(shown) > 80:
-            shown = shown[:79] + "…"
-        return PermissionAsk(
-            action=f"mcp {self.client.name}: {self.server_tool} {shown}", path=str(ctx.root)
-        )
-
-    def run(self, params: dict[str, Any], ctx: ToolContext) -> ToolResult:
-        return self.client.call(self.server_tool, params, ctx.token, ctx.max_output)
+    def close(self) -> None:
+        """Take what the pipe still holds, then close it.  Idempotent."""
+        self._read()
+        self._stop_reading()
 
 
 # -- a workspace's servers ---------------------------------------------------

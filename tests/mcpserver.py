@@ -55,6 +55,15 @@ def crash() -> str:
 
 
 @server.tool()
+def chatter(lines: int) -> str:
+    """Write numbered lines to stderr."""
+    for n in range(lines):
+        sys.stderr.write(f"chatter line {n}\n")
+    sys.stderr.flush()
+    return "done"
+
+
+@server.tool()
 def spawn_child() -> str:
     """Start a grandchild that sleeps for an hour; return its pid."""
     child = subprocess.Popen(["sleep", "3600"])

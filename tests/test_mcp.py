@@ -22,15 +22,10 @@ from conftest import wait_for
 
 from crushd.cancel import Cancelled, CancelToken
 from crushd.config import Config, ConfigError
-from crushd.mcp import (
-    McpConfigError,
-    McpLoop,
-    WorkspaceMcp,
-    offered_name,
-    parse_mcp_tables,
-    result_text,
-)
+from crushd.mcp import STDERR_TAIL, McpLoop, WorkspaceMcp
+from crushd.mcp_config import McpConfigError, offered_name, parse_mcp_tables
 from crushd.tools.base import ToolContext
+from crushd.tools.mcp import result_text
 
 TEST_SERVER = str(Path(__file__).with_name("mcpserver.py"))
 EVERYTHING = shutil.which("mcp-server-everything") or "mcp-server-everything"
@@ -350,6 +345,18 @@ def test_a_crashed_server_is_restarted_at_the_next_call(open_mcp, tmp_path):
     assert ws.tools()["mcp_test_shout"].run({"text": "b"}, ctx(tmp_path)).content == "B"
 
 
+def test_stderr_is_logged_and_only_its_end_kept(open_mcp, tmp_path, caplog):
+    ws, _ = open_mcp({"test": server_table(tmp_path)})
+    settle(ws)
+    with caplog.at_level("DEBUG", "crushd.mcp"):
+        assert ws.tools()["mcp_test_chatter"].run({"lines": 3000}, ctx(tmp_path)).content == "done"
+        ws.tools()["mcp_test_crash"].run({}, ctx(tmp_path))
+        wait_for(lambda: ws.entries()[0]["status"] == "failed", 5)
+    error = ws.entries()[0]["error"]
+    assert error.endswith("chatter line 2999") and len(error) < STDERR_TAIL + 200
+    assert 'event=mcp_stderr server=test line="chatter line 1234"' in caplog.text
+
+
 def test_broken_servers_fail_with_their_error_and_delay_nothing(open_mcp, tmp_path):
     started = time.monotonic()
     ws, events = open_mcp(
@@ -478,7 +485,8 @@ KILLED_HOST = textwrap.dedent(
     import sys, time
     from pathlib import Path
     from crushd.cancel import CancelToken
-    from crushd.mcp import McpLoop, WorkspaceMcp, parse_mcp_tables
+    from crushd.mcp import McpLoop, WorkspaceMcp
+    from crushd.mcp_config import parse_mcp_tables
     from crushd.tools.base import ToolContext
     tables = {
         "test": {"command": sys.executable, "args": [sys.argv[1]]},
