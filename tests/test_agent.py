@@ -184,6 +184,19 @@ def processes_with(marker: str) -> list[int]:
     return found
 
 
+def uncached(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Anthropic messages without their ``cache_control`` marks."""
+    return [
+        {
+            **m,
+            "content": [
+                {k: v for k, v in block.items() if k != "cache_control"} for block in m["content"]
+            ],
+        }
+        for m in messages
+    ]
+
+
 def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -308,7 +321,8 @@ def test_anthropic_daemon_multi_step_and_history_across_prompts(fake, daemon_fac
     assert first_req.body["model"] == "claude-x" and first_req.body["system"]
     assert {t["name"] for t in first_req.body["tools"]} >= {"bash", "write", "view"}
     # Step 2 of the first prompt got the tool result back.
-    step2 = fake.requests[1].body["messages"]
+    # (Cache breakpoints move with the newest messages: tests/test_caching.py.)
+    step2 = uncached(fake.requests[1].body["messages"])
     assert [m["role"] for m in step2] == ["user", "assistant", "user"]
     write_use = {"id": "toolu_1", "name": "write", "input": {"path": "a.txt", "content": "A\n"}}
     assert step2[1]["content"] == [
@@ -319,7 +333,7 @@ def test_anthropic_daemon_multi_step_and_history_across_prompts(fake, daemon_fac
     assert result["type"] == "tool_result" and result["tool_use_id"] == "toolu_1"
     assert result["is_error"] is False
     # The second prompt's request holds the whole earlier conversation.
-    history = fake.requests[2].body["messages"]
+    history = uncached(fake.requests[2].body["messages"])
     assert history[:3] == step2
     assert history[3:] == [
         {"role": "assistant", "content": [{"type": "text", "text": "Done: a.txt"}]},

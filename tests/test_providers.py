@@ -459,9 +459,17 @@ def test_anthropic_request_shape(fake):
     assert body["model"] == "claude-test"
     assert body["max_tokens"] == 512
     assert body["stream"] is True
-    assert body["system"] == "You are crushd."
+    ephemeral = {"type": "ephemeral"}
+    assert body["system"] == [
+        {"type": "text", "text": "You are crushd.", "cache_control": ephemeral}
+    ]
     assert body["tools"] == [
-        {"name": "view", "description": "Read a file", "input_schema": VIEW.parameters}
+        {
+            "name": "view",
+            "description": "Read a file",
+            "input_schema": VIEW.parameters,
+            "cache_control": ephemeral,
+        }
     ]
     assert body["messages"] == [
         {"role": "user", "content": [{"type": "text", "text": "read a.txt"}]},
@@ -470,7 +478,13 @@ def test_anthropic_request_shape(fake):
             "content": [
                 {"type": "text", "text": "Reading."},
                 {"type": "tool_use", "id": "c1", "name": "view", "input": {"path": "a.txt"}},
-                {"type": "tool_use", "id": "c2", "name": "ls", "input": {}},
+                {
+                    "type": "tool_use",
+                    "id": "c2",
+                    "name": "ls",
+                    "input": {},
+                    "cache_control": ephemeral,
+                },
             ],
         },
         {
@@ -483,7 +497,7 @@ def test_anthropic_request_shape(fake):
                     "content": "Tool execution canceled",
                     "is_error": True,
                 },
-                {"type": "text", "text": "go on"},
+                {"type": "text", "text": "go on", "cache_control": ephemeral},
             ],
         },
     ]

@@ -26,6 +26,7 @@ from crushd.providers.retry import classify_stream_error
 logger = logging.getLogger(__name__)
 
 API_VERSION = "2023-06-01"
+MAX_BREAKPOINTS = 4  # the Messages API refuses more cache_control blocks
 DEFAULT_BASE_URL = PROVIDERS["anthropic"].base_url or ""
 
 _STOP_REASONS = {
@@ -68,9 +69,10 @@ class AnthropicProvider(sse.HTTPProvider):
             "stream": True,
         }
         if request.system:
-            body["system"] = request.system
+            body["system"] = [{"type": "text", "text": request.system}]
         if request.tools:
             body["tools"] = [_tool(spec) for spec in request.tools]
+        add_cache_breakpoints(body)
         return body
 
     def stream(self, request: StepRequest, token: CancelToken) -> Iterator[StreamEvent]:
@@ -192,6 +194,32 @@ class _StepState:
                     "Provider sent invalid data", f"input_json_delta for unknown block {index}"
                 )
             yield ToolCallDelta(id=call_id, input_delta=delta["partial_json"])
+
+
+def add_cache_breakpoints(body: dict[str, Any]) -> int:
+    """Mark the request's stable prefix for Anthropic's prompt cache; return
+    how many breakpoints were set (at most :data:`MAX_BREAKPOINTS`).
+
+    The cache is a prefix in the order tools, system, messages.  A
+    breakpoint on the last tool keeps the tool definitions cached when the
+    system prompt changes (an edited AGENTS.md), one on the system prompt
+    covers both, and one on the last block of each of the two newest
+    messages writes the conversation so far; the next step of the turn (or
+    the next prompt) then reads everything up to there from the cache and
+    pays full price only for what is new.
+    """
+    marks: list[dict[str, Any]] = []
+    if body.get("tools"):
+        marks.append(body["tools"][-1])
+    if isinstance(body.get("system"), list) and body["system"]:
+        marks.append(body["system"][-1])
+    for message in body.get("messages", [])[-2:]:
+        content = message.get("content")
+        if isinstance(content, list) and content:
+            marks.append(content[-1])
+    for block in marks[-MAX_BREAKPOINTS:]:
+        block["cache_control"] = {"type": "ephemeral"}
+    return min(len(marks), MAX_BREAKPOINTS)
 
 
 def _tool(spec: ToolSpec) -> dict[str, Any]:
