@@ -8,6 +8,8 @@
     client, and database writes per streamed assistant message.
 (c) ``stop``: seconds from SIGTERM to exit with 100 runs streaming across
     10 workspaces.
+(d) ``bash``: latency (p50/p99) of one ``bash`` tool call running ``true``,
+    unsandboxed and in the bubblewrap sandbox (network on and off).
 
 Usage: ``python scripts/bench.py [--quick]``.  Everything runs on loopback
 against a real ``crushd serve`` (a) and (c), or waitress on a thread (b).
@@ -247,13 +249,47 @@ def bench_stop(root: Path, quick: bool) -> dict:
     }
 
 
+def bench_bash(root: Path, quick: bool) -> dict:
+    from crushd.cancel import CancelToken
+    from crushd.tools import ToolContext
+    from crushd.tools.bash import BashTool
+    from crushd.tools.sandbox import detect, sandbox_for
+
+    bwrap = detect()
+    tool, calls = BashTool(), 20 if quick else 200
+    variants = {"unsandboxed": None}
+    if bwrap.available:
+        for network in (True, False):
+            variants[f"bwrap_network_{str(network).lower()}"] = sandbox_for(
+                bwrap, root, "workspace-write", network
+            )
+    results: dict = {"calls": calls, "bwrap": bwrap.executable or bwrap.reason}
+    for name, sandbox in variants.items():
+        ctx = ToolContext(root=root, token=CancelToken(), sandbox=sandbox)
+        times = []
+        for _ in range(calls):
+            started = time.perf_counter()
+            tool.run({"command": "true"}, ctx)
+            times.append((time.perf_counter() - started) * 1000)
+        results[name] = {
+            "p50_ms": round(percentile(times, 0.5), 2),
+            "p99_ms": round(percentile(times, 0.99), 2),
+        }
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller runs, for a smoke test")
-    parser.add_argument("--only", choices=["submit", "stream", "stop"])
+    parser.add_argument("--only", choices=["submit", "stream", "stop", "bash"])
     args = parser.parse_args()
     results = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
-    benches = {"submit": bench_submit, "stream": bench_stream, "stop": bench_stop}
+    benches = {
+        "submit": bench_submit,
+        "stream": bench_stream,
+        "stop": bench_stop,
+        "bash": bench_bash,
+    }
     for name, bench in benches.items():
         if args.only and name != args.only:
             continue

@@ -40,6 +40,9 @@ logger = logging.getLogger(__name__)
 
 MAX_TIMEOUT = 600.0  # seconds; a longer request is capped, not refused
 KILL_GRACE = 1.0  # seconds between SIGTERM and SIGKILL for the process group
+# Once bwrap has exited, the sandbox's own init is being killed by the kernel
+# (--die-with-parent): give it this long to go before signalling the group.
+SANDBOX_SETTLE = 0.5
 REAP_TIMEOUT = 5.0  # seconds to wait for the shell after SIGKILL before giving up
 _POLL = 0.1  # how often the read loop looks at the token and the shell
 _READ_CHUNK = 65536
@@ -180,7 +183,8 @@ class BashTool(Tool):
             outcome = _pump(proc, output, ctx.token, Deadline(timeout))
         finally:
             ctx.token.remove_callback(handle)
-            _stop_group(proc, pgid)
+            settle = SANDBOX_SETTLE if sandbox is not None and outcome is _Outcome.EXITED else 0
+            _stop_group(proc, pgid, settle)
             proc.stdout.close()
         if outcome is _Outcome.CANCELLED:
             raise Cancelled(ctx.token.reason or "cancelled")
@@ -256,14 +260,17 @@ def _signal_group(pgid: int, sig: signal.Signals, reason: str) -> None:
     logger.info("event=tool_killed pgid=%s signal=%s reason=%s", pgid, sig.name, reason)
 
 
-def _stop_group(proc: subprocess.Popen[bytes], pgid: int) -> None:
-    """Make sure nothing of the group survives, then reap the shell.
+def _stop_group(proc: subprocess.Popen[bytes], pgid: int, settle: float = 0) -> None:
+    """Make sure nothing of the group survives, then reap the shell; first
+    wait up to ``settle`` seconds for the group to empty by itself.
 
-    Blocks up to twice :data:`KILL_GRACE` plus :data:`REAP_TIMEOUT`
-    seconds.  SIGKILL takes effect asynchronously, so after it the group is
+    Blocks up to ``settle`` plus twice :data:`KILL_GRACE` plus
+    :data:`REAP_TIMEOUT` seconds.  SIGKILL takes effect asynchronously, so after it the group is
     waited for too: when this returns, its members are gone.
     """
     members = live_group_members(pgid)
+    if members and settle:
+        members = _wait_for_group(proc, pgid, members, settle)
     if members:
         _signal_group(pgid, signal.SIGTERM, "cleanup")
         members = _wait_for_group(proc, pgid, members, KILL_GRACE)
