@@ -45,6 +45,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,7 @@ logger = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 30.0  # seconds for a server to start, initialize and list its tools
 STOP_TIMEOUT = 5.0  # seconds a workspace close gives its servers before killing them
 STDERR_TAIL = 2000  # characters of a server's stderr quoted in its error
+RETRY_INTERVAL = 30.0  # seconds before a run start tries a server that never connected again
 STATUSES = ("starting", "connected", "failed", "disabled")
 _CHILD = Path(__file__).with_name("mcp_child.py")
 
@@ -141,6 +143,7 @@ class McpClient:
         on_status: Callable[[dict[str, Any]], None],
         run_dir: Path | None = None,
         workspace_id: str = "",
+        retry_interval: float = RETRY_INTERVAL,
     ) -> None:
         self.config = config
         self._root = root
@@ -153,6 +156,8 @@ class McpClient:
         self._error: str | None = None  # guarded by _lock
         self._tools: list[Any] = []  # mcp Tool models; guarded by _lock
         self._pgid: int | None = None  # the supervisor's pid; guarded by _lock
+        self._attempted_at: float | None = None  # monotonic; guarded by _lock
+        self._retry_interval = retry_interval
         self._closed = False  # loop only
         self._task: asyncio.Task[None] | None = None  # loop only
         self._ready: asyncio.Future[None] | None = None  # loop only
@@ -178,9 +183,24 @@ class McpClient:
     def offered_tools(self) -> list[McpTool]:
         """Tools to offer the model: those of the last successful connection,
         minus ``disabled_tools``.  A server that crashed keeps offering them,
-        so the next call can restart it."""
+        so the next call can restart it.  One that never connected (down, or
+        not installed yet) is tried again in the background, at most once per
+        ``retry_interval``: this run goes without it, a later one may not."""
+        now = time.monotonic()
         with self._lock:
             tools = list(self._tools)
+            retry = (
+                self._status == "failed"
+                and not tools
+                and self._attempted_at is not None
+                and now - self._attempted_at >= self._retry_interval
+            )
+            if retry:
+                self._attempted_at = now
+        if retry:
+            logger.info("event=mcp_retry server=%s workspace=%s", self.name, self._workspace_id)
+            with contextlib.suppress(RuntimeError):  # the loop stopped: crushd is stopping
+                self.start()
         offered = []
         for tool in tools:
             if not self.config.lists(self.config.disabled_tools, tool.name):
@@ -220,6 +240,8 @@ class McpClient:
     async def _begin(self) -> None:
         if self._closed or (self._task is not None and not self._task.done()):
             return
+        with self._lock:
+            self._attempted_at = time.monotonic()
         self._ready = asyncio.get_running_loop().create_future()
         self._stop = asyncio.Event()
         self._lost = asyncio.Event()
@@ -560,6 +582,7 @@ class WorkspaceMcp:
         loop: McpLoop,
         publish: Callable[[dict[str, Any]], None] = lambda entry: None,
         workspace_id: str = "",
+        retry_interval: float = RETRY_INTERVAL,
     ) -> None:
         self._publish = publish
         self._workspace_id = workspace_id
@@ -570,7 +593,7 @@ class WorkspaceMcp:
         self._run_dir = tempfile.TemporaryDirectory(prefix="crushd-mcp-") if local else None
         run_dir = Path(self._run_dir.name) if self._run_dir else None
         self.clients = [
-            McpClient(c, root, loop, self._status_changed, run_dir, workspace_id)
+            McpClient(c, root, loop, self._status_changed, run_dir, workspace_id, retry_interval)
             for c in configs.values()
         ]
 

@@ -383,6 +383,32 @@ def test_broken_servers_fail_with_their_error_and_delay_nothing(open_mcp, tmp_pa
     assert sorted(ws.tools()) == ["mcp_good_convert_time", "mcp_good_get_current_time"]
 
 
+def test_a_server_that_never_connected_is_tried_again_by_a_later_run(mcp_loop, tmp_path):
+    later = tmp_path / "later-server"
+    events: list[dict] = []
+    ws = WorkspaceMcp(
+        parse_mcp_tables({"later": {"command": str(later)}}),
+        tmp_path,
+        mcp_loop,
+        events.append,
+        retry_interval=0.3,
+    )
+    try:
+        ws.start()
+        assert settle(ws)["later"]["error"] == f"command not found: {later}"
+        later.write_text(f'#!/bin/sh\nexec "{TIME_SERVER}" "$@"\n')
+        later.chmod(0o755)
+        assert ws.tools() == {}  # too soon: no retry yet
+        assert ws.entries()[0]["status"] == "failed"
+        time.sleep(0.35)
+        assert ws.tools() == {}  # this run goes without it, but asked for a retry
+        wait_for(lambda: ws.entries()[0]["status"] == "connected", 30)
+        assert "mcp_later_get_current_time" in ws.tools()
+        assert [e["status"] for e in events] == ["failed", "starting", "connected"]
+    finally:
+        ws.close()
+
+
 # -- remote servers --------------------------------------------------------------
 
 
