@@ -310,6 +310,13 @@ class Follower:
             return None
         if kind == "message.delta":
             self._delta(payload)
+        elif kind == "message.reset":
+            self._reset(payload)
+        elif kind == "run.retrying":
+            self.progress(
+                f"· provider failed ({one_line(payload.get('error'), 100)}); "
+                f"retry {payload.get('attempt')} in {payload.get('delay_s')} s"
+            )
         elif kind in ("message.created", "message.updated"):
             self._message(payload)
         elif kind == "permission.requested":
@@ -339,6 +346,13 @@ class Follower:
         self.text[message_id] = self.text.get(message_id, "") + delta
         if not self.quiet:
             self.out.write(delta)
+
+    def _reset(self, payload: dict[str, Any]) -> None:
+        """A retry streams the message again; what was printed of it cannot
+        be taken back, so say on stderr that it is discarded."""
+        if self.text.pop(payload.get("message_id") or "", ""):
+            self.out.end_line()
+            self.progress("· the answer so far is discarded; the retry streams it again")
 
     def _message(self, message: dict[str, Any]) -> None:
         for part in message.get("parts") or []:

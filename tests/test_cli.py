@@ -359,6 +359,26 @@ def test_follower_renders_text_reasoning_and_tool_activity(capsys):
     ]
 
 
+def test_follower_shows_retries_and_restarts_a_reset_message(capsys):
+    follower = Follower("w1", "r1", quiet=False)
+
+    def event(type: str, payload: dict) -> None:
+        follower.handle({"type": type, "payload": {"run_id": "r1", **payload}})
+
+    event("message.delta", {"message_id": "m1", "kind": "text", "delta": "half"})
+    event("message.reset", {"message_id": "m1"})
+    event("run.retrying", {"attempt": 1, "delay_s": 2.0, "error": "Overloaded"})
+    event("message.delta", {"message_id": "m1", "kind": "text", "delta": "whole"})
+    terminal = {"id": "r1", "status": "completed", "text": "whole answer", "message_id": "m1"}
+    follower.finish(terminal)  # the stream missed " answer": printed from the record
+    out, err = capsys.readouterr()
+    assert out == "half\nwhole answer\n"
+    assert err.splitlines() == [
+        "· the answer so far is discarded; the retry streams it again",
+        "· provider failed (Overloaded); retry 1 in 2.0 s",
+    ]
+
+
 def test_prompt_polls_when_every_stream_slot_is_taken(daemon_factory, project):
     daemon = daemon_factory("--threads", "4")  # two stream slots
     with daemon.client() as http:

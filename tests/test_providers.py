@@ -522,7 +522,7 @@ def test_fake_speaks_openai_to_the_official_sdk(fake):
             Text(" there"),
             ToolCall("view", {"path": "a.txt"}, id="call_1"),
             ToolCall("ls", {"path": "."}, id="call_2"),
-            Usage(11, 7),
+            Usage(11, 7, cache_read_tokens=5),
         ]
     )
     with openai.OpenAI(base_url=fake.openai_base_url, api_key="x", max_retries=0) as client:
@@ -555,6 +555,7 @@ def test_fake_speaks_openai_to_the_official_sdk(fake):
         ("call_2", "ls", {"path": "."}),
     ]
     assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (11, 7, 18)
+    assert usage.prompt_tokens_details.cached_tokens == 5
 
 
 def test_fake_speaks_anthropic_to_the_official_sdk(fake):
@@ -567,7 +568,7 @@ def test_fake_speaks_anthropic_to_the_official_sdk(fake):
             Text(" there"),
             ToolCall("view", {"path": "a.txt"}, id="toolu_1"),
             ToolCall("ls", {"path": "."}, id="toolu_2"),
-            Usage(11, 7),
+            Usage(11, 7, cache_read_tokens=4, cache_write_tokens=2),
         ]
     )
     fake.script([Text("raw "), Text("events"), Finish("end_turn")])
@@ -594,7 +595,10 @@ def test_fake_speaks_anthropic_to_the_official_sdk(fake):
         ("toolu_2", "ls", {"path": "."}),
     ]
     assert message.stop_reason == "tool_use"
-    assert (message.usage.input_tokens, message.usage.output_tokens) == (11, 7)
+    # input_tokens counts only what neither came from nor went to the cache.
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (5, 7)
+    assert message.usage.cache_read_input_tokens == 4
+    assert message.usage.cache_creation_input_tokens == 2
     assert [r.path for r in fake.requests] == ["/v1/messages", "/v1/messages"]
     assert types[0] == "message_start" and types[-2:] == ["message_delta", "message_stop"]
     assert types.count("content_block_delta") == 2
