@@ -97,10 +97,17 @@ class TooManyStreams(_RetryLater):
     code = "too_many_streams"
 
 
-class StoreBusy(_RetryLater):
-    """The database lock was not free within the caller's budget."""
+class StorageUnavailable(_RetryLater):
+    """The database refuses writes: disk full, locked by another process past
+    the busy timeout, an I/O error.  Nothing was written; retrying later may
+    succeed (the workspace keeps trying on its own)."""
 
     code = "storage_unavailable"
+
+
+class StoreBusy(StorageUnavailable):
+    """The store's lock was not free within the caller's budget (another
+    thread of ours is inside a slow database call)."""
 
 
 class StoreClosed(WorkspaceClosing):

@@ -10,10 +10,18 @@ the model but not the bookkeeping:
 * every tool call has a ``tool_result``;
 * the run has its terminal status and ``finished_at``;
 * then, and only then, ``run.completed`` is published.
+
+A write the database refuses (:class:`~crushd.errors.StorageUnavailable`) is
+retried with backoff — on the run's token while the turn runs, within the
+cleanup deadline either way.  A turn whose writes stay refused ends
+``failed``; closing records that still cannot be written are *owed*:
+:attr:`Run.owed` holds them and the workspace writes them with
+:meth:`Run.settle` once the database accepts writes again.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -21,10 +29,11 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from crushd.cancel import Cancelled, CancelToken, Deadline
 from crushd.common import text_of, utcnow
+from crushd.errors import StorageUnavailable
 from crushd.events import EventHub
 from crushd.providers.base import (
     Provider,
@@ -54,6 +63,12 @@ logger = logging.getLogger(__name__)
 CANCELED_MESSAGE = "Request canceled"
 TOOL_CANCELED = "Tool execution canceled"
 WRITE_INTERVAL = 0.2  # seconds between coalesced writes of one streaming message
+# Backoff between attempts of a write the database refused.
+STORE_RETRY_FIRST = 0.05
+STORE_RETRY_MAX = 1.0
+STORAGE_TITLE = "Storage unavailable"
+
+T = TypeVar("T")
 
 SYSTEM_PROMPT = """\
 You are crushd, an AI coding agent working in the project directory {root}.
@@ -279,7 +294,7 @@ class MessageWriter:
                 {"message_id": self.id, "run_id": self.run_id},
             )
             self._dirty = True
-            self._write()
+            self._write(required=False)
             return True
 
     def add_finish(self, reason: str, message: str = "", details: str = "") -> None:
@@ -295,24 +310,38 @@ class MessageWriter:
         """Mark the parts dirty and write them if the interval has passed.  Holds _lock."""
         self._dirty = True
         if self._env.clock() - self._last_write >= self._interval:
-            self._write()
+            self._write(required=False)
 
     def flush(self) -> dict[str, Any] | None:
-        """Write pending parts now; return the stored message if written."""
+        """Write pending parts now; return the stored message if written.
+        Raises StorageUnavailable (the parts stay pending)."""
         with self._lock:
             return self._write() if self._dirty else None
 
-    def close(self) -> None:
-        """Flush and refuse later writes (the sealing code takes over)."""
+    def close(self) -> dict[str, Any] | None:
+        """Flush and refuse later writes (the sealing code takes over);
+        return the stored message if this wrote it.  Raises
+        StorageUnavailable, and stays open, when the write is refused."""
         with self._lock:
-            if self._dirty:
-                self._write()
+            stored = self._write() if self._dirty else None
             self._closed = True
+            return stored
 
-    def _write(self) -> dict[str, Any] | None:
+    def _write(self, required: bool = True) -> dict[str, Any] | None:
+        """Store the parts.  A write that is not ``required`` (the coalesced
+        ones) is skipped while the database refuses writes: the parts stay
+        in memory, dirty, for the next required one.  Holds _lock."""
         if self._closed:
             return None
-        stored = self._env.store.update_message(self.id, json.loads(json.dumps(self.parts)))
+        if not required and not self._env.store.available:
+            return None
+        try:
+            stored = self._env.store.update_message(self.id, json.loads(json.dumps(self.parts)))
+        except StorageUnavailable:
+            if required:
+                raise
+            self._last_write = self._env.clock()
+            return None
         self._dirty = False
         self._last_write = self._env.clock()
         return stored
@@ -340,6 +369,11 @@ class Run:
         self.step: _Step | None = None
         self.provider: Provider | None = None  # the run's model, known once it started
         self.spec: ModelSpec | None = None  # its configuration (prices)
+        self.user_message: dict[str, Any] | None = None  # once stored
+        self._usage: list[Usage] = []  # reported, not stored yet
+        # The closing records the database refused past the cleanup
+        # deadline; the workspace calls settle() to write them later.
+        self.owed: Callable[[], dict[str, Any] | None] | None = None
         self.tools_ctx = ToolContext(
             root=env.root, token=token, bash_timeout=env.bash_timeout, sandbox=env.sandbox
         )
@@ -368,10 +402,7 @@ class Run:
         env = self.env
         try:
             self.publish("run.started", self.run)
-            user = env.store.create_message(
-                self.session_id, self.id, "user", [{"type": "text", "text": self.run["prompt"]}]
-            )
-            self.publish("message.created", user)
+            self._stored(self._write_user_message)
             # An unknown model (configuration changed while it was queued)
             # or a missing key fails the run here, with a message that says so.
             name = self.run["model"] or env.models.default
@@ -381,6 +412,11 @@ class Run:
             denied = self._loop()
         except Cancelled:
             return self._finalize("cancelled", "canceled", CANCELED_MESSAGE, "", None)
+        except StorageUnavailable as exc:
+            logger.warning("event=run_storage_failed run=%s error=%r", self.id, exc.message)
+            return self._finalize(
+                "failed", "error", STORAGE_TITLE, exc.message, f"storage unavailable: {exc.message}"
+            )
         except ProviderError as exc:
             logger.warning(
                 "event=provider_error run=%s title=%s details=%s",
@@ -396,14 +432,63 @@ class Run:
             return self._finalize("failed", "error", "Internal error", repr(exc), repr(exc))
         return self._finalize("completed", None, "", "", denied)
 
+    def _stored(self, write: Callable[[], T]) -> T:
+        """Call ``write`` (a store write); a refused write is retried with
+        backoff, waiting on the run's token, for up to the cleanup timeout.
+        Raises StorageUnavailable after that, Cancelled on a cancel."""
+        deadline = Deadline(self.env.cleanup_timeout)
+        delay = STORE_RETRY_FIRST
+        while True:
+            try:
+                return write()
+            except StorageUnavailable:
+                if deadline.expired:
+                    raise
+            if self.token.wait(min(delay, deadline.remaining())):
+                self.token.raise_if_cancelled()
+            delay = min(delay * 2, STORE_RETRY_MAX)
+
+    def _write_usage(self, required: bool = True) -> None:
+        """Store the reported usage.  Not ``required`` (as it streams in),
+        a refused write leaves it for the closing records."""
+        while self._usage:
+            if not required and not self.env.store.available:
+                return
+            usage = self._usage[0]
+            try:
+                self.env.store.add_usage(
+                    self.id,
+                    self.session_id,
+                    usage.prompt_tokens,
+                    usage.completion_tokens,
+                    usage.cache_read_tokens,
+                    usage.cache_write_tokens,
+                    self.spec.cost(usage) if self.spec is not None else None,
+                )
+            except StorageUnavailable:
+                if required:
+                    raise
+                return
+            self._usage.pop(0)
+
+    def _write_user_message(self) -> None:
+        if self.user_message is not None:
+            return
+        self.user_message = self.env.store.create_message(
+            self.session_id, self.id, "user", [{"type": "text", "text": self.run["prompt"]}]
+        )
+        self.publish("message.created", self.user_message)
+
     def _new_step(self) -> None:
-        message = self.env.store.create_message(
-            self.session_id,
-            self.id,
-            "assistant",
-            [],
-            self.provider.model,
-            self.provider.name,
+        message = self._stored(
+            lambda: self.env.store.create_message(
+                self.session_id,
+                self.id,
+                "assistant",
+                [],
+                self.provider.model,
+                self.provider.name,
+            )
         )
         self.publish("message.created", message)
         self.step = _Step(MessageWriter(self.env, message, self.id))
@@ -432,15 +517,8 @@ class Run:
                 elif isinstance(event, ToolCallDelta):
                     step.writer.tool_call_input(event.id, event.input_delta)
                 elif isinstance(event, Usage):
-                    env.store.add_usage(
-                        self.id,
-                        self.session_id,
-                        event.prompt_tokens,
-                        event.completion_tokens,
-                        event.cache_read_tokens,
-                        event.cache_write_tokens,
-                        self.spec.cost(event) if self.spec is not None else None,
-                    )
+                    self._usage.append(event)
+                    self._write_usage(required=False)
                 elif isinstance(event, StepFinish):
                     reason = event.reason
                 elif isinstance(event, Retrying):
@@ -450,7 +528,9 @@ class Run:
             step.calls = step.writer.finish_tool_calls()
             if not step.calls:
                 step.writer.add_finish(reason if reason != "tool_use" else "unknown")
-                self._flush_step()
+                # The answer is complete in memory; a refused write here is
+                # left to the closing records, which retry and, failing, owe it.
+                self._flush_step(required=False)
                 return None
             self._flush_step()
             denied = self._run_tools(step)
@@ -460,7 +540,7 @@ class Run:
                 denied or "",
             )
             self._flush_step()
-            self._write_results(step)
+            self._stored(functools.partial(self._write_results, step))
             if denied:
                 return denied
             if steps >= env.max_steps:
@@ -494,8 +574,15 @@ class Run:
             },
         )
 
-    def _flush_step(self) -> None:
-        stored = self.step.writer.flush()
+    def _flush_step(self, required: bool = True) -> None:
+        if not required and not self.env.store.available:
+            return
+        try:
+            stored = self._stored(self.step.writer.flush)
+        except StorageUnavailable:
+            if required:
+                raise
+            return
         if stored is not None:
             self.publish("message.updated", stored)
 
@@ -586,32 +673,90 @@ class Run:
         self, status: str, reason: str | None, message: str, details: str, error: str | None
     ) -> dict[str, Any] | None:
         """Write the closing records under a detached deadline, then publish
-        ``run.completed``.  Runs even though the token is cancelled."""
+        ``run.completed``.  Runs even though the token is cancelled.
+
+        Writes the database refuses are retried until the deadline; after
+        it the records are left in :attr:`owed` and None is returned.
+        """
         deadline = Deadline(self.env.cleanup_timeout)
         result_text = (
             TOOL_CANCELED if status == "cancelled" else (details or message or TOOL_CANCELED)
         )
-        try:
-            with lock_budget(max(deadline.remaining(), 0.01)):
-                text, message_id = "", None
-                if self.step is not None:
-                    writer = self.step.writer
-                    writer.close()
-                    self._write_results(self.step, result_text)
-                    text, message_id = writer.text(), writer.id
-                if reason is not None:
-                    seal_run_messages(
-                        self.env, self.id, self.session_id, reason, message, details, result_text
+
+        def close() -> dict[str, Any] | None:
+            return self._close_records(status, reason, message, details, error, result_text)
+
+        delay = STORE_RETRY_FIRST
+        while True:
+            try:
+                with lock_budget(max(deadline.remaining(), 0.01)):
+                    terminal = close()
+                break
+            except StorageUnavailable as exc:
+                if deadline.expired:
+                    logger.warning(
+                        "event=run_records_owed run=%s status=%s error=%r",
+                        self.id,
+                        status,
+                        exc.message,
                     )
-                terminal = self.env.store.finish_run(
-                    self.id, status, error=error, text=text, message_id=message_id
-                )
-        except Exception:  # the database is gone or stuck past the deadline
-            logger.exception("event=run_cleanup_failed run=%s status=%s", self.id, status)
-            return None
+                    self.owed = close
+                    return None
+                # Wakes up as soon as another write gets through.
+                self.env.store.wait_available(min(delay, deadline.remaining()))
+                delay = min(delay * 2, STORE_RETRY_MAX)
+            except Exception:  # the database is gone (closed) or broken
+                logger.exception("event=run_cleanup_failed run=%s status=%s", self.id, status)
+                return None
         if deadline.expired:
             logger.warning("event=run_cleanup_slow run=%s", self.id)
+        return self._completed(terminal)
+
+    def settle(self, budget: float) -> dict[str, Any] | None:
+        """Write the owed closing records and publish ``run.completed``.
+
+        Called by the workspace once the database may accept writes again;
+        raises StorageUnavailable (the records stay owed) if it still refuses.
+        """
+        if self.owed is None:
+            return None
+        with lock_budget(budget):
+            terminal = self.owed()
+        self.owed = None
+        logger.info("event=run_records_written run=%s", self.id)
+        return self._completed(terminal)
+
+    def _completed(self, terminal: dict[str, Any] | None) -> dict[str, Any] | None:
         if terminal is not None:
             self.publish("run.completed", terminal)
             self.env.on_completed(terminal)
         return terminal
+
+    def _close_records(
+        self,
+        status: str,
+        reason: str | None,
+        message: str,
+        details: str,
+        error: str | None,
+        result_text: str,
+    ) -> dict[str, Any] | None:
+        """Every closing write, in order; each step is idempotent, so after a
+        refused write the whole sequence is simply tried again."""
+        self._write_user_message()
+        self._write_usage()
+        text, message_id = "", None
+        if self.step is not None:
+            writer = self.step.writer
+            stored = writer.close()
+            if stored is not None:
+                self.publish("message.updated", stored)
+            self._write_results(self.step, result_text)
+            text, message_id = writer.text(), writer.id
+        if reason is not None:
+            seal_run_messages(
+                self.env, self.id, self.session_id, reason, message, details, result_text
+            )
+        return self.env.store.finish_run(
+            self.id, status, error=error, text=text, message_id=message_id
+        )

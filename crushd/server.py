@@ -320,6 +320,10 @@ class Server:
     # -- health --------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
+        """From memory only, taking no lock a database call may hold: it
+        answers in milliseconds whatever the databases are doing.
+        ``storage`` is ``unavailable`` while any workspace's database
+        refuses writes."""
         workspaces = self.workspaces()
         return {
             "status": "stopping" if self.stopping.is_set() else "ok",
@@ -328,6 +332,7 @@ class Server:
             "active_runs": sum(w.active_run_count() for w in workspaces),
             "uptime_s": round(self.clock() - self.started, 3),
             "sandbox": "bwrap" if self.bubblewrap and self.bubblewrap.available else "unavailable",
+            "storage": "ok" if all(w.storage_available for w in workspaces) else "unavailable",
         }
 
     # -- stop ----------------------------------------------------------------

@@ -10,21 +10,42 @@ as every query, so nothing touches the database after it is closed.
 
 All public methods are thread-safe and block only on the lock (bounded, see
 :func:`lock_budget`); they return plain dicts in the API's JSON shape.
+
+Storage faults.  A write the database refuses — the disk is full, another
+process holds the write lock past :data:`BUSY_TIMEOUT`, an I/O error — is
+rolled back and raised as :class:`~crushd.errors.StorageUnavailable`, and the
+store is marked unavailable.  That flag is read from memory (``available``),
+so the health check and the prompt route know at once; the two transitions
+are logged once each.  A workspace store becomes available again only when
+:meth:`WorkspaceStore.probe` gets 64 KiB through (a small write that happens
+to fit must not announce a recovery that the next one denies); the registry,
+which nothing probes, with any write that succeeds.  Retrying is the
+caller's business (:mod:`crushd.runs`, :mod:`crushd.workspace`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import sqlite3
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import peewee as pw
 
 from crushd.common import ACTIVE_STATUSES, TERMINAL_STATUSES, new_id, utcnow
-from crushd.errors import NotFound, QueueFull, SessionBusy, StoreBusy, StoreClosed
+from crushd.errors import (
+    NotFound,
+    QueueFull,
+    SessionBusy,
+    StorageUnavailable,
+    StoreBusy,
+    StoreClosed,
+)
 from crushd.models import (
     REGISTRY_MIGRATIONS,
     WORKSPACE_MIGRATIONS,
@@ -33,7 +54,19 @@ from crushd.models import (
     workspace_models,
 )
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_LOCK_WAIT = 30.0
+# How long a write waits for another process's write lock before the store
+# counts as unavailable.  crushd's own threads share one connection and never
+# wait on each other here; only an outside writer (a backup, the sqlite3
+# shell) does, and a prompt should hear 503 about it within a second.
+BUSY_TIMEOUT = 1.0
+# SQLite primary result codes that mean "the database refuses writes now and
+# may accept them later": BUSY, LOCKED, READONLY, IOERR, FULL, CANTOPEN, PROTOCOL.
+_FAULT_CODES = {5, 6, 8, 10, 13, 14, 15}
+
+PROBE_SETTING = "storage_probe"
 
 _budget = threading.local()
 
@@ -58,18 +91,33 @@ def _cost(value: float | None) -> float | None:
     return None if value is None else round(value, 10)
 
 
+def storage_fault(exc: BaseException) -> str | None:
+    """The SQLite message if ``exc`` is a storage fault (see the module
+    docstring), else None.  peewee re-raises sqlite3's error with the
+    original as ``__context__``."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, sqlite3.Error):
+            code = getattr(seen, "sqlite_errorcode", None)
+            if code is not None and code & 0xFF in _FAULT_CODES:
+                return str(seen)
+            return None
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def open_sqlite(path: Path) -> pw.SqliteDatabase:
     db = pw.SqliteDatabase(
         str(path),
         thread_safe=False,  # one shared connection, serialized by the store lock
         check_same_thread=False,
         autoconnect=False,
-        timeout=5,
+        timeout=BUSY_TIMEOUT,
         pragmas={
             "journal_mode": "wal",
             "foreign_keys": 1,
             "synchronous": "normal",
-            "busy_timeout": 5000,
+            "busy_timeout": int(BUSY_TIMEOUT * 1000),
         },
     )
     db.connect()
@@ -77,12 +125,26 @@ def open_sqlite(path: Path) -> pw.SqliteDatabase:
 
 
 class _Store:
+    # Whether any accepted write marks the store available again (else
+    # only a probe does, see the module docstring).
+    recover_on_write = True
+
     def __init__(self, path: Path, migrations: list) -> None:
         self.path = path
         # Serializes every use of the one connection and guards the closed
         # flag; last in the lock order (nothing is taken while holding it).
         self._lock = threading.RLock()
         self._closed = False  # guarded by _lock
+        # Whether the last write was accepted.  Written under _lock, read
+        # without it: the health check must never wait on a database call.
+        self.available = True
+        self.fault: str | None = None  # the refusal while unavailable; under _lock
+        self._fault_since = 0.0  # guarded by _lock
+        self._recovered = threading.Event()  # set while available
+        self._recovered.set()
+        # Called when ``available`` changes, with the store lock held: it
+        # must only set a flag or an event.
+        self.on_change: Callable[[], None] = lambda: None
         self.db = open_sqlite(path)
         try:
             with self._use():
@@ -95,21 +157,97 @@ class _Store:
     def closed(self) -> bool:
         return self._closed
 
+    def wait_available(self, timeout: float) -> bool:
+        """Block up to ``timeout`` seconds until a write succeeds; True if it did."""
+        return self._recovered.wait(timeout)
+
     @contextlib.contextmanager
-    def _use(self, write: bool = False) -> Iterator[None]:
+    def _use(
+        self, write: bool = False, busy_timeout: float | None = None, probe: bool = False
+    ) -> Iterator[None]:
+        """Hold the connection; with ``write``, inside one ``BEGIN IMMEDIATE``
+        transaction.  A storage fault becomes :class:`StorageUnavailable`."""
         timeout = getattr(_budget, "seconds", None)
         if not self._lock.acquire(timeout=DEFAULT_LOCK_WAIT if timeout is None else timeout):
             raise StoreBusy(f"database {self.path.name} is busy")
         try:
             if self._closed:
                 raise StoreClosed(f"database {self.path} is closed")
-            if write:
-                with self.db.atomic():
+            if not write:
+                try:
                     yield
-            else:
-                yield
+                except pw.DatabaseError as exc:
+                    if (fault := storage_fault(exc)) is None:
+                        raise
+                    raise StorageUnavailable(f"the database cannot be read: {fault}") from exc
+                return
+            try:
+                with self._busy_timeout(busy_timeout):
+                    self._transaction_begin()
+                    yield
+                    self.db.execute_sql("COMMIT")
+            except BaseException as exc:
+                self._rollback()
+                fault = storage_fault(exc)
+                if fault is None:
+                    raise
+                self._mark_unavailable(fault)
+                raise StorageUnavailable(f"the database refuses writes: {fault}") from exc
+            if probe or self.recover_on_write:
+                self._mark_available()
         finally:
             self._lock.release()
+
+    @contextlib.contextmanager
+    def _busy_timeout(self, seconds: float | None) -> Iterator[None]:
+        if seconds is None:
+            yield
+            return
+        self.db.execute_sql(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
+        try:
+            yield
+        finally:
+            self.db.execute_sql(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
+
+    def _transaction_begin(self) -> None:
+        # IMMEDIATE takes the write lock first, so a transaction that reads
+        # before it writes cannot fail halfway on an outside writer's commit.
+        # Not peewee's atomic(): after SQLITE_FULL SQLite has already rolled
+        # back, and atomic()'s own rollback then fails with "cannot rollback",
+        # hiding the real error.
+        self.db.execute_sql("BEGIN IMMEDIATE")
+
+    def _rollback(self) -> None:
+        connection = self.db.connection()
+        if connection.in_transaction:
+            # The original error is what matters; a failing rollback adds nothing.
+            with contextlib.suppress(sqlite3.Error):
+                connection.rollback()
+
+    def _mark_unavailable(self, fault: str) -> None:
+        """Holds _lock."""
+        self.fault = fault
+        if not self.available:
+            return
+        self.available = False
+        self._recovered.clear()
+        self._fault_since = time.monotonic()
+        logger.error("event=storage_unavailable db=%s error=%r", self.path, fault)
+        self.on_change()
+
+    def _mark_available(self) -> None:
+        """Holds _lock."""
+        if self.available:
+            return
+        self.available = True
+        self.fault = None
+        self._recovered.set()
+        logger.warning(
+            "event=storage_recovered db=%s seconds=%.3f",
+            self.path,
+            time.monotonic() - self._fault_since,
+        )
+        self.on_change()
 
     def close(self) -> None:
         """Close the connection; idempotent.  Later calls raise StoreClosed."""
@@ -181,6 +319,8 @@ class RegistryStore(_Store):
 class WorkspaceStore(_Store):
     """Sessions, messages and runs of one workspace."""
 
+    recover_on_write = False  # the workspace's storage keeper probes it
+
     def __init__(self, path: Path, workspace_id: str) -> None:
         super().__init__(path, WORKSPACE_MIGRATIONS)
         self.workspace_id = workspace_id
@@ -198,6 +338,16 @@ class WorkspaceStore(_Store):
         S = self.m.Setting
         with self._use(write=True):
             S.replace(key=key, value=value).execute()
+
+    def probe(self, busy_timeout: float = 0.1) -> None:
+        """Write and then delete 64 KiB; raises StorageUnavailable while the
+        database refuses writes, marks the store available when it accepts
+        them.  Two transactions, so the first really reaches the disk."""
+        S = self.m.Setting
+        with self._use(write=True, busy_timeout=busy_timeout):
+            S.replace(key=PROBE_SETTING, value=pw.fn.hex(pw.fn.randomblob(32768))).execute()
+        with self._use(write=True, busy_timeout=busy_timeout, probe=True):
+            S.delete().where(S.key == PROBE_SETTING).execute()
 
     # -- sessions ----------------------------------------------------------
 

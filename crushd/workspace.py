@@ -20,6 +20,15 @@ queue and the ``queued`` insert that must be atomic with it.  Events are
 published, tokens cancelled and terminal records written after it is
 released, so a blinker receiver (which runs inside ``publish``) may call
 back into the workspace or the server without deadlocking.
+
+Storage faults.  While the database refuses writes (see :mod:`crushd.store`)
+prompts get 503 ``storage_unavailable`` at once and no queued run starts.
+Records that could not be written within a run's cleanup deadline — a run's
+closing records, a queued run's cancellation — are *owed*: the run stays
+active (its session busy, the latch counted up) and the storage keeper, one
+thread per workspace, writes them with backoff as soon as the database
+accepts writes again, then starts the queued runs.  A close waits for them
+within its shutdown timeout, like for any other run.
 """
 
 from __future__ import annotations
@@ -37,7 +46,13 @@ from typing import Any
 from crushd.cancel import CancelToken, CountdownLatch
 from crushd.common import TERMINAL_STATUSES, new_id, text_of
 from crushd.config import Config
-from crushd.errors import InvalidRequest, NotFound, RunIdConflict, WorkspaceClosing
+from crushd.errors import (
+    InvalidRequest,
+    NotFound,
+    RunIdConflict,
+    StorageUnavailable,
+    WorkspaceClosing,
+)
 from crushd.events import EventHub
 from crushd.mcp import McpLoop, WorkspaceMcp
 from crushd.permissions import PermissionBroker
@@ -51,6 +66,11 @@ from crushd.tools.sandbox import Sandbox
 logger = logging.getLogger(__name__)
 
 SEQ_SETTING = "event_seq_reserved"
+# The storage keeper's backoff between attempts while the database refuses
+# writes, and the store-lock budget of one attempt.
+KEEPER_FIRST = 0.1
+KEEPER_MAX = 2.0
+KEEPER_BUDGET = 2.0
 
 
 def title_from_prompt(prompt: str, limit: int = 80) -> str:
@@ -70,6 +90,16 @@ class ActiveRun:
     user_cancelled: bool = False
     run: Run | None = None
     started: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class Owed:
+    """Records the database refused: ``settle(budget)`` writes them (raising
+    StorageUnavailable while it still refuses), then ``done()`` runs."""
+
+    run_id: str
+    settle: Callable[[float], Any]
+    done: Callable[[], None]
 
 
 class Workspace:
@@ -136,6 +166,14 @@ class Workspace:
         )
         self._finished = threading.Condition()  # notified on every run.completed
         self._closed = threading.Event()
+        # Records the database refused, oldest first; guarded by _lock.
+        self._owed: list[Owed] = []
+        # The storage keeper: woken when the store's availability changes,
+        # when something is owed and when the workspace closes.
+        self._keeper_wake = threading.Event()
+        self._keeper_stop = threading.Event()
+        self._keeper: threading.Thread | None = None
+        self.store.on_change = self._keeper_wake.set
         self._env = RunEnv(
             workspace_id=self.id,
             root=self.path,
@@ -182,8 +220,14 @@ class Workspace:
         }
 
     def active_run_count(self) -> int:
-        with self._lock:
-            return len(self._active)
+        """Read without the lock (``len`` of a dict is atomic): the health
+        check must answer while a prompt's insert waits on the database."""
+        return len(self._active)
+
+    @property
+    def storage_available(self) -> bool:
+        """Whether the database accepted the last write; from memory."""
+        return self.store.available
 
     # -- startup -------------------------------------------------------------
 
@@ -192,6 +236,10 @@ class Workspace:
         found ``running`` become ``interrupted``; ``queued`` runs are queued
         again in their order.  Call once, after construction; blocks while
         it recovers; the MCP servers start in the background."""
+        self._keeper = threading.Thread(
+            target=self._keep_storage, name=f"crushd-storage-{self.id[:8]}"
+        )
+        self._keeper.start()
         self.mcp.start()
         for run in self.store.list_runs(status="running", limit=1_000_000, oldest_first=True):
             last = seal_run_messages(
@@ -243,6 +291,11 @@ class Workspace:
         if model is not None and self.models.spec(model) is None:
             raise InvalidRequest(
                 f"unknown model {model!r}; configured models: {', '.join(self.models.names)}"
+            )
+        if not self.store.available:
+            raise StorageUnavailable(
+                f"workspace {self.id}: the database refuses writes ({self.store.fault}); "
+                "prompts are accepted again once it recovers"
             )
         if run_id is not None:
             existing = self.store.get_run(run_id)
@@ -296,8 +349,10 @@ class Workspace:
 
         A run not announced yet waits: its submitter dispatches it after
         publishing ``run.queued``, so ``run.started`` never comes first.
+        Nothing starts while the database refuses writes; the storage
+        keeper dispatches every session once it accepts them again.
         """
-        if self._closing or session_id in self._active:
+        if self._closing or session_id in self._active or not self.store.available:
             return
         queue = self._queues.get(session_id)
         if not queue:
@@ -313,6 +368,7 @@ class Workspace:
 
     def _execute(self, active: ActiveRun) -> None:
         """Executor entry point: the thread boundary of a run."""
+        owed = False
         try:
             if active.token.cancelled:
                 with self._lock:
@@ -320,21 +376,95 @@ class Workspace:
                 if not keep:  # never started: a cancelled record, no messages
                     self._cancel_queued(active.run_id)
                 return
-            run = self.store.start_run(active.run_id, self.models.default)
+            try:
+                run = self.store.start_run(active.run_id, self.models.default)
+            except StorageUnavailable:
+                self._requeue(active)
+                return
             if run is None:  # cancelled while it waited for a worker
                 return
             active.run = Run(self._env, run, active.token)
             active.started.set()
             active.run.execute()
+            if active.run.owed is not None:
+                owed = True
+                self._owe(Owed(active.run_id, active.run.settle, lambda: self._release(active)))
         except Exception:
             logger.exception("event=run_thread_failed workspace=%s run=%s", self.id, active.run_id)
         finally:
-            active.token.release()
+            if not owed:
+                self._release(active)
+
+    def _release(self, active: ActiveRun) -> None:
+        """The run is over and its records are written: free its session."""
+        active.token.release()
+        with self._lock:
+            if self._active.get(active.session_id) is active:
+                del self._active[active.session_id]
+            self._dispatch(active.session_id)
+        self._latch.count_down()
+
+    def _requeue(self, active: ActiveRun) -> None:
+        """A run whose start the database refused goes back to the head of
+        its session's queue (it is still ``queued`` on disk)."""
+        with self._lock:
+            closing, keep = self._closing, self._keep_queued and not active.user_cancelled
+            if not closing and not active.token.cancelled:
+                self._queues.setdefault(active.session_id, collections.deque()).appendleft(
+                    active.run_id
+                )
+        logger.info("event=run_start_deferred workspace=%s run=%s", self.id, active.run_id)
+        if (closing or active.token.cancelled) and not keep:
+            self._cancel_queued(active.run_id)
+
+    def _owe(self, owed: Owed) -> None:
+        with self._lock:
+            self._owed.append(owed)
+        self._keeper_wake.set()
+
+    def _keep_storage(self) -> None:
+        """The storage keeper's loop: while the database refuses writes or
+        records are owed, try again with backoff; once it accepts them,
+        write what is owed (oldest first) and start the queued runs."""
+        delay = KEEPER_FIRST
+        while True:
             with self._lock:
-                if self._active.get(active.session_id) is active:
-                    del self._active[active.session_id]
-                self._dispatch(active.session_id)
-            self._latch.count_down()
+                trouble = bool(self._owed) or not self.store.available
+            self._keeper_wake.wait(delay if trouble else None)
+            self._keeper_wake.clear()
+            if self._keeper_stop.is_set():
+                return
+            with self._lock:
+                owed = list(self._owed)
+            if owed or not self.store.available:
+                if not self._settle(owed):
+                    delay = min(delay * 2, KEEPER_MAX)
+                    continue
+                delay = KEEPER_FIRST
+            with self._lock:
+                for session_id in list(self._queues):
+                    self._dispatch(session_id)
+
+    def _settle(self, owed: list[Owed]) -> bool:
+        """One attempt: probe the database, then write the owed records.
+        Returns True once the database accepted them all."""
+        try:
+            self.store.probe()
+            for item in owed:
+                try:
+                    item.settle(KEEPER_BUDGET)
+                except StorageUnavailable:
+                    raise
+                except Exception:  # a bug must not hold the latch forever
+                    logger.exception(
+                        "event=owed_records_failed workspace=%s run=%s", self.id, item.run_id
+                    )
+                with self._lock:
+                    self._owed.remove(item)
+                item.done()
+        except StorageUnavailable:
+            return False
+        return True
 
     def _await_announced(self, run_ids: Callable[[], Iterable[str]]) -> None:
         """Wait until ``run.queued`` is out for every id ``run_ids()`` gives.
@@ -348,7 +478,21 @@ class Workspace:
 
     def _cancel_queued(self, run_id: str) -> dict[str, Any] | None:
         """Make a run that never started ``cancelled`` and announce it.
-        Writes and publishes: never call it holding _lock."""
+        Writes and publishes: never call it holding _lock.  If the database
+        refuses the write, the cancellation is owed (and counted on the latch)."""
+        try:
+            return self._write_cancelled(run_id)
+        except StorageUnavailable as exc:
+            logger.warning(
+                "event=run_cancel_owed workspace=%s run=%s error=%r", self.id, run_id, exc.message
+            )
+        self._latch.count_up()
+        self._owe(
+            Owed(run_id, lambda budget: self._write_cancelled(run_id), self._latch.count_down)
+        )
+        return None
+
+    def _write_cancelled(self, run_id: str) -> dict[str, Any] | None:
         terminal = self.store.finish_run(
             run_id, "cancelled", only_from="queued", error=CANCELED_MESSAGE
         )
@@ -562,10 +706,12 @@ class Workspace:
                 ",".join(stuck),
                 timeout,
             )
-        # 5. Flush what stuck runs buffered, stop the MCP servers (whole
-        #    process groups, bounded; stragglers are killed and logged), stop
-        #    the executor, end the streams and close the database — nothing
-        #    touches it after this.
+        # 5. Stop the storage keeper (records still owed now are left to the
+        #    next start, which seals runs left running), flush what stuck runs
+        #    buffered, stop the MCP servers (whole process groups, bounded;
+        #    stragglers are killed and logged), stop the executor, end the
+        #    streams and close the database — nothing touches it after this.
+        self._stop_keeper()
         with self._lock:
             leftovers = list(self._active.values())
         for active in leftovers:
@@ -584,6 +730,19 @@ class Workspace:
         logger.info(
             "event=workspace_closed workspace=%s seconds=%.3f", self.id, time.monotonic() - started
         )
+
+    def _stop_keeper(self) -> None:
+        self._keeper_stop.set()
+        self._keeper_wake.set()
+        if self._keeper is not None:
+            # One attempt is bounded by the busy timeout and KEEPER_BUDGET.
+            self._keeper.join(KEEPER_BUDGET + 5)
+        with self._lock:
+            owed = [item.run_id for item in self._owed]
+        if owed:
+            logger.error(
+                "event=records_owed_at_close workspace=%s runs=%s", self.id, ",".join(owed)
+            )
 
     def _drain(self, drain_timeout: float, skip: threading.Event | None) -> None:
         deadline = time.monotonic() + drain_timeout

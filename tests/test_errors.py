@@ -26,6 +26,7 @@ CONTRACT = {
     "QueueFull": (429, "queue_full"),
     "ShuttingDown": (503, "shutting_down"),
     "TooManyStreams": (503, "too_many_streams"),
+    "StorageUnavailable": (503, "storage_unavailable"),
     "StoreBusy": (503, "storage_unavailable"),
 }
 
