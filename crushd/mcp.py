@@ -222,7 +222,10 @@ class McpClient:
         :class:`Cancelled` at once (the server is sent ``notifications/cancelled``).
         Thread-safe."""
         token.raise_if_cancelled()
-        future = self._loop.submit(self._call(tool, arguments))
+        try:
+            future = self._loop.submit(self._call(tool, arguments))
+        except RuntimeError:  # the loop has stopped: crushd is stopping
+            return ToolResult(f"MCP server {self.name} is unavailable: crushd is stopping", True)
         handle = token.on_cancel(future.cancel)
         try:
             result = future.result(self.config.timeout + CONNECT_TIMEOUT + 5)

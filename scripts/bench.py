@@ -10,6 +10,11 @@
     10 workspaces.
 (d) ``bash``: latency (p50/p99) of one ``bash`` tool call running ``true``,
     unsandboxed and in the bubblewrap sandbox (network on and off).
+(e) ``mcp``: an MCP server's start (to ``connected``), the latency (p50/p99)
+    of one tool call through the synchronous facade, the time from a cancel
+    to the run thread being free, and a workspace close; against the
+    reference server-everything over stdio (``npm install -g
+    @modelcontextprotocol/server-everything``).
 
 Usage: ``python scripts/bench.py [--quick]``.  Everything runs on loopback
 against a real ``crushd serve`` (a) and (c), or waitress on a thread (b).
@@ -278,10 +283,68 @@ def bench_bash(root: Path, quick: bool) -> dict:
     return results
 
 
+def bench_mcp(root: Path, quick: bool) -> dict:
+    import shutil
+
+    from crushd.cancel import Cancelled, CancelToken
+    from crushd.mcp import McpLoop, WorkspaceMcp
+    from crushd.mcp_config import parse_mcp_tables
+    from crushd.tools import ToolContext
+
+    command = shutil.which("mcp-server-everything")
+    if command is None:
+        return {"skipped": "mcp-server-everything is not installed"}
+    calls = 20 if quick else 300
+    loop = McpLoop()
+    tables = {"e": {"command": command, "args": ["stdio"]}}
+    ws = WorkspaceMcp(parse_mcp_tables(tables), root, loop)
+    started = time.perf_counter()
+    ws.start()
+    while ws.entries()[0]["status"] == "starting":
+        time.sleep(0.005)
+    connect_s = time.perf_counter() - started
+    tools = ws.tools()
+    times = []
+    for _ in range(calls):
+        began = time.perf_counter()
+        tools["mcp_e_get-sum"].run({"a": 1, "b": 2}, ToolContext(root=root, token=CancelToken()))
+        times.append((time.perf_counter() - began) * 1000)
+    cancels = []
+    for _ in range(3 if quick else 10):
+        token = CancelToken()
+        cancelled_at: list[float] = []
+
+        def cancel(token: CancelToken = token, at: list[float] = cancelled_at) -> None:
+            at.append(time.perf_counter())
+            token.cancel()
+
+        timer = threading.Timer(0.2, cancel)
+        timer.start()
+        try:
+            tools["mcp_e_trigger-long-running-operation"].run(
+                {"duration": 30, "steps": 3}, ToolContext(root=root, token=token)
+            )
+        except Cancelled:
+            cancels.append((time.perf_counter() - cancelled_at[0]) * 1000)
+        timer.join()
+    began = time.perf_counter()
+    ws.close()
+    close_s = time.perf_counter() - began
+    loop.stop()
+    return {
+        "connect_s": round(connect_s, 3),
+        "calls": calls,
+        "call_p50_ms": round(percentile(times, 0.5), 2),
+        "call_p99_ms": round(percentile(times, 0.99), 2),
+        "cancel_to_free_max_ms": round(max(cancels), 2),
+        "close_s": round(close_s, 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller runs, for a smoke test")
-    parser.add_argument("--only", choices=["submit", "stream", "stop", "bash"])
+    parser.add_argument("--only", choices=["submit", "stream", "stop", "bash", "mcp"])
     args = parser.parse_args()
     results = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
     benches = {
@@ -289,6 +352,7 @@ def main() -> None:
         "stream": bench_stream,
         "stop": bench_stop,
         "bash": bench_bash,
+        "mcp": bench_mcp,
     }
     for name, bench in benches.items():
         if args.only and name != args.only:

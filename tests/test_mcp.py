@@ -24,7 +24,7 @@ from crushd.cancel import Cancelled, CancelToken
 from crushd.config import Config, ConfigError
 from crushd.mcp import STDERR_TAIL, McpLoop, WorkspaceMcp
 from crushd.mcp_config import McpConfigError, offered_name, parse_mcp_tables
-from crushd.tools.base import ToolContext
+from crushd.tools.base import ToolContext, ToolResult
 from crushd.tools.mcp import result_text
 
 TEST_SERVER = str(Path(__file__).with_name("mcpserver.py"))
@@ -490,6 +490,12 @@ def test_close_stops_the_whole_process_group(mcp_loop, tmp_path):
     assert time.monotonic() - started < 3
     wait_for(lambda: not any(alive(p) for p in spawned), 5, message="MCP processes left")
     assert ws.tools() and ws.entries()[0]["status"] == "connected"  # no events after close
+    shout = ws.tools()["mcp_test_shout"]
+    closed = shout.run({"text": "x"}, ctx(tmp_path))
+    assert closed == ToolResult("MCP server test is unavailable: the workspace is closing", True)
+    mcp_loop.stop()
+    stopped = shout.run({"text": "x"}, ctx(tmp_path))
+    assert stopped == ToolResult("MCP server test is unavailable: crushd is stopping", True)
 
 
 def test_a_server_that_outstays_the_deadline_is_killed_and_named(mcp_loop, tmp_path, caplog):
