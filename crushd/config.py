@@ -71,6 +71,9 @@ class Config:
     source_file: str | None = None
     log_level: str = "info"
     ping_interval: float = 15.0
+    connection_limit: int = 2048
+    header_timeout: float = 10.0
+    stall_timeout: float = 30.0
     event_buffer: int = 10_000
     #: Named models, ``[models.NAME]`` plus the one the top-level keys define;
     #: filled and checked by :meth:`from_mapping`, never empty afterwards.
@@ -240,6 +243,11 @@ class Config:
                 raise ConfigError(f"allow_hosts: {host!r} is not a host name")
         if self.ping_interval <= 0:
             raise ConfigError("ping_interval must be positive")
+        for name in ("header_timeout", "stall_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        if self.connection_limit < 100:
+            raise ConfigError("connection_limit must be at least 100")
         if self.event_buffer < 10_000:
             raise ConfigError("event_buffer must hold at least 10000 events")
         if self.models and self.default_model not in self.models:

@@ -19,6 +19,7 @@ runs our thunk inside the loop instead.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -34,6 +35,7 @@ from waitress.trigger import trigger as WaitressTrigger
 from crushd import systemd
 from crushd.app import create_app
 from crushd.config import Config
+from crushd.connections import guard_connections, raise_open_files_limit
 from crushd.errors import StartupError
 from crushd.server import Server
 
@@ -49,11 +51,25 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+# File descriptors kept for everything but connections: databases, logs,
+# provider sockets, bash pipes, MCP servers.
+SPARE_FILES = 256
+
+
 def waitress_options(config: Config) -> dict[str, Any]:
     return {
         "threads": config.threads,
-        # Streams hold connections; leave room for them plus ordinary requests.
-        "connection_limit": max(100, config.threads * 4),
+        # Connections that are only being read cost a few kilobytes and no
+        # thread; the header and stall deadlines (crushd.connections) keep
+        # slow clients from filling them.
+        "connection_limit": config.connection_limit,
+        # select() cannot watch file descriptors past 1024.
+        "asyncore_use_poll": True,
+        # Idle keep-alive connections are closed after this.
+        "channel_timeout": 60,
+        # Per connection, at most this much output is buffered before the
+        # writing thread waits for the reader (waitress's default is 16 MiB).
+        "outbuf_high_watermark": 1024 * 1024,
         # Lets an SSE generator see a vanished client at once.
         "channel_request_lookahead": 1,
         # waitress buffers a body before the app sees it; past this it answers
@@ -86,6 +102,16 @@ class Runner:
         self._unix_socket = (
             os.path.abspath(config.unix_socket) if config.unix_socket and not inherited else None
         )
+        files = raise_open_files_limit(config.connection_limit + config.threads + SPARE_FILES)
+        if files < config.connection_limit + SPARE_FILES:
+            limit = max(100, files - SPARE_FILES)
+            logger.warning(
+                "event=connection_limit_lowered wanted=%d limit=%d open_files=%d",
+                config.connection_limit,
+                limit,
+                files,
+            )
+            config = dataclasses.replace(config, connection_limit=limit)
         self.server = Server(config).start()
         try:
             self.app = create_app(server=self.server)
@@ -107,6 +133,7 @@ class Runner:
         except BaseException:
             self.server.stop()
             raise
+        guard_connections(self.wsgi, config.header_timeout, config.stall_timeout)
         self.app.extensions["crushd.guard"].add_listen_hosts(self._listen_hosts())
         self._watchdog: systemd.Watchdog | None = None
 

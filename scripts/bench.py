@@ -15,6 +15,9 @@
     to the run thread being free, and a workspace close; against the
     reference server-everything over stdio (``npm install -g
     @modelcontextprotocol/server-everything``).
+(f) ``stalled``: the server's peak RSS with 20 event-stream readers that
+    never read while runs stream fast, how long until every stalled stream
+    was cut, and GET /v1/health latency meanwhile (target: RSS < 150 MB).
 
 Usage: ``python scripts/bench.py [--quick]``.  Everything runs on loopback
 against a real ``crushd serve`` (a) and (c), or waitress on a thread (b).
@@ -27,6 +30,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -341,20 +345,82 @@ def bench_mcp(root: Path, quick: bool) -> dict:
     }
 
 
+def rss_kb(pid: int, field: str = "VmRSS") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def bench_stalled(root: Path, quick: bool) -> dict:
+    readers_count = 5 if quick else 20
+    daemon = Daemon(root, "--echo-delay", "0", "--threads", "64")
+    host, port = daemon.url.removeprefix("http://").rsplit(":", 1)
+    readers = []
+    health_ms: list[float] = []
+    with httpx.Client(base_url=daemon.url, timeout=120) as http:
+        wid = make_workspaces(http, root, 1)[0]
+        for _ in range(readers_count):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect((host, int(port)))
+            sock.sendall(
+                f"GET /v1/workspaces/{wid}/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+            )
+            readers.append(sock)
+        started = time.monotonic()
+        prompt = "word " * (5_000 if quick else 20_000)
+        runs = [
+            http.post(f"/v1/workspaces/{wid}/agent", json={"prompt": prompt}).json()["id"]
+            for _ in range(4 if quick else 10)
+        ]
+        peak = 0
+        for run in runs:
+            while http.get(f"/v1/workspaces/{wid}/runs/{run}").json()["status"] != "completed":
+                peak = max(peak, rss_kb(daemon.proc.pid))
+                t0 = time.monotonic()
+                http.get("/v1/health")
+                health_ms.append((time.monotonic() - t0) * 1000)
+                time.sleep(0.1)
+        cut_after = None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            peak = max(peak, rss_kb(daemon.proc.pid))
+            if daemon.log_path.read_text().count("reason=reader_stalled") >= readers_count:
+                cut_after = round(time.monotonic() - started, 2)
+                break
+            time.sleep(0.2)
+        peak = max(peak, rss_kb(daemon.proc.pid, "VmHWM"))
+    for sock in readers:
+        sock.close()
+    daemon.stop()
+    return {
+        "stalled_readers": readers_count,
+        "runs": len(runs),
+        "peak_rss_mb": round(peak / 1024, 1),
+        "all_stalled_cut_after_s": cut_after,
+        "health_ms_p50": round(percentile(health_ms, 0.5), 1),
+        "health_ms_p99": round(percentile(health_ms, 0.99), 1),
+    }
+
+
+BENCHES = {
+    "submit": bench_submit,
+    "stream": bench_stream,
+    "stop": bench_stop,
+    "bash": bench_bash,
+    "mcp": bench_mcp,
+    "stalled": bench_stalled,
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller runs, for a smoke test")
-    parser.add_argument("--only", choices=["submit", "stream", "stop", "bash", "mcp"])
+    parser.add_argument("--only", choices=list(BENCHES))
     args = parser.parse_args()
     results = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
-    benches = {
-        "submit": bench_submit,
-        "stream": bench_stream,
-        "stop": bench_stop,
-        "bash": bench_bash,
-        "mcp": bench_mcp,
-    }
-    for name, bench in benches.items():
+    for name, bench in BENCHES.items():
         if args.only and name != args.only:
             continue
         with tempfile.TemporaryDirectory(prefix=f"crushd-bench-{name}-") as tmp:

@@ -22,6 +22,7 @@ from waitress.server import create_server
 
 from crushd.app import create_app
 from crushd.config import Config
+from crushd.connections import guard_connections
 from crushd.serve import waitress_options
 from crushd.server import Server
 
@@ -101,6 +102,7 @@ class LiveServer:
         self.app = create_app(server=self.server)
         options = waitress_options(config)
         self.wsgi = create_server(self.app, host="127.0.0.1", port=0, **options)
+        guard_connections(self.wsgi, config.header_timeout, config.stall_timeout)
         self.url = f"http://127.0.0.1:{self.wsgi.effective_port}"
         self.thread = threading.Thread(target=self.wsgi.run, name="test-waitress")
         self.thread.start()
