@@ -116,12 +116,6 @@ class Config:
             return text
         return self.token or None
 
-    def api_key(self, env: dict[str, str] | None = None) -> str | None:
-        env = os.environ if env is None else env
-        facts = PROVIDERS.get(self.provider)
-        name = self.api_key_env or (facts.api_key_env if facts else None)
-        return env.get(name) if name else None
-
     @classmethod
     def load(
         cls,

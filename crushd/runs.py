@@ -405,10 +405,12 @@ class Run:
             self._stored(self._write_user_message)
             # An unknown model (configuration changed while it was queued)
             # or a missing key fails the run here, with a message that says so.
+            # The assistant message comes first, so such a failure still
+            # leaves one with its finish part.
             name = self.run["model"] or env.models.default
-            self.provider = env.models.provider(name)
             self.spec = env.models.spec(name)
             self._new_step()
+            self.provider = env.models.provider(name)
             denied = self._loop()
         except Cancelled:
             return self._finalize("cancelled", "canceled", CANCELED_MESSAGE, "", None)
@@ -486,12 +488,17 @@ class Run:
                 self.id,
                 "assistant",
                 [],
-                self.provider.model,
-                self.provider.name,
+                *self._model_ids(),
             )
         )
         self.publish("message.created", message)
         self.step = _Step(MessageWriter(self.env, message, self.id))
+
+    def _model_ids(self) -> tuple[str | None, str | None]:
+        """The provider's model id and the provider's name, for messages."""
+        if self.spec is None:
+            return self.run["model"], None
+        return self.spec.model, self.spec.provider
 
     def _loop(self) -> str | None:
         """Model steps until the model stops; returns a denial error or None."""
@@ -662,7 +669,7 @@ class Run:
             step.results.get(c["id"]) or tool_result_part(c, missing, True) for c in step.calls
         ]
         created = self.env.store.create_message(
-            self.session_id, self.id, "tool", parts, self.provider.model, self.provider.name
+            self.session_id, self.id, "tool", parts, *self._model_ids()
         )
         step.results_written = True
         self.publish("message.created", created)

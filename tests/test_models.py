@@ -21,6 +21,7 @@ from crushd.config import Config, ConfigError
 from crushd.providers.base import ProviderError
 from crushd.providers.catalog import ModelCatalog, ModelSpec
 from crushd.server import Server
+from crushd.store import WorkspaceStore
 
 KEY_ENV = "CRUSHD_TEST_MODELS_KEY"
 TERMINAL = {"completed", "cancelled", "failed", "interrupted"}
@@ -307,6 +308,13 @@ def test_a_model_without_its_key_is_reported_and_its_runs_fail_saying_so(
         wid = http.post("/v1/workspaces", json={"path": str(project)}).json()["id"]
         run = submit(http, wid, "hi", model="keyless")
         done = wait(http, wid, run["id"])
+        sid = run["session_id"]
+        stored = http.get(f"/v1/workspaces/{wid}/sessions/{sid}/messages").json()
+    assert [m["role"] for m in stored] == ["user", "assistant"]
+    assert (stored[1]["provider"], stored[1]["model"]) == ("anthropic", "claude-nokey")
+    (finish,) = [p for p in stored[1]["parts"] if p["type"] == "finish"]
+    assert (finish["reason"], finish["message"]) == ("error", "Missing API key")
+    assert done["message_id"] == stored[1]["id"]
     assert done["status"] == "failed"
     assert done["error"] == "model 'keyless': environment variable CRUSHD_TEST_UNSET_KEY is not set"
     assert fake.requests == []
@@ -329,3 +337,30 @@ def test_startup_warns_about_a_missing_key(tmp_path, monkeypatch, caplog):
     warnings = [r.getMessage() for r in caplog.records if "model_key_missing" in r.getMessage()]
     assert len(warnings) == 1
     assert "model=k" in warnings[0] and "variable=CRUSHD_TEST_UNSET_KEY" in warnings[0]
+
+
+def test_a_queued_run_whose_model_is_gone_fails_when_it_starts(tmp_path, project):
+    def config(models: dict[str, Any]) -> Config:
+        return Config.from_mapping({"data_dir": tmp_path / "data", "models": models})
+
+    first = Server(config({"old": {"provider": "echo"}, "e": {"provider": "echo"}})).start()
+    try:
+        record, _ = first.register(str(project), None)
+        directory = first.get(record["id"]).directory
+    finally:
+        first.stop()
+    # A run queued under the old configuration, left for the next start.
+    store = WorkspaceStore(directory / "workspace.db", record["id"])
+    try:
+        store.accept_run("r-old", "hi", None, "t", 10, model="old")
+    finally:
+        store.close()
+    second = Server(config({"e": {"provider": "echo"}})).start()
+    try:
+        done = second.get(record["id"]).wait_run("r-old", 10)
+        stored = second.get(record["id"]).store.run_messages("r-old")
+    finally:
+        second.stop()
+    assert done["status"] == "failed" and done["model"] == "old"
+    assert done["error"] == "model 'old' is not configured (configured: e)"
+    assert [m["role"] for m in stored] == ["user", "assistant"]

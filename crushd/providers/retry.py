@@ -164,7 +164,8 @@ def stream_with_retries(
                 raise
             if attempt >= policy.max_retries:
                 if attempt:
-                    raise _with_note(exc, f"gave up after {attempt} retries") from exc
+                    retries = "1 retry" if attempt == 1 else f"{attempt} retries"
+                    raise _with_note(exc, f"gave up after {retries}") from exc
                 raise
             if exc.retry_after is not None and exc.retry_after > policy.max_wait:
                 note = (
