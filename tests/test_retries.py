@@ -403,7 +403,8 @@ def test_a_silent_stream_times_out_and_is_retried(fake, agent, project, protocol
     fake.script([Text("stuck "), Hang()])
     fake.script([Hang(headers=False)])
     fake.script([Text("unstuck")])
-    live = agent(protocol, stream_idle_timeout=0.4)
+    # Long enough that a healthy stream on a loaded machine never trips it.
+    live = agent(protocol, stream_idle_timeout=1.0)
     with turn(live, project) as t:
         t.submit()
         done = t.finish()
@@ -411,9 +412,9 @@ def test_a_silent_stream_times_out_and_is_retried(fake, agent, project, protocol
     assert done["status"] == "completed" and done["text"] == "unstuck"
     assert text_of(stored[1]) == "unstuck"
     first, second, third = fake.requests
-    assert second.time - first.time >= 0.4 and third.time - second.time >= 0.4
+    assert second.time - first.time >= 1.0 and third.time - second.time >= 1.0
     retries = t.of("run.retrying")
-    assert len(retries) == 2 and all("0.4 s" in r["error"] for r in retries), retries
+    assert len(retries) == 2 and all("no data for 1 s" in r["error"] for r in retries), retries
     assert len(t.of("message.reset")) == 1  # only the first attempt had streamed
 
 
