@@ -16,6 +16,11 @@ that stops reading a response, is never idle and so is kept forever:
   byte for ``stall_timeout`` seconds is closed; the blocked write then
   raises and the stream's cleanup runs.
 
+* **Its own errors.**  A request waitress refuses before crushd sees it (a
+  body over ``--max-body``, malformed or oversized headers) gets the
+  contract's JSON error shape from :class:`JsonErrorTask`, not waitress's
+  plain text.
+
 The checks run on waitress's loop thread (every ``readable()`` poll, at least
 once a second).  A connection is cut with ``shutdown()``, not ``close()``,
 because the loop is iterating over its channel map at that moment: the
@@ -24,6 +29,7 @@ shutdown wakes the socket and waitress closes it through its own path.
 
 from __future__ import annotations
 
+import json
 import logging
 import resource
 import socket
@@ -31,8 +37,37 @@ import time
 from typing import Any
 
 from waitress.channel import HTTPChannel
+from waitress.task import ErrorTask
 
 logger = logging.getLogger(__name__)
+
+
+# waitress's error statuses as the contract's codes (431, 501 and the like
+# are bad requests too).
+ERROR_CODES = {400: "invalid_request", 413: "too_large"}
+
+
+class JsonErrorTask(ErrorTask):
+    """waitress's response to a request it refused, in the JSON error shape.
+
+    The body limit is waitress's (``max_request_body_size``, one byte over
+    ``--max-body``), checked against ``Content-Length`` before the body is
+    read, and as a chunked body arrives."""
+
+    def execute(self) -> None:
+        error = self.request.error
+        code = ERROR_CODES.get(error.code, "internal_error" if error.code >= 500 else "")
+        if error.code == 413:
+            limit = self.channel.server.adj.max_request_body_size - 1
+            message = f"request body is larger than {limit} bytes"
+        else:
+            message = f"{error.reason}: {error.body}"
+        body = json.dumps({"error": {"code": code or "invalid_request", "message": message}})
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body.encode())
 
 
 class GuardedChannel(HTTPChannel):
@@ -44,6 +79,7 @@ class GuardedChannel(HTTPChannel):
 
     header_timeout: float = 10.0
     stall_timeout: float = 30.0
+    error_task_class = JsonErrorTask
 
     _request_started: float = 0.0
     _waiting_since: float | None = None

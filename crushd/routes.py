@@ -36,11 +36,29 @@ def body(optional: bool = False) -> dict[str, Any]:
         raise InvalidRequest("request body must be a JSON object")
     try:
         value = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError) as exc:  # ValueError: JSONDecodeError, huge ints
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest("request body is nested too deeply") from None
     if not isinstance(value, dict):
         raise InvalidRequest("request body must be a JSON object")
+    # JSON may escape a lone UTF-16 surrogate ("\ud800"); Python decodes it
+    # into a string that is not Unicode, which nothing downstream can store.
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(
+            "request body holds a lone UTF-16 surrogate escape (such as \\ud800), "
+            "which is not a Unicode character"
+        ) from None
     return value
+
+
+def no_content() -> Response:
+    """204 with no body and so no Content-Type."""
+    response = Response(status=204)
+    response.headers.remove("Content-Type")
+    return response
 
 
 def text_field(data: dict[str, Any], name: str, required: bool = True) -> str | None:
@@ -132,7 +150,7 @@ def get_workspace(wid: str) -> Any:
 @api.delete("/workspaces/<wid>")
 def delete_workspace(wid: str) -> Any:
     server().unregister(wid, purge=bool_arg("purge"))
-    return "", 204
+    return no_content()
 
 
 # -- sessions and messages ---------------------------------------------------
@@ -165,7 +183,7 @@ def update_session(wid: str, sid: str) -> Any:
 @api.delete("/workspaces/<wid>/sessions/<sid>")
 def delete_session(wid: str, sid: str) -> Any:
     server().get(wid).delete_session(sid)
-    return "", 204
+    return no_content()
 
 
 @api.get("/workspaces/<wid>/sessions/<sid>/messages")

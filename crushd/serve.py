@@ -72,9 +72,10 @@ def waitress_options(config: Config) -> dict[str, Any]:
         "outbuf_high_watermark": 1024 * 1024,
         # Lets an SSE generator see a vanished client at once.
         "channel_request_lookahead": 1,
-        # waitress buffers a body before the app sees it; past this it answers
-        # 413 itself, below it the app answers 413 in the JSON error shape.
-        "max_request_body_size": max(16 * config.max_body, 16 * 1024 * 1024),
+        # waitress buffers a body before the app sees it: it refuses one over
+        # --max-body itself, from Content-Length before reading it (in the JSON
+        # error shape, crushd.connections.JsonErrorTask).  Its check is ">=".
+        "max_request_body_size": config.max_body + 1,
         "ident": "crushd",
         "clear_untrusted_proxy_headers": True,
     }

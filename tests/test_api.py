@@ -573,3 +573,43 @@ def test_event_receivers_may_call_back_into_the_server(server, project):
     for kinds in order.values():  # each run is announced before it starts or ends
         assert kinds[0] == "run.queued" and kinds[-1] == "run.completed", kinds
     assert any(kind == "workspace.closing" for _, kind, _ in seen)
+
+
+@pytest.mark.parametrize(
+    "route, field",
+    [
+        ("/v1/workspaces", "path"),
+        ("/v1/workspaces/{wid}/agent", "prompt"),
+        ("/v1/workspaces/{wid}/agent", "session_id"),
+        ("/v1/workspaces/{wid}/agent", "run_id"),
+        ("/v1/workspaces/{wid}/sessions", "title"),
+    ],
+)
+def test_a_lone_surrogate_is_400_and_stores_nothing(client, wid, route, field):
+    body = {"prompt": "hi", "path": "/tmp", field: "a\ud800b"}
+    resp = client.post(route.format(wid=wid), data=json.dumps(body))
+    assert "surrogate" in assert_error(resp, 400, "invalid_request")
+    # As a key, too.
+    resp = client.post(route.format(wid=wid), data='{"prompt": "hi", "\\udc00": 1}')
+    assert_error(resp, 400, "invalid_request")
+    assert client.get(f"/v1/workspaces/{wid}/sessions").get_json() == []
+    assert client.get(f"/v1/workspaces/{wid}/runs").get_json() == []
+    assert len(client.get("/v1/workspaces").get_json()) == 1
+
+
+def test_no_content_responses_have_no_content_type(client, wid):
+    session = new_session(client, wid)
+    resp = client.delete(f"/v1/workspaces/{wid}/sessions/{session['id']}")
+    assert resp.status_code == 204 and resp.data == b""
+    assert "Content-Type" not in resp.headers
+    resp = client.delete(f"/v1/workspaces/{wid}")
+    assert resp.status_code == 204 and resp.data == b""
+    assert "Content-Type" not in resp.headers
+
+
+@pytest.mark.parametrize(
+    "raw", ["[" * 100_000, '{"prompt": ' + "1" * 5000 + "}", '{"prompt": "\\ud800"}']
+)
+def test_bodies_json_cannot_hold_are_400(client, wid, raw):
+    assert_error(client.post(f"/v1/workspaces/{wid}/agent", data=raw), 400, "invalid_request")
+    assert client.get(f"/v1/workspaces/{wid}/runs").get_json() == []

@@ -3,11 +3,13 @@ data-directory lock, curl, body limits, logs and where the data lives."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -177,6 +179,48 @@ def test_two_mib_body_is_413_json_and_the_daemon_lives_on(daemon_factory, projec
     assert daemon.proc.poll() is None
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(20) == 0
+
+
+def raw_request(url: str, head: bytes) -> http.client.HTTPResponse:
+    """Send ``head`` (request line and headers, no body) on a fresh socket."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(head)
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    response.body = response.read()
+    sock.close()
+    return response
+
+
+def test_what_waitress_refuses_is_json_too(daemon_factory):
+    """A body far over --max-body is refused from its Content-Length, before
+    a byte of it is sent, and malformed headers are refused, both in the JSON
+    error shape rather than waitress's plain text."""
+    daemon = daemon_factory("--max-body", "1000")
+    started = time.monotonic()
+    resp = raw_request(
+        daemon.url,
+        b"POST /v1/workspaces HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1073741824\r\n\r\n",
+    )
+    assert time.monotonic() - started < 5
+    assert resp.status == 413
+    assert resp.getheader("Content-Type") == "application/json"
+    assert json.loads(resp.body) == {
+        "error": {"code": "too_large", "message": "request body is larger than 1000 bytes"}
+    }
+    resp = raw_request(
+        daemon.url, b"GET /v1/health HTTP/1.1\r\nHost: localhost\r\nbad header\r\n\r\n"
+    )
+    assert resp.status == 400
+    assert resp.getheader("Content-Type") == "application/json"
+    assert json.loads(resp.body)["error"]["code"] == "invalid_request"
+    with daemon.client() as client:
+        # Exactly --max-body is accepted (and read as JSON).
+        body = b'{"path": "x"}'.ljust(1000)
+        resp = client.post("/v1/workspaces", content=body)
+        assert resp.status_code == 400 and "absolute" in resp.json()["error"]["message"]
+        assert client.get("/v1/health").status_code == 200
 
 
 # -- logs ------------------------------------------------------------------------
