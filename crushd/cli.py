@@ -176,6 +176,22 @@ def client_options(func: Any) -> Any:
     return func
 
 
+def read_stdin() -> str:
+    """The prompt from standard input.  On a terminal, say that it is being
+    read and how to end it; Ctrl-C there exits 130 like everywhere else."""
+    try:
+        if sys.stdin.isatty():
+            click.echo(
+                "crushd: reading the prompt from standard input; end it with Ctrl-D "
+                "on a line of its own (Ctrl-C gives up)",
+                err=True,
+            )
+        return sys.stdin.read()
+    except KeyboardInterrupt:
+        click.echo(err=True)
+        fail("interrupted before the prompt was sent", 130)
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
     click.echo(f"crushd: {message}", err=True)
     sys.exit(code)
@@ -477,7 +493,7 @@ def prompt(
     """
     from crushd.client import ApiError
 
-    message = sys.stdin.read() if text == ("-",) else " ".join(text)
+    message = read_stdin() if text == ("-",) else " ".join(text)
     if not message.strip():
         raise click.UsageError("the prompt is empty")
     # The run id is chosen here so that events can be matched before the

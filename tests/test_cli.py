@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
 import select
 import signal
@@ -391,3 +392,31 @@ def test_prompt_polls_when_every_stream_slot_is_taken(daemon_factory, project):
             assert http.get(f"/v1/workspaces/{wid}/events").status_code == 503
             done = crushd("prompt", "answer by polling", cwd=project, url=daemon.url)
     assert (done.returncode, done.stdout) == (0, "answer by polling\n"), done.stderr
+
+
+def test_prompt_from_a_terminal_says_it_reads_stdin_and_ctrl_c_exits_130(tmp_path):
+    """``crushd prompt -`` on a terminal: a hint on stderr, and Ctrl-C while it
+    waits exits 130.  Nothing is sent, so no daemon is needed."""
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crushd", "prompt", "-"],
+        cwd=tmp_path,
+        env=cli_env(CRUSHD_URL="http://127.0.0.1:9"),
+        stdin=secondary,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    os.close(secondary)
+    try:
+        hint = read_some(proc.stderr, 15)
+        assert b"reading the prompt from standard input" in hint and b"Ctrl-D" in hint
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        os.close(primary)
+    assert proc.returncode == 130, err
+    assert b"interrupted before the prompt was sent" in err
+    assert out == b""
