@@ -121,17 +121,19 @@ def assert_refuses_prompts(http: httpx.Client, wid: str) -> None:
         timeout=15,
         message="health never said the storage is unavailable",
     )
+    # Well under the 5 s busy timeout a blocked health check or prompt would
+    # wait out, and loose enough for a loaded two-core machine.
     for _ in range(5):
         state, seconds = health(http)
         assert state["storage"] == "unavailable"
-        assert seconds < 0.5, f"health took {seconds:.3f}s"
+        assert seconds < 2.5, f"health took {seconds:.3f}s"
     started = time.monotonic()
     resp = http.post(f"/v1/workspaces/{wid}/agent", json={"prompt": "refused"})
     elapsed = time.monotonic() - started
     assert resp.status_code == 503, resp.text
     assert resp.json()["error"]["code"] == "storage_unavailable"
     assert int(resp.headers["Retry-After"]) > 0
-    assert elapsed < 0.5, f"the refusal took {elapsed:.3f}s"
+    assert elapsed < 2.5, f"the refusal took {elapsed:.3f}s"
 
 
 def assert_all_completed(http: httpx.Client, wid: str, runs: list[dict]) -> None:
