@@ -139,18 +139,67 @@ def _closed_input(text: str) -> str:
     return text if text.strip() else "{}"
 
 
-def seal_run_messages(
-    env: RunEnv,
-    run_id: str,
-    session_id: str,
-    reason: str,
-    message: str,
-    details: str,
-    result_text: str,
-) -> dict[str, Any] | None:
-    """Give every stored message of a run its closing parts.
+@dataclass(frozen=True)
+class Outcome:
+    """How a run ended and what its closing records say.
 
-    Assistant messages without a ``finish`` get one with ``reason``; their
+    ``status`` is the run's terminal status and ``error`` its ``error``
+    field.  ``reason`` is the finish reason for assistant messages still
+    open, None when the turn closed its own (it completed); ``message`` and
+    ``details`` go into that finish part, ``result_text`` into the error
+    result of a tool call that never got one.  Build one with the class
+    methods, which say which ending is which.
+    """
+
+    status: str
+    error: str | None = None
+    reason: str | None = None
+    message: str = ""
+    details: str = ""
+    result_text: str = TOOL_CANCELED
+
+    @classmethod
+    def completed(cls, denied: str | None = None) -> Outcome:
+        """The model finished.  A denied permission ends the turn there, and
+        the run still completes, with ``error`` saying which tool it was."""
+        return cls("completed", error=denied)
+
+    @classmethod
+    def cancelled(cls) -> Outcome:
+        return cls("cancelled", reason="canceled", message=CANCELED_MESSAGE)
+
+    @classmethod
+    def failed(cls, title: str, details: str = "", error: str | None = None) -> Outcome:
+        """A provider error, a database that refuses writes or a bug:
+        ``error`` defaults to the details, else the title."""
+        return cls(
+            "failed",
+            error=error or details or title,
+            reason="error",
+            message=title,
+            details=details,
+            result_text=details or title or TOOL_CANCELED,
+        )
+
+    @classmethod
+    def interrupted(cls) -> Outcome:
+        """Found ``running`` at start: the process that ran it is gone."""
+        return cls(
+            "interrupted",
+            error="interrupted",
+            reason="error",
+            message="interrupted",
+            details="the server stopped while this run was active",
+            result_text="Tool execution interrupted",
+        )
+
+
+def seal_run_messages(
+    env: RunEnv, run_id: str, session_id: str, outcome: Outcome
+) -> dict[str, Any] | None:
+    """Give every stored message of a run its closing parts, as ``outcome`` says.
+
+    Assistant messages without a ``finish`` get one with its ``reason``; their
     tool calls are marked finished (unparsable input becomes ``"{}"``); tool
     calls without a result get a ``tool`` message of error results.  Used on
     every exit path of a run and for runs a crash left ``running``.
@@ -181,13 +230,13 @@ def seal_run_messages(
                     part.update(finished=True, input=closed)
                     changed = True
         if not any(p["type"] == "finish" for p in parts):
-            parts.append(finish_part(reason, message, details))
+            parts.append(finish_part(outcome.reason or "error", outcome.message, outcome.details))
             changed = True
         if changed:
             last = env.store.update_message(msg["id"], parts)
             env.hub.publish("message.updated", session_id, last)
     if unanswered:
-        results = [tool_result_part(p, result_text, True) for p in unanswered]
+        results = [tool_result_part(p, outcome.result_text, True) for p in unanswered]
         model = last["model"] if last else None
         provider = last["provider"] if last else None
         created = env.store.create_message(session_id, run_id, "tool", results, model, provider)
@@ -362,9 +411,9 @@ class Run:
     """Executes one accepted run.  Not thread-safe: one executor thread owns it;
     only :attr:`writer` is touched from outside (the shutdown flush)."""
 
-    def __init__(self, env: RunEnv, run: dict[str, Any], token: CancelToken) -> None:
+    def __init__(self, env: RunEnv, record: dict[str, Any], token: CancelToken) -> None:
         self.env = env
-        self.run = run
+        self.record = record  # the run as stored when it started
         self.token = token
         self.step: _Step | None = None
         self.provider: Provider | None = None  # the run's model, known once it started
@@ -385,11 +434,11 @@ class Run:
 
     @property
     def id(self) -> str:
-        return self.run["id"]
+        return self.record["id"]
 
     @property
     def session_id(self) -> str:
-        return self.run["session_id"]
+        return self.record["session_id"]
 
     def publish(self, type: str, payload: dict[str, Any]) -> None:
         self.env.hub.publish(type, self.session_id, payload)
@@ -397,27 +446,27 @@ class Run:
     def execute(self) -> dict[str, Any] | None:
         """Run the turn to a terminal record; returns the terminal run.
 
-        ``self.run`` must already be ``running`` (``WorkspaceStore.start_run``).
+        ``self.record`` must already be ``running`` (``WorkspaceStore.start_run``).
         """
         env = self.env
         try:
-            self.publish("run.started", self.run)
+            self.publish("run.started", self.record)
             self._stored(self._write_user_message)
             # An unknown model (configuration changed while it was queued)
             # or a missing key fails the run here, with a message that says so.
             # The assistant message comes first, so such a failure still
             # leaves one with its finish part.
-            name = self.run["model"] or env.models.default
+            name = self.record["model"] or env.models.default
             self.spec = env.models.spec(name)
             self._new_step()
             self.provider = env.models.provider(name)
             denied = self._loop()
         except Cancelled:
-            return self._finalize("cancelled", "canceled", CANCELED_MESSAGE, "", None)
+            return self._finalize(Outcome.cancelled())
         except StorageUnavailable as exc:
             logger.warning("event=run_storage_failed run=%s error=%r", self.id, exc.message)
             return self._finalize(
-                "failed", "error", STORAGE_TITLE, exc.message, f"storage unavailable: {exc.message}"
+                Outcome.failed(STORAGE_TITLE, exc.message, f"storage unavailable: {exc.message}")
             )
         except ProviderError as exc:
             logger.warning(
@@ -426,13 +475,11 @@ class Run:
                 exc.title,
                 exc.details[:500],
             )
-            return self._finalize(
-                "failed", "error", exc.title, exc.details, exc.details or exc.title
-            )
+            return self._finalize(Outcome.failed(exc.title, exc.details))
         except Exception as exc:  # thread boundary: a bug still ends in a terminal record
             logger.exception("event=run_crashed run=%s", self.id)
-            return self._finalize("failed", "error", "Internal error", repr(exc), repr(exc))
-        return self._finalize("completed", None, "", "", denied)
+            return self._finalize(Outcome.failed("Internal error", repr(exc)))
+        return self._finalize(Outcome.completed(denied))
 
     def _stored(self, write: Callable[[], T]) -> T:
         """Call ``write`` (a store write); a refused write is retried with
@@ -477,7 +524,7 @@ class Run:
         if self.user_message is not None:
             return
         self.user_message = self.env.store.create_message(
-            self.session_id, self.id, "user", [{"type": "text", "text": self.run["prompt"]}]
+            self.session_id, self.id, "user", [{"type": "text", "text": self.record["prompt"]}]
         )
         self.publish("message.created", self.user_message)
 
@@ -497,7 +544,7 @@ class Run:
     def _model_ids(self) -> tuple[str | None, str | None]:
         """The provider's model id and the provider's name, for messages."""
         if self.spec is None:
-            return self.run["model"], None
+            return self.record["model"], None
         return self.spec.model, self.spec.provider
 
     def _loop(self) -> str | None:
@@ -676,9 +723,7 @@ class Run:
 
     # -- the end -----------------------------------------------------------
 
-    def _finalize(
-        self, status: str, reason: str | None, message: str, details: str, error: str | None
-    ) -> dict[str, Any] | None:
+    def _finalize(self, outcome: Outcome) -> dict[str, Any] | None:
         """Write the closing records under a detached deadline, then publish
         ``run.completed``.  Runs even though the token is cancelled.
 
@@ -686,12 +731,10 @@ class Run:
         it the records are left in :attr:`owed` and None is returned.
         """
         deadline = Deadline(self.env.cleanup_timeout)
-        result_text = (
-            TOOL_CANCELED if status == "cancelled" else (details or message or TOOL_CANCELED)
-        )
+        status = outcome.status
 
         def close() -> dict[str, Any] | None:
-            return self._close_records(status, reason, message, details, error, result_text)
+            return self._close_records(outcome)
 
         delay = STORE_RETRY_FIRST
         while True:
@@ -739,15 +782,7 @@ class Run:
             self.env.on_completed(terminal)
         return terminal
 
-    def _close_records(
-        self,
-        status: str,
-        reason: str | None,
-        message: str,
-        details: str,
-        error: str | None,
-        result_text: str,
-    ) -> dict[str, Any] | None:
+    def _close_records(self, outcome: Outcome) -> dict[str, Any] | None:
         """Every closing write, in order; each step is idempotent, so after a
         refused write the whole sequence is simply tried again."""
         self._write_user_message()
@@ -758,12 +793,10 @@ class Run:
             stored = writer.close()
             if stored is not None:
                 self.publish("message.updated", stored)
-            self._write_results(self.step, result_text)
+            self._write_results(self.step, outcome.result_text)
             text, message_id = writer.text(), writer.id
-        if reason is not None:
-            seal_run_messages(
-                self.env, self.id, self.session_id, reason, message, details, result_text
-            )
+        if outcome.reason is not None:
+            seal_run_messages(self.env, self.id, self.session_id, outcome)
         return self.env.store.finish_run(
-            self.id, status, error=error, text=text, message_id=message_id
+            self.id, outcome.status, error=outcome.error, text=text, message_id=message_id
         )

@@ -57,7 +57,7 @@ from crushd.events import EventHub
 from crushd.mcp import McpLoop, WorkspaceMcp
 from crushd.permissions import PermissionBroker
 from crushd.providers.catalog import ModelCatalog
-from crushd.runs import CANCELED_MESSAGE, Run, RunEnv, seal_run_messages
+from crushd.runs import CANCELED_MESSAGE, Outcome, Run, RunEnv, seal_run_messages
 from crushd.signals import Signals, send
 from crushd.store import WorkspaceStore
 from crushd.tools.base import Tool
@@ -242,21 +242,13 @@ class Workspace:
         self._keeper.start()
         self.mcp.start()
         for run in self.store.list_runs(status="running", limit=1_000_000, oldest_first=True):
-            last = seal_run_messages(
-                self._env,
-                run["id"],
-                run["session_id"],
-                "error",
-                "interrupted",
-                "the server stopped while this run was active",
-                "Tool execution interrupted",
-            )
-            text = text_of(last["parts"]) if last else ""
+            outcome = Outcome.interrupted()
+            last = seal_run_messages(self._env, run["id"], run["session_id"], outcome)
             terminal = self.store.finish_run(
                 run["id"],
-                "interrupted",
-                error="interrupted",
-                text=text,
+                outcome.status,
+                error=outcome.error,
+                text=text_of(last["parts"]) if last else "",
                 message_id=last["id"] if last else None,
             )
             if terminal is not None:
