@@ -41,7 +41,7 @@ from crushd.stopping import StopController
 from crushd.store import RegistryStore
 from crushd.tools import Tool, default_tools
 from crushd.tools.sandbox import Bubblewrap, Sandbox, detect, sandbox_for
-from crushd.workspace import Workspace
+from crushd.workspace import Workspace, close_budget
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +138,7 @@ class Server:
         self._workspaces: dict[str, Workspace] = {}  # guarded by _lock
         self._started = False  # guarded by _lock
         self._closed = False  # guarded by _lock; True once stop() began
+        self._stopped = threading.Event()  # set when stop() has finished
         # Serializes registrations, so two POSTs of one path open it once.
         self._register_lock = threading.Lock()
         self._streams = threading.BoundedSemaphore(config.max_streams)
@@ -299,7 +300,8 @@ class Server:
     def unregister(self, workspace_id: str, purge: bool = False) -> None:
         """Close a workspace in the contract's order, then forget it.  Blocks."""
         workspace = self.get(workspace_id)
-        workspace.close()
+        if not workspace.close():  # a concurrent DELETE's close has not finished
+            raise WorkspaceClosing(f"workspace {workspace_id} is still closing")
         with self._lock:
             if self._workspaces.get(workspace_id) is not workspace:
                 return  # a concurrent DELETE finished first
@@ -337,14 +339,21 @@ class Server:
 
     # -- stop ----------------------------------------------------------------
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
         """Server stop: every workspace runs the shutdown order in parallel,
-        with the drain, keeping queued runs for the next start.  Blocks;
-        idempotent.  Then the registry and the data-directory lock are released."""
+        with the drain, keeping queued runs for the next start.  Then the
+        registry and the data-directory lock are released.  Blocks;
+        idempotent: a second caller waits for the first (as long as a whole
+        stop may take) and learns whether it finished.  Returns True once
+        the server is stopped."""
         with self._lock:
-            if self._closed:
-                return
+            first = not self._closed
             self._closed = True
+        if not first:
+            config = self.config
+            return self._stopped.wait(
+                close_budget(config, config.drain_timeout, config.shutdown_timeout)
+            )
         self.stop_control.mark()
         workspaces = self.workspaces()
         logger.info(
@@ -368,7 +377,9 @@ class Server:
             self.registry.close()
         if self._dir_lock is not None:
             self._dir_lock.release()
+        self._stopped.set()
         logger.info("event=server_stopped")
+        return True
 
     def _close_quietly(self, workspace: Workspace) -> None:
         try:

@@ -32,7 +32,7 @@ class StopController:
     request on the same thread cannot deadlock).
     """
 
-    def __init__(self, stop: Callable[[], None], thread_name: str = "crushd-stop") -> None:
+    def __init__(self, stop: Callable[[], object], thread_name: str = "crushd-stop") -> None:
         self._stop = stop
         self._thread_name = thread_name
         self.requested = threading.Event()  # a stop began: prompts get 503

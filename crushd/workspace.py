@@ -38,7 +38,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,16 @@ KEEPER_FIRST = 0.1
 KEEPER_MAX = 2.0
 KEEPER_BUDGET = 2.0
 
+#: Seconds step 5 of the close waits for the threads of runs still stuck
+#: after the shutdown timeout, before it logs them and closes the database.
+JOIN_TIMEOUT = 1.0
+
+
+def close_budget(config: Config, drain_timeout: float, shutdown_timeout: float) -> float:
+    """The longest a whole close may take: what a second closer waits for."""
+    steps = drain_timeout + shutdown_timeout + 2 * config.cleanup_timeout
+    return steps + KEEPER_BUDGET + JOIN_TIMEOUT + 10
+
 
 def title_from_prompt(prompt: str, limit: int = 80) -> str:
     first = next((line.strip() for line in prompt.splitlines() if line.strip()), "")
@@ -90,6 +101,8 @@ class ActiveRun:
     user_cancelled: bool = False
     run: Run | None = None
     started: threading.Event = field(default_factory=threading.Event)
+    future: Future[None] | None = None  # set by _dispatch, under the workspace lock
+    thread: str = ""  # the executor thread running it, once it runs
 
 
 @dataclass
@@ -356,11 +369,12 @@ class Workspace:
         active = ActiveRun(run_id, session_id, self._token.child(f"run:{run_id}"))
         self._active[session_id] = active
         self._latch.count_up()
-        self._executor.submit(self._execute, active)
+        active.future = self._executor.submit(self._execute, active)
 
     def _execute(self, active: ActiveRun) -> None:
         """Executor entry point: the thread boundary of a run."""
         owed = False
+        active.thread = threading.current_thread().name
         try:
             if active.token.cancelled:
                 with self._lock:
@@ -644,13 +658,17 @@ class Workspace:
         drain_timeout: float = 0.0,
         skip_drain: threading.Event | None = None,
         shutdown_timeout: float | None = None,
-    ) -> None:
+    ) -> bool:
         """Close the workspace in the contract's order.  Blocks; idempotent.
 
         ``keep_queued`` and ``drain_timeout`` are for a server stop: running
         turns first get ``drain_timeout`` seconds to finish on their own
         (cut short when ``skip_drain`` is set), and queued runs stay queued
         on disk for the next start.
+
+        Returns True once the workspace is closed.  A second caller waits
+        for the first (as long as a whole close may take) and gets False if
+        that close has not finished by then.
         """
         timeout = self.config.shutdown_timeout if shutdown_timeout is None else shutdown_timeout
         # 1. Refuse new prompts: from here on submit() raises WorkspaceClosing.
@@ -664,8 +682,7 @@ class Workspace:
                 never_started = [rid for q in self._queues.values() for rid in q]
                 self._queues.clear()
         if already:
-            self._closed.wait(timeout + self.config.cleanup_timeout + 5)
-            return
+            return self._closed.wait(close_budget(self.config, drain_timeout, timeout))
         started = time.monotonic()
         logger.info(
             "event=workspace_closing workspace=%s active=%d queued=%d keep_queued=%s",
@@ -677,6 +694,8 @@ class Workspace:
         self.hub.publish(
             "workspace.closing", None, {"workspace_id": self.id, "keep_queued": keep_queued}
         )
+        # 1b. On a server stop, running turns first get the drain to finish
+        #     on their own (a second signal cuts it short).
         if drain_timeout > 0 and self._latch.count:
             self._drain(drain_timeout, skip_drain)
         # 2. Cancel the workspace token; every run token descends from it.
@@ -701,8 +720,9 @@ class Workspace:
         # 5. Stop the storage keeper (records still owed now are left to the
         #    next start, which seals runs left running), flush what stuck runs
         #    buffered, stop the MCP servers (whole process groups, bounded;
-        #    stragglers are killed and logged), stop the executor, end the
-        #    streams and close the database — nothing touches it after this.
+        #    stragglers are killed and logged), stop the executor and join its
+        #    threads (bounded; what is still alive is logged), end the streams
+        #    and close the database — nothing touches it after this.
         self._stop_keeper()
         with self._lock:
             leftovers = list(self._active.values())
@@ -714,6 +734,7 @@ class Workspace:
                     logger.exception("event=flush_failed run=%s", active.run_id)
         self.mcp.close(self.config.cleanup_timeout)
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._join(leftovers)
         self.hub.close()
         self.store.close()
         self._closed.set()
@@ -722,6 +743,24 @@ class Workspace:
         logger.info(
             "event=workspace_closed workspace=%s seconds=%.3f", self.id, time.monotonic() - started
         )
+        return True
+
+    def _join(self, leftovers: list[ActiveRun]) -> None:
+        """Give the threads of stuck runs :data:`JOIN_TIMEOUT` more seconds to
+        return, then name those still alive.  A thread cannot be killed: a
+        stuck one finds its database closed and its writes refused."""
+        futures = {a.future: a for a in leftovers if a.future is not None}
+        if not futures:
+            return
+        _, alive = wait_futures(futures, timeout=JOIN_TIMEOUT)
+        if alive:
+            logger.warning(
+                "event=workspace_threads_alive workspace=%s count=%d runs=%s threads=%s",
+                self.id,
+                len(alive),
+                ",".join(futures[f].run_id for f in alive),
+                ",".join(futures[f].thread or "-" for f in alive),
+            )
 
     def _stop_keeper(self) -> None:
         self._keeper_stop.set()

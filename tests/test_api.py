@@ -516,7 +516,8 @@ def test_server_builds_without_opening_anything_then_starts(tmp_path):
         now[0] += 2.5
         assert server.health()["uptime_s"] == 2.5
     finally:
-        server.stop()
+        assert server.stop() is True
+    assert server.stop() is True  # a second caller learns that the first finished
     with pytest.raises(RuntimeError, match="cannot be started again"):
         server.start()
 

@@ -3,6 +3,7 @@ workspace shutdown order in-process with a provider that ignores cancels."""
 
 from __future__ import annotations
 
+import logging
 import signal
 import sqlite3
 import threading
@@ -182,6 +183,34 @@ def test_close_is_bounded_and_never_touches_a_closed_database(tmp_path, project)
             parts = db.execute("SELECT parts FROM message WHERE role = 'assistant'").fetchone()
         # The shutdown flushed what the stuck run had streamed.
         assert "stuck " in parts[0]
+    finally:
+        provider.release.set()
+        server.stop()
+
+
+def test_close_joins_stuck_threads_with_a_deadline_and_names_them(tmp_path, project, caplog):
+    caplog.set_level(logging.WARNING, logger="crushd.workspace")
+    config = make_config(tmp_path, shutdown_timeout=0.3, cleanup_timeout=0.3)
+    provider = StubbornProvider()
+    server = Server(config, provider=provider).start()
+    try:
+        record, _ = server.register(str(project), None)
+        workspace = server.get(record["id"])
+        run, _ = workspace.submit("go")
+        assert provider.streaming.wait(10)
+        results: list[bool] = []
+        first = threading.Thread(target=lambda: results.append(workspace.close()))
+        started = time.monotonic()
+        first.start()
+        wait_for(lambda: workspace.closing, 5)
+        # A second caller waits for the first close and learns that it finished.
+        assert workspace.close() is True
+        assert time.monotonic() - started < 3
+        first.join(5)
+        assert results == [True] and workspace.store.closed
+        alive = [r.getMessage() for r in caplog.records if "workspace_threads_alive" in r.message]
+        assert len(alive) == 1, caplog.text
+        assert f"runs={run['id']}" in alive[0] and "threads=crushd-run-" in alive[0]
     finally:
         provider.release.set()
         server.stop()
