@@ -18,6 +18,11 @@
 (f) ``stalled``: the server's peak RSS with 20 event-stream readers that
     never read while runs stream fast, how long until every stalled stream
     was cut, and GET /v1/health latency meanwhile (target: RSS < 150 MB).
+(g) ``retry``: against the fake model server of ``tests/fakeprovider.py``,
+    how much later than a 429's ``Retry-After: 1`` the retry arrives, how
+    long a cancel takes to end a run waiting out a 30 s ``Retry-After``
+    (target: < 1 s), and how much later than ``--stream-idle-timeout 1`` a
+    silent stream is retried.
 
 Usage: ``python scripts/bench.py [--quick]``.  Everything runs on loopback
 against a real ``crushd serve`` (a) and (c), or waitress on a thread (b).
@@ -404,6 +409,82 @@ def bench_stalled(root: Path, quick: bool) -> dict:
     }
 
 
+def bench_retry(root: Path, quick: bool) -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from fakeprovider import FakeProvider, Hang, HTTPError, Text
+
+    rounds = 2 if quick else 5
+    # Backoff of ~1 ms, so the idle retry's gap is the idle timeout itself.
+    config = root / "bench.toml"
+    config.write_text("retry_base_delay = 0.001\n")
+    with FakeProvider() as fake:
+        daemon = Daemon(
+            root,
+            "--config",
+            str(config),
+            "--provider",
+            "openai",
+            "--model",
+            "bench",
+            "--base-url",
+            fake.openai_base_url,
+            "--stream-idle-timeout",
+            "1",
+        )
+        try:
+            with httpx.Client(base_url=daemon.url, timeout=60) as http:
+                wid = make_workspaces(http, root, 1)[0]
+
+                def turn(first: list, then: list | None) -> tuple[dict, float]:
+                    """One prompt; returns the run and the gap between the
+                    fake's first two requests (0 with one request)."""
+                    seen = len(fake.requests)
+                    fake.script(first)
+                    if then is not None:
+                        fake.script(then)
+                    run = http.post(f"/v1/workspaces/{wid}/agent", json={"prompt": "p"}).json()
+                    done = http.get(f"/v1/workspaces/{wid}/runs/{run['id']}?wait=60").json()
+                    got = fake.requests[seen:]
+                    gap = got[1].time - got[0].time if len(got) > 1 else 0.0
+                    return done, gap
+
+                late_429, late_idle, cancel_ms = [], [], []
+                for _ in range(rounds):
+                    limited = HTTPError(429, "slow down", headers={"Retry-After": "1"})
+                    done, gap = turn([limited], [Text("ok")])
+                    assert done["status"] == "completed", done
+                    late_429.append((gap - 1.0) * 1000)
+                    done, gap = turn([Text("x"), Hang()], [Text("ok")])
+                    assert done["status"] == "completed", done
+                    late_idle.append((gap - 1.0) * 1000)
+                for _ in range(rounds * 2):
+                    seen = len(fake.requests)
+                    fake.script([HTTPError(429, "later", headers={"Retry-After": "30"})])
+                    run = http.post(f"/v1/workspaces/{wid}/agent", json={"prompt": "p"}).json()
+                    fake.wait_for_requests(seen + 1, 10)
+                    time.sleep(0.2)  # the run is in its backoff now
+                    started = time.monotonic()
+                    http.post(f"/v1/workspaces/{wid}/runs/{run['id']}/cancel")
+                    done = http.get(f"/v1/workspaces/{wid}/runs/{run['id']}?wait=10").json()
+                    assert done["status"] == "cancelled", done
+                    cancel_ms.append((time.monotonic() - started) * 1000)
+        finally:
+            daemon.stop()
+
+    def stats(values: list[float]) -> dict:
+        return {
+            "p50_ms": round(percentile(values, 0.5), 1),
+            "max_ms": round(max(values), 1),
+        }
+
+    return {
+        "rounds": rounds,
+        "retry_after_1s_late": stats(late_429),
+        "idle_timeout_1s_late": stats(late_idle),
+        "cancel_during_30s_backoff": stats(cancel_ms),
+    }
+
+
 BENCHES = {
     "submit": bench_submit,
     "stream": bench_stream,
@@ -411,6 +492,7 @@ BENCHES = {
     "bash": bench_bash,
     "mcp": bench_mcp,
     "stalled": bench_stalled,
+    "retry": bench_retry,
 }
 
 
