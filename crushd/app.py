@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from typing import Any
@@ -12,8 +11,14 @@ from werkzeug.exceptions import HTTPException
 
 from crushd.browser import BrowserGuard, over_unix_socket
 from crushd.config import Config
+from crushd.console import is_public
 from crushd.errors import Forbidden, RequestError, Unauthorized
 from crushd.server import Server
+from crushd.signin import COOKIE, SignIns, token_matches
+
+#: Routes that never need the token: the health check, the console page
+#: (a signed-out browser must see its sign-in form), signing in and out.
+OPEN_ROUTES = frozenset({"/v1/health", "/v1/login", "/v1/logout"})
 
 logger = logging.getLogger("crushd.http")
 
@@ -48,9 +53,19 @@ def create_app(config: Config | None = None, server: Server | None = None) -> Fl
     guard = BrowserGuard(config.allow_origins, config.allow_hosts, [config.host])
     app.extensions["crushd.guard"] = guard
 
+    # Browsers signed in with POST /v1/login; in memory, so a restart signs them out.
+    sign_ins = SignIns()
+    app.extensions["crushd.signins"] = sign_ins
+
+    from crushd.console import console
+    from crushd.metrics import metrics_routes
     from crushd.routes import api
+    from crushd.signin import signin
 
     app.register_blueprint(api)
+    app.register_blueprint(signin)
+    app.register_blueprint(console)
+    app.register_blueprint(metrics_routes)
 
     @app.before_request
     def _guard_browsers() -> Any:
@@ -81,14 +96,15 @@ def create_app(config: Config | None = None, server: Server | None = None) -> Fl
 
     @app.before_request
     def _authenticate() -> None:
-        if server.token is None or request.path == "/v1/health":
+        if server.token is None or request.path in OPEN_ROUTES or is_public(request.path):
             return
         header = request.headers.get("Authorization", "")
         scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode(), server.token.encode()
-        ):
-            raise Unauthorized("missing or wrong bearer token")
+        if scheme.lower() == "bearer" and token_matches(given, server.token):
+            return
+        if not header and sign_ins.valid(request.cookies.get(COOKIE)):
+            return
+        raise Unauthorized("missing or wrong bearer token")
 
     @app.after_request
     def _cors(response: Any) -> Any:
@@ -100,6 +116,7 @@ def create_app(config: Config | None = None, server: Server | None = None) -> Fl
     @app.after_request
     def _log(response: Any) -> Any:
         elapsed = time.monotonic() - g.get("started", time.monotonic())
+        server.metrics.count_request(request.method, response.status_code)
         logger.info(
             "event=request method=%s path=%s status=%d ms=%.1f",
             request.method,

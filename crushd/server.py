@@ -34,6 +34,7 @@ from crushd.errors import (
     WorkspaceClosing,
 )
 from crushd.mcp import McpLoop
+from crushd.metrics import Metrics
 from crushd.providers import PROVIDERS, Provider
 from crushd.providers.catalog import ModelCatalog
 from crushd.signals import Signals
@@ -126,6 +127,12 @@ class Server:
         self.signals = Signals()
         # One permanent receiver, connected before any workspace opens.
         self.signals.event_published.connect(_log_event, weak=False)
+        self.metrics = Metrics(
+            self.signals,
+            runs_active=lambda: sum(w.active_run_count() for w in self.workspaces()),
+            runs_queued=lambda: sum(w.queued_run_count() for w in self.workspaces()),
+            event_streams=lambda: sum(w.hub.subscriber_count for w in self.workspaces()),
+        )
         self.started = self.clock()
         # The one owner of "stop requested" and "stop now" (crushd.stopping).
         self.stop_control = StopController(self.stop)

@@ -242,6 +242,11 @@ class Workspace:
         """Whether the database accepted the last write; from memory."""
         return self.store.available
 
+    def queued_run_count(self) -> int:
+        """Runs waiting behind their session's active run (from memory)."""
+        with self._lock:
+            return sum(len(queue) for queue in self._queues.values())
+
     # -- startup -------------------------------------------------------------
 
     def start(self) -> None:

@@ -43,7 +43,15 @@ SPEC_ROUTES = {
     ("get", "/v1/workspaces/{id}/permissions"),
     ("post", "/v1/workspaces/{id}/permissions/{pid}"),
     ("get", "/v1/workspaces/{id}/mcp"),
+    # SPEC §4 "Console and metrics"
+    ("get", "/"),
+    ("post", "/v1/login"),
+    ("post", "/v1/logout"),
+    ("get", "/metrics"),
 }
+
+# Routes that need no token: the health check, the console page, signing in and out.
+OPEN_ROUTES = {"/v1/health", "/", "/v1/login", "/v1/logout"}
 
 # The status table of SPEC §3.
 SPEC_ERROR_CODES = {
@@ -104,7 +112,7 @@ def test_every_spec_route_is_documented(spec):
     extra = documented - SPEC_ROUTES
     assert not missing, f"routes of SPEC §3 missing from openapi.json: {sorted(missing)}"
     assert not extra, f"routes in openapi.json that SPEC §3 does not list: {sorted(extra)}"
-    assert len(SPEC_ROUTES) == 25
+    assert len(SPEC_ROUTES) == 29
 
 
 def test_info_version_matches_package(spec):
@@ -149,12 +157,15 @@ def test_error_examples_match_their_code(spec):
             assert key in SPEC_ERROR_CODES
 
 
-def test_security_is_global_bearer_except_health(spec):
+def test_security_is_global_bearer_or_cookie_except_open_routes(spec):
     scheme = spec["components"]["securitySchemes"]["bearerAuth"]
     assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
+    cookie = spec["components"]["securitySchemes"]["cookieAuth"]
+    assert (cookie["type"], cookie["in"], cookie["name"]) == ("apiKey", "cookie", "crushd_session")
     assert {"bearerAuth": []} in spec["security"]
+    assert {"cookieAuth": []} in spec["security"]
     for method, path, operation in _operations(spec):
-        if path == "/v1/health":
+        if path in OPEN_ROUTES:
             assert operation["security"] == []
         else:
             assert "security" not in operation, f"{method.upper()} {path} overrides security"
@@ -179,6 +190,9 @@ def test_every_operation_documents_the_browser_guard(spec):
         ("get", "/v1/workspaces/{id}/events", {"200", "503"}),
         ("post", "/v1/workspaces/{id}/permissions/{pid}", {"200", "404"}),
         ("get", "/v1/health", {"200", "503"}),
+        ("post", "/v1/login", {"204", "400", "401", "403"}),
+        ("post", "/v1/logout", {"204", "403"}),
+        ("get", "/metrics", {"200", "401", "403"}),
     ],
 )
 def test_spec_status_codes(spec, method, path, statuses):

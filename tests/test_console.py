@@ -1,0 +1,404 @@
+"""The console at GET / in a real browser (SPEC §4 "Console and metrics").
+
+Playwright drives Debian's Chromium (installed by .ci/run) against a real
+crushd on a real socket.  Elements are found by role and accessible name,
+as a person finds them: the textbox **Prompt**, the buttons **Send**,
+**Cancel**, **Allow**, **Token**, **Sign in**.
+"""
+
+from __future__ import annotations
+
+import configparser
+import http.server
+import json
+import os
+import shutil
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from conftest import wait_for
+from fakeprovider import FakeProvider, Text, ToolCall
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+from prometheus_client.parser import text_string_to_metric_families
+
+import crushd
+from crushd.console import ASSETS
+
+KEY_ENV = "CRUSHD_TEST_CONSOLE_KEY"
+TOKEN = "console-browser-token"
+CHROMIUM_ARGS = [
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+WORDS = " ".join(f"word{i}" for i in range(40))
+TIMEOUT_MS = 20_000
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert found, "chromium is installed by .ci/run (apt-get install -y chromium)"
+    return found
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory) -> Iterator[Browser]:
+    home = tmp_path_factory.mktemp("chromium-home")
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(
+            executable_path=chromium(),
+            args=CHROMIUM_ARGS,
+            chromium_sandbox=False,  # the tests run as root
+            env={**os.environ, "HOME": str(home)},
+        )
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1100, "height": 900})
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    context.close()
+    assert errors == [], errors
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeProvider]:
+    with FakeProvider() as server:
+        yield server
+
+
+def api(url: str) -> httpx.Client:
+    return httpx.Client(base_url=url, timeout=30)
+
+
+def assistant_texts(page: Page) -> list[str]:
+    return page.locator("article.msg.assistant .text").all_inner_texts()
+
+
+def register_in_page(page: Page, path: Path) -> None:
+    page.get_by_role("textbox", name="Workspace path", exact=True).fill(str(path))
+    page.get_by_role("button", name="Register", exact=True).click()
+    expect(page.get_by_role("button", name=str(path.resolve()), exact=True)).to_have_attribute(
+        "aria-current", "true"
+    )
+    expect(page.get_by_role("status")).to_have_text("Connected")
+
+
+def runs_list(page: Page):
+    return page.get_by_role("list", name="Runs")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def test_a_prompt_typed_and_sent_streams_into_the_page_and_completes(live_factory, project, page):
+    live = live_factory(echo_delay=0.04)
+    page.goto(live.url)
+    register_in_page(page, project)
+    page.get_by_role("textbox", name="Prompt", exact=True).fill(WORDS)
+    page.get_by_role("button", name="Send", exact=True).click()
+    # Part of the answer is on the page while the rest is still coming.
+    page.wait_for_function(
+        """(full) => {
+            const parts = [...document.querySelectorAll("article.msg.assistant .text")];
+            const text = parts.map((p) => p.textContent).join("");
+            return text.length > 0 && text.length < full.length;
+        }""",
+        arg=WORDS,
+        polling="raf",
+    )
+    expect(runs_list(page)).to_contain_text("completed")
+    assert assistant_texts(page) == [WORDS]
+    with api(live.url) as http:
+        (workspace,) = http.get("/v1/workspaces").json()
+        (run,) = http.get(f"/v1/workspaces/{workspace['id']}/runs").json()
+        (session,) = http.get(f"/v1/workspaces/{workspace['id']}/sessions").json()
+    assert run["status"] == "completed" and run["text"] == WORDS
+    # No session was selected: the prompt made one, and the page selected it.
+    expect(page.get_by_role("button", name=session["title"], exact=True)).to_have_attribute(
+        "aria-current", "true"
+    )
+
+    # By keyboard alone: the next prompt goes to the same session.
+    prompt = page.get_by_role("textbox", name="Prompt", exact=True)
+    prompt.focus()
+    page.keyboard.type("second turn")
+    page.keyboard.press("Control+Enter")
+    expect(runs_list(page).get_by_role("listitem")).to_have_count(2)
+    expect(runs_list(page).get_by_role("listitem").first).to_contain_text("completed")
+    prompt.focus()
+    page.keyboard.type("third by Tab")
+    page.keyboard.press("Tab")  # the Model picker
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.textContent") == "Send"
+    page.keyboard.press("Enter")
+    expect(runs_list(page).get_by_role("listitem")).to_have_count(3)
+    expect(runs_list(page).get_by_role("listitem").first).to_contain_text("completed")
+    assert assistant_texts(page) == [WORDS, "second turn", "third by Tab"]
+    with api(live.url) as http:
+        runs = http.get(f"/v1/workspaces/{workspace['id']}/runs").json()
+    assert {r["session_id"] for r in runs} == {run["session_id"]}
+
+
+def test_cancel_stops_the_running_run(live_factory, project, page):
+    live = live_factory(echo_delay=0.05)
+    long_prompt = " ".join(f"w{i}" for i in range(400))
+    page.goto(live.url)
+    register_in_page(page, project)
+    cancel = page.get_by_role("button", name="Cancel", exact=True)
+    expect(cancel).to_be_disabled()
+    page.get_by_role("textbox", name="Prompt", exact=True).fill(long_prompt)
+    page.get_by_role("button", name="Send", exact=True).click()
+    page.wait_for_function(
+        "() => document.querySelector('article.msg.assistant .text')?.textContent.length > 10"
+    )
+    cancel.click()
+    expect(runs_list(page)).to_contain_text("cancelled")
+    expect(page.get_by_role("log", name="Conversation")).to_contain_text("Finished: canceled")
+    expect(cancel).to_be_disabled()
+    with api(live.url) as http:
+        (workspace,) = http.get("/v1/workspaces").json()
+        (run,) = http.get(f"/v1/workspaces/{workspace['id']}/runs").json()
+    assert run["status"] == "cancelled"
+    assert 0 < len(run["text"]) < len(long_prompt)
+    assert assistant_texts(page) == [run["text"]]
+
+
+def test_a_permission_answered_with_allow(fake, live_factory, project, page, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "sk-console")
+    fake.script(
+        [Text("Let me write it. "), ToolCall("write", {"path": "hello.txt", "content": "hi"})]
+    )
+    fake.script([Text("Written.")])
+    live = live_factory(
+        provider="openai",
+        model="m",
+        base_url=fake.openai_base_url,
+        api_key_env=KEY_ENV,
+        permission_timeout=60,
+    )
+    with api(live.url) as http:
+        wid = http.post("/v1/workspaces", json={"path": str(project)}).json()["id"]
+    page.goto(live.url)
+    expect(page.get_by_role("status")).to_have_text("Connected")
+    page.get_by_role("textbox", name="Prompt", exact=True).fill("write hello.txt")
+    page.get_by_role("button", name="Send", exact=True).click()
+    request = page.get_by_role("region", name="Permission for write")
+    expect(request).to_be_visible()
+    with api(live.url) as http:
+        (pending,) = http.get(f"/v1/workspaces/{wid}/permissions").json()
+    expect(request).to_contain_text(f"write wants to {pending['action']}")
+    expect(request).to_contain_text("hello.txt")
+    expect(request.get_by_role("button", name="Allow for session", exact=True)).to_be_visible()
+    expect(request.get_by_role("button", name="Deny", exact=True)).to_be_visible()
+    assert not (project / "hello.txt").exists()
+    request.get_by_role("button", name="Allow", exact=True).click()
+    expect(runs_list(page)).to_contain_text("completed")
+    expect(request).to_have_count(0)
+    conversation = page.get_by_role("log", name="Conversation")
+    expect(conversation).to_contain_text("Tool call: write")
+    expect(conversation).to_contain_text("Result of write")
+    expect(conversation).to_contain_text("Written.")
+    assert (project / "hello.txt").read_text() == "hi"
+    with api(live.url) as http:
+        assert http.get(f"/v1/workspaces/{wid}/permissions").json() == []
+
+
+# ---------------------------------------------------------------- restarts
+
+
+def test_the_page_reconnects_across_a_daemon_restart(daemon_factory, project, page):
+    port = free_port()
+    daemon = daemon_factory("--port", str(port), "--echo-delay", "0.01")
+    with daemon.client() as http:
+        wid = http.post("/v1/workspaces", json={"path": str(project)}).json()["id"]
+    page.goto(daemon.url)
+    expect(page.get_by_role("status")).to_have_text("Connected")
+    page.get_by_role("textbox", name="Prompt", exact=True).fill("before the restart")
+    page.get_by_role("button", name="Send", exact=True).click()
+    expect(runs_list(page)).to_contain_text("completed")
+
+    daemon.signal()
+    assert daemon.wait() == 0
+    expect(page.get_by_role("status")).not_to_have_text("Connected")
+    daemon.start()
+    assert daemon.url.endswith(f":{port}")
+    expect(page.get_by_role("status")).to_have_text("Connected")
+
+    # A prompt sent by another client shows up live in the open page.
+    with daemon.client() as http:
+        session_id = http.get(f"/v1/workspaces/{wid}/sessions").json()[0]["id"]
+        run = http.post(
+            f"/v1/workspaces/{wid}/agent",
+            json={"prompt": "after the restart", "session_id": session_id},
+        ).json()
+        assert http.get(f"/v1/workspaces/{wid}/runs/{run['id']}?wait=20").json()["status"] == (
+            "completed"
+        )
+    expect(runs_list(page).get_by_role("listitem")).to_have_count(2)
+    expect(runs_list(page).get_by_role("listitem").first).to_contain_text("completed")
+    expect(page.locator("article.msg.assistant .text")).to_have_text(
+        ["before the restart", "after the restart"]
+    )
+    # And the page still submits.
+    page.get_by_role("textbox", name="Prompt", exact=True).fill("from the page again")
+    page.get_by_role("button", name="Send", exact=True).click()
+    expect(runs_list(page).get_by_role("listitem")).to_have_count(3)
+    expect(runs_list(page).get_by_role("listitem").first).to_contain_text("completed")
+
+
+# ---------------------------------------------------------------- token mode
+
+
+def test_token_sign_in_sets_the_cookie_and_a_wrong_token_is_refused(live_factory, project, page):
+    live = live_factory(token=TOKEN)
+    page.goto(live.url)
+    token = page.get_by_role("textbox", name="Token", exact=True)
+    expect(token).to_be_visible()
+    expect(page.get_by_role("textbox", name="Prompt", exact=True)).to_be_hidden()
+    token.fill("not the token")
+    page.get_by_role("button", name="Sign in", exact=True).click()
+    expect(page.get_by_role("alert").filter(has_text="Wrong token")).to_be_visible()
+    assert page.context.cookies() == []
+
+    token.fill(TOKEN)
+    token.press("Enter")
+    expect(page.get_by_role("textbox", name="Prompt", exact=True)).to_be_visible()
+    (cookie,) = page.context.cookies()
+    assert cookie["name"] == "crushd_session"
+    assert cookie["httpOnly"] is True
+    assert cookie["sameSite"] == "Strict"
+    assert cookie["path"] == "/"
+    assert cookie["value"] != TOKEN and TOKEN not in cookie["value"]
+    assert page.evaluate("document.cookie") == ""  # HttpOnly: scripts cannot read it
+
+    register_in_page(page, project)
+    page.get_by_role("textbox", name="Prompt", exact=True).fill("signed in")
+    page.get_by_role("button", name="Send", exact=True).click()
+    expect(runs_list(page)).to_contain_text("completed")
+    assert assistant_texts(page) == ["signed in"]
+
+    page.reload()  # the cookie keeps the browser signed in
+    expect(page.get_by_role("textbox", name="Prompt", exact=True)).to_be_visible()
+    page.get_by_role("button", name="Sign out", exact=True).click()
+    expect(page.get_by_role("textbox", name="Token", exact=True)).to_be_visible()
+    assert page.context.cookies() == []
+    with api(live.url) as http:
+        stale = {"Cookie": f"crushd_session={cookie['value']}"}
+        assert http.get("/v1/workspaces", headers=stale).status_code == 401
+
+
+class PageServer:
+    """Another local origin (another port of 127.0.0.1: same-site, not same-origin)."""
+
+    def __init__(self, page: bytes) -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="test-page")
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)
+
+
+ATTACK = """<!doctype html><html><body><script>
+async function attack() {{
+  const results = [];
+  for (const [method, path, body] of [
+    ["POST", "/v1/workspaces", {{path: {target}}}],
+    ["GET", "/v1/workspaces", null],
+    ["GET", "/metrics", null],
+  ]) {{
+    try {{
+      await fetch("{base}" + path, {{
+        method, credentials: "include", mode: "no-cors",
+        headers: body ? {{"Content-Type": "text/plain"}} : {{}},
+        body: body ? JSON.stringify(body) : undefined,
+      }});
+      results.push("sent");
+    }} catch (e) {{ results.push("failed"); }}
+  }}
+  document.body.dataset.done = results.join(",");
+}}
+attack();
+</script></body></html>"""
+
+
+def test_a_page_from_another_origin_is_refused_even_when_signed_in(
+    live_factory, project, tmp_path, page
+):
+    live = live_factory(token=TOKEN)
+    page.goto(live.url)
+    page.get_by_role("textbox", name="Token", exact=True).fill(TOKEN)
+    page.get_by_role("button", name="Sign in", exact=True).click()
+    expect(page.get_by_role("textbox", name="Prompt", exact=True)).to_be_visible()
+    target = tmp_path / "target"
+    target.mkdir()
+    other = PageServer(ATTACK.format(base=live.url, target=json.dumps(str(target))).encode())
+    try:
+        evil = page.context.new_page()
+        evil.goto(other.url)
+        evil.wait_for_function("() => document.body.dataset.done === 'sent,sent,sent'")
+        # Following a link from that page to the console is refused too.
+        with evil.expect_navigation() as navigation:
+            evil.evaluate("(url) => { location.href = url; }", live.url)
+        assert navigation.value is not None and navigation.value.status == 403
+        evil.close()
+    finally:
+        other.close()
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    with api(live.url) as http:
+        assert http.get("/v1/workspaces", headers=bearer).json() == []
+        metrics = http.get("/metrics", headers=bearer).text
+    refused = sum(
+        sample.value
+        for family in text_string_to_metric_families(metrics)
+        for sample in family.samples
+        if sample.name == "crushd_http_requests_total" and sample.labels["status"] == "403"
+    )
+    assert refused == 4, metrics  # three fetches and the navigation
+    wait_for(lambda: page.get_by_role("status").inner_text() == "Connected")
+
+
+def test_every_console_file_ships_in_the_package():
+    """A non-editable install carries only what package_data lists."""
+    setup = configparser.ConfigParser()
+    setup.read(Path(__file__).parent.parent / "setup.cfg")
+    listed = {name.strip() for name in setup["options.package_data"]["crushd"].split(",")}
+    web = Path(crushd.__file__).parent / "web"
+    shipped = {f"web/{path.name}" for path in web.iterdir()}
+    assert shipped and shipped <= listed
+    assert {f"web/{filename}" for filename, _ in ASSETS.values()} == shipped
