@@ -356,7 +356,8 @@ def test_bad_input_changes_nothing(client, project, wid):
 
 
 def test_unknown_route_is_404_json_not_html(client):
-    for url in ("/v1/nope", "/nope", "/", "/v1/workspaces/x/y/z/w"):
+    # "/" is the console (SPEC §4), not an unknown route.
+    for url in ("/v1/nope", "/nope", "/console/nope.js", "/v1/workspaces/x/y/z/w"):
         resp = client.get(url)
         assert_error(resp, 404, "not_found")
         assert b"<html" not in resp.get_data().lower()
