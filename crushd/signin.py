@@ -21,10 +21,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, current_app, request
 
 from crushd.errors import Unauthorized
-from crushd.routes import body, server, text_field
+from crushd.routes import body, no_content, server, text_field
 
 COOKIE = "crushd_session"
 #: A sign-in ends after this long even if the browser keeps the cookie.
@@ -99,10 +99,10 @@ def login() -> Any:
     given = text_field(body(), "token") or ""
     token = server().token
     if token is None:
-        return "", 204
+        return no_content()
     if not token_matches(given, token):
         raise Unauthorized("wrong token")
-    response = Response(status=204)
+    response = no_content()
     response.set_cookie(
         COOKIE,
         sign_ins().issue(),
@@ -118,6 +118,6 @@ def login() -> Any:
 def logout() -> Any:
     """Forget this browser's sign-in and clear its cookie; 204 either way."""
     sign_ins().revoke(request.cookies.get(COOKIE))
-    response = Response(status=204)
+    response = no_content()
     response.delete_cookie(COOKIE, path="/", httponly=True, samesite="Strict")
     return response

@@ -58,6 +58,7 @@ def test_login_sets_a_random_http_only_strict_cookie_accepted_like_bearer(live, 
     with httpx.Client(base_url=live.url, timeout=30) as http:
         response = login(http)
         assert response.status_code == 204
+        assert "Content-Type" not in response.headers and response.content == b""
         cookie, raw = parse_cookie(response)
         assert cookie["httponly"] is True
         assert cookie["samesite"] == "Strict"
