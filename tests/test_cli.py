@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 from conftest import wait_for
 
-from crushd.cli import Follower, follow_run
 from crushd.client import DEFAULT_URL, Client, StreamBroken, resolve_address, resolve_token
 from crushd.config import Config
+from crushd.follow import follow_run
+from crushd.terminal import Follower
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}$")
 REACH_HINT = "is crushd running? start it with `crushd serve`"
