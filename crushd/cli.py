@@ -4,6 +4,7 @@ a client of a running daemon (see :mod:`crushd.client`)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 from collections.abc import Iterator
@@ -14,8 +15,8 @@ import click
 
 from crushd import __version__
 from crushd.common import RUN_STATUSES, TERMINAL_STATUSES, new_id
+from crushd.config import SERVE_OPTIONS, SINGULAR_KEYS, Config
 from crushd.follow import CANCEL_WAIT, cancel_interrupted, follow_run
-from crushd.providers import PROVIDERS
 from crushd.terminal import Follower, fail, one_line, print_json, print_table, short_time
 
 
@@ -25,107 +26,59 @@ def main() -> None:
     """crushd: a headless daemon that runs AI coding-agent turns over HTTP."""
 
 
+def serve_options(func: Any) -> Any:
+    """The ``crushd serve`` flags, made from :data:`crushd.config.SERVE_OPTIONS`.
+
+    A flag's type, whether it repeats and the default ``--help`` shows come
+    from its :class:`~crushd.config.Config` field; every flag defaults to
+    None, so one the user did not give leaves the file and ``CRUSHD_*``
+    values alone.
+    """
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    singular = {plural: one for one, plural in SINGULAR_KEYS.items()}
+    for option in reversed(SERVE_OPTIONS):
+        spec = fields[option.name]
+        kind = str(spec.type)
+        flag = "--" + (option.flag or singular.get(option.name, option.name)).replace("_", "-")
+        if spec.default is not dataclasses.MISSING:
+            default = spec.default
+        else:
+            default = spec.default_factory()  # type: ignore[misc]
+        shown = option.default_text or ("" if default in (None, []) else str(default))
+        kwargs: dict[str, Any] = {"help": option.help, "metavar": option.metavar}
+        if shown:
+            kwargs["show_default"] = shown
+        decls = [flag, option.name]
+        if kind.startswith("list"):
+            kwargs["multiple"] = True
+        elif kind.startswith("bool"):
+            decls = [f"{flag}/--no-{flag[2:]}", option.name]
+            kwargs["default"] = None
+        elif option.choices:
+            kwargs["type"] = click.Choice(option.choices)
+        elif option.path == "dir":
+            kwargs["type"] = click.Path(file_okay=False, path_type=Path)
+        elif option.path == "file":
+            kwargs["type"] = click.Path(dir_okay=False)
+        elif kind.startswith("int"):
+            kwargs["type"] = int
+        elif kind.startswith("float"):
+            kwargs["type"] = float
+        func = click.option(*decls, **kwargs)(func)
+    return func
+
+
 @main.command()
-@click.option("--host", help="Address to listen on (default 127.0.0.1).")
-@click.option("--port", type=int, help="TCP port (default 7433).")
-@click.option(
-    "--unix-socket",
-    type=click.Path(dir_okay=False),
-    help="Serve on this unix socket (mode 0600) instead of TCP.",
-)
-@click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Data directory (default $CRUSHD_DATA_DIR, $STATE_DIRECTORY, $XDG_DATA_HOME/crushd).",
-)
-@click.option("--threads", type=int, help="waitress worker threads (default 32).")
-@click.option("--workers", type=int, help="Concurrent runs per workspace (default 4).")
-@click.option(
-    "--provider",
-    type=click.Choice(list(PROVIDERS)),
-    help="Model provider (default echo).",
-)
-@click.option("--model", help="Model name sent to the provider.")
-@click.option("--base-url", help="Provider base URL.")
-@click.option("--api-key-env", help="Environment variable that holds the API key.")
-@click.option("--echo-delay", type=float, help="Seconds between echo words (default 0.02).")
-@click.option(
-    "--token-file", type=click.Path(dir_okay=False), help="File holding the API bearer token."
-)
-@click.option(
-    "--allow-root",
-    "allow_roots",
-    multiple=True,
-    help="Only allow workspaces below this directory (repeatable).",
-)
-@click.option(
-    "--allow-origin",
-    "allow_origins",
-    multiple=True,
-    metavar="ORIGIN",
-    help="Let web pages of this origin use the API, with CORS (repeatable, exact match).",
-)
-@click.option(
-    "--allow-host",
-    "allow_hosts",
-    multiple=True,
-    metavar="NAME",
-    help="Accept this name in the Host header besides loopback names (repeatable).",
-)
-@click.option("--shutdown-timeout", type=float, help="Seconds to wait for runs on close (10).")
-@click.option(
-    "--drain-timeout", type=float, help="Seconds running turns get to finish on a server stop (0)."
-)
-@click.option(
-    "--permission-timeout",
-    type=float,
-    help="Seconds before an unanswered permission request is denied (600).",
-)
-@click.option("--max-body", type=int, help="Largest request body in bytes (1 MiB).")
-@click.option("--max-queue", type=int, help="Queued runs allowed per session (64).")
-@click.option("--max-steps", type=int, help="Model steps allowed per run (50).")
-@click.option("--max-retries", type=int, help="Retries of a failed provider request (4).")
-@click.option(
-    "--max-retry-wait",
-    type=float,
-    help="Longest wait a provider may demand before a retry, in seconds (60).",
-)
-@click.option(
-    "--stream-idle-timeout",
-    type=float,
-    help="Seconds a provider stream may send nothing before it is retried (120).",
-)
-@click.option(
-    "--sandbox",
-    type=click.Choice(["workspace-write", "read-only", "off"]),
-    help="How bash commands are sandboxed where bwrap works (default workspace-write).",
-)
-@click.option(
-    "--network/--no-network",
-    default=None,
-    help="Whether sandboxed bash commands may use the network (default: they may).",
-)
-@click.option(
-    "--sandbox-read",
-    "sandbox_read",
-    multiple=True,
-    help="A hidden path (e.g. in a home directory) sandboxed bash may read (repeatable).",
-)
+@serve_options
 @click.option(
     "--config",
     "config_file",
     type=click.Path(dir_okay=False, exists=True),
     help="TOML configuration file (flags win over it, it wins over CRUSHD_*).",
 )
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning", "error"]),
-    help="Log level (default info).",
-)
 def serve(config_file: str | None, **flags: object) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
     from crushd import logs
-    from crushd.config import Config
     from crushd.errors import ConfigError, CrushdError
     from crushd.serve import serve as run_server
 

@@ -223,7 +223,7 @@ class Config:
                 raise ConfigError(f"{name} must not be negative")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be between 0 and 65535, not {self.port}")
-        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+        if self.log_level.lower() not in LOG_LEVELS:
             raise ConfigError(
                 f"log_level must be debug, info, warning or error, not {self.log_level!r}"
             )
@@ -309,6 +309,81 @@ def _check_sandbox(where: str, mode: Any, network: Any, read: Any) -> None:
                 f"{where}sandbox_read entries must be absolute paths (or start with ~), "
                 f"not {path!r}"
             )
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One ``crushd serve`` flag: the :class:`Config` field it sets and what
+    ``--help`` says.  Its type, its default and whether it repeats come from
+    the field itself (see :func:`crushd.cli.serve_options`), so the help
+    cannot show a default the configuration does not use."""
+
+    name: str  # the Config field
+    help: str
+    flag: str = ""  # default --name-with-dashes; a repeatable one is singular
+    choices: tuple[str, ...] = ()
+    metavar: str | None = None
+    path: str = ""  # "file" or "dir" for a path on disk
+    default_text: str | None = None  # for --help, when the value itself says little
+
+
+#: Every ``crushd serve`` flag, in ``--help`` order.  Each is also the
+#: ``CRUSHD_<NAME>`` variable and the ``name`` key of the TOML file.
+SERVE_OPTIONS: tuple[Option, ...] = (
+    Option("host", "Address to listen on."),
+    Option("port", "TCP port."),
+    Option("unix_socket", "Serve on this unix socket (mode 0600) instead of TCP.", path="file"),
+    Option(
+        "data_dir",
+        "Data directory.",
+        path="dir",
+        default_text="$CRUSHD_DATA_DIR, $STATE_DIRECTORY, $XDG_DATA_HOME/crushd",
+    ),
+    Option("threads", "waitress worker threads."),
+    Option("workers", "Concurrent runs per workspace."),
+    Option("provider", "Model provider.", choices=tuple(PROVIDERS)),
+    Option("model", "Model name sent to the provider."),
+    Option("base_url", "Provider base URL."),
+    Option("api_key_env", "Environment variable that holds the API key."),
+    Option("echo_delay", "Seconds between echo words."),
+    Option("token_file", "File holding the API bearer token.", path="file"),
+    Option("allow_roots", "Only allow workspaces below this directory (repeatable)."),
+    Option(
+        "allow_origins",
+        "Let web pages of this origin use the API, with CORS (repeatable, exact match).",
+        metavar="ORIGIN",
+    ),
+    Option(
+        "allow_hosts",
+        "Accept this name in the Host header besides loopback names (repeatable).",
+        metavar="NAME",
+    ),
+    Option("shutdown_timeout", "Seconds to wait for runs on close."),
+    Option("drain_timeout", "Seconds running turns get to finish on a server stop."),
+    Option("permission_timeout", "Seconds before an unanswered permission request is denied."),
+    Option("max_body", "Largest request body in bytes.", default_text="1 MiB"),
+    Option("max_queue", "Queued runs allowed per session."),
+    Option("max_steps", "Model steps allowed per run."),
+    Option("max_retries", "Retries of a failed provider request."),
+    Option("max_retry_wait", "Longest wait a provider may demand before a retry, in seconds."),
+    Option(
+        "stream_idle_timeout", "Seconds a provider stream may send nothing before it is retried."
+    ),
+    Option("sandbox", "How bash commands are sandboxed where bwrap works.", choices=SANDBOX_MODES),
+    Option(
+        "network",
+        "Whether sandboxed bash commands may use the network.",
+        default_text="they may",
+    ),
+    Option(
+        "sandbox_read",
+        "A hidden path (e.g. in a home directory) sandboxed bash may read (repeatable).",
+    ),
+    Option("log_level", "Log level.", choices=LOG_LEVELS),
+)
 
 
 def _from_env(env: dict[str, str]) -> dict[str, Any]:

@@ -239,3 +239,26 @@ def test_max_streams_follows_the_threads_setting_from_every_layer(tmp_path):
     assert Config.load(env={"CRUSHD_THREADS": "6"}).max_streams < 6
     assert Config.load(env={}, config_file=path).max_streams < 8
     assert Config.load({"threads": 4}, env={}, config_file=path).max_streams < 4
+
+
+def test_serve_flags_are_made_from_the_config_table():
+    from crushd.cli import serve
+    from crushd.config import SERVE_OPTIONS
+
+    params = {p.name: p for p in serve.params}
+    given = serve.make_context("serve", []).params  # what serve() gets with no flags
+    defaults = Config()
+    for option in SERVE_OPTIONS:
+        param = params[option.name]  # every row is a flag of crushd serve ...
+        value = getattr(defaults, option.name)  # ... and a field of Config
+        # A flag the user did not give leaves the file and CRUSHD_* alone.
+        assert given[option.name] in (None, ()), option.name
+        shown = option.default_text or ("" if value in (None, []) else str(value))
+        assert (param.show_default or "") == shown, option.name
+        if option.choices:
+            assert list(param.type.choices) == list(option.choices)
+    assert params["allow_roots"].opts == ["--allow-root"] and params["allow_roots"].multiple
+    assert params["allow_origins"].opts == ["--allow-origin"]
+    assert params["allow_hosts"].opts == ["--allow-host"]
+    assert params["network"].secondary_opts == ["--no-network"]
+    assert set(params) == {o.name for o in SERVE_OPTIONS} | {"config_file"}
