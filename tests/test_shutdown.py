@@ -80,7 +80,8 @@ def test_kill_9_mid_run_then_restart_interrupts_and_requeues(daemon_factory, pro
         sid = active["session_id"]
         queued = prompt(http, wid, "after the crash", session_id=sid).json()
         wait_for(lambda: _running(http, wid, active["id"]), 10)
-        time.sleep(0.5)  # let a coalesced write of the streaming message land
+        # A coalesced write of the streaming message has landed.
+        wait_for(lambda: _has_text(http, wid, sid), 10)
     daemon.signal(signal.SIGKILL)
     daemon.wait(10)
 
