@@ -71,6 +71,11 @@ def serve_options(func: Any) -> Any:
 @main.command()
 @serve_options
 @click.option(
+    "--max-instructions-bytes",
+    type=click.IntRange(min=0),
+    help="Bytes of instruction files (AGENTS.md, ...) added to the system prompt (65536).",
+)
+@click.option(
     "--config",
     "config_file",
     type=click.Path(dir_okay=False, exists=True),

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from crushd.browser import normalize_origin, split_host
+from crushd.context import DEFAULT_MAX_INSTRUCTIONS_BYTES, user_instructions_path
 from crushd.errors import ConfigError
 from crushd.mcp_config import McpServerConfig, parse_mcp_tables
 from crushd.providers import PROVIDERS
@@ -75,6 +76,10 @@ class Config:
     header_timeout: float = 10.0
     stall_timeout: float = 30.0
     event_buffer: int = 10_000
+    max_instructions_bytes: int = DEFAULT_MAX_INSTRUCTIONS_BYTES  # instruction files, together
+    #: The user's own instruction file; None means ``$XDG_CONFIG_HOME/crushd/AGENTS.md``
+    #: as the environment says when the config is built.
+    user_instructions: Path | None = None
     #: Named models, ``[models.NAME]`` plus the one the top-level keys define;
     #: filled and checked by :meth:`from_mapping`, never empty afterwards.
     models: dict[str, ModelSpec] = field(default_factory=dict)
@@ -174,6 +179,8 @@ class Config:
             config.default_model = top.name
         elif config.default_model is None:
             config.default_model = next(iter(config.models))
+        if config.user_instructions is None:
+            config.user_instructions = user_instructions_path()
         config.validate()
         return config
 
@@ -205,6 +212,8 @@ class Config:
                 raise ConfigError(f"{name} must be at least 1")
         if self.max_retries < 0:
             raise ConfigError("max_retries must not be negative")
+        if self.max_instructions_bytes < 0:
+            raise ConfigError("max_instructions_bytes must not be negative")
         for name in ("stream_idle_timeout", "retry_base_delay"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")

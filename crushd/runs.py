@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from crushd.cancel import Cancelled, CancelToken, Deadline
 from crushd.common import text_of, utcnow
+from crushd.context import DEFAULT_MAX_INSTRUCTIONS_BYTES, read_instructions
 from crushd.errors import StorageUnavailable
 from crushd.events import EventHub
 from crushd.providers.base import (
@@ -103,6 +104,9 @@ class RunEnv:
     clock: Callable[[], float] = time.monotonic
     # Tools that come and go (the MCP servers' tools), read once as a run starts.
     extra_tools: Callable[[], Mapping[str, Tool]] = dict
+    # Instruction files (crushd.context): the user's own, and the bound on all of them.
+    user_instructions: Path | None = None
+    max_instructions_bytes: int = DEFAULT_MAX_INSTRUCTIONS_BYTES
 
 
 # -- parts -------------------------------------------------------------------
@@ -551,7 +555,7 @@ class Run:
         """Model steps until the model stops; returns a denial error or None."""
         env = self.env
         specs = [ToolSpec(t.name, t.description, t.parameters) for t in self.tools.values()]
-        system = SYSTEM_PROMPT.format(root=env.root, tools=", ".join(self.tools) or "none")
+        system = self._system_prompt()
         history = env.store.list_messages(self.session_id)
         history = [m for m in history if m["id"] != self.step.writer.id]
         steps = 0
@@ -603,6 +607,24 @@ class Run:
                 )
             history = env.store.list_messages(self.session_id)
             self._new_step()
+
+    def _system_prompt(self) -> str:
+        """The system prompt of every request of this run: crushd's own, then
+        the instruction files as they are now (read once per run)."""
+        env = self.env
+        system = SYSTEM_PROMPT.format(root=env.root, tools=", ".join(self.tools) or "none")
+        instructions = read_instructions(
+            env.root, env.user_instructions, env.max_instructions_bytes
+        )
+        if instructions.files:
+            logger.info(
+                "event=instructions_read run=%s files=%s truncated=%s",
+                self.id,
+                ",".join(instructions.files),
+                instructions.truncated,
+            )
+            system = f"{system}\n{instructions.text}\n"
+        return system
 
     def _retrying(self, event: Retrying) -> None:
         """Announce a retry before its wait; the failed attempt's parts go.

@@ -205,6 +205,8 @@ class Workspace:
             on_completed=self._run_completed,
             clock=clock,
             extra_tools=self.mcp.tools,
+            user_instructions=config.user_instructions,
+            max_instructions_bytes=config.max_instructions_bytes,
         )
 
     # -- state ---------------------------------------------------------------

@@ -55,6 +55,15 @@ def no_leaked_threads() -> Iterator[None]:
     assert not leaked, f"threads left behind: {sorted(t.name for t in leaked)}"
 
 
+@pytest.fixture(autouse=True)
+def isolated_user_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point ``$XDG_CONFIG_HOME`` at an empty directory, so the user's own
+    ``~/.config/crushd/AGENTS.md`` never reaches a test's system prompt."""
+    path = tmp_path / "xdg-config"
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(path))
+    return path
+
+
 def make_config(tmp_path: Path, **overrides: Any) -> Config:
     values: dict[str, Any] = {
         "data_dir": tmp_path / "data",

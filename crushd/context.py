@@ -1,0 +1,168 @@
+"""What a run tells the model besides the conversation: the project's own
+instruction files (SPEC §4 "Context").
+
+A project keeps its conventions in ``AGENTS.md``, ``CLAUDE.md`` and the
+like; the user keeps theirs in ``$XDG_CONFIG_HOME/crushd/AGENTS.md``.
+:func:`read_instructions` reads them at the start of every run, so an edit
+is seen by the next run, and turns them into one block of the system
+prompt.  A file crushd cannot use (unreadable, not UTF-8, not a regular
+file, a symbolic link that leaves the workspace) is skipped with a logged
+warning: instructions are a help, never a reason for a run to fail.
+"""
+
+from __future__ import annotations
+
+import codecs
+import errno
+import logging
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+#: The workspace's instruction files, in the order they are added (SPEC §4).
+INSTRUCTION_FILES = (
+    "AGENTS.md",
+    "CRUSH.md",
+    "CLAUDE.md",
+    "GEMINI.md",
+    ".cursorrules",
+    ".github/copilot-instructions.md",
+)
+
+DEFAULT_MAX_INSTRUCTIONS_BYTES = 64 * 1024
+
+INSTRUCTIONS_HEADER = """\
+# Instructions
+
+The project and the user left the instructions below for the agent working
+here. Follow them unless the user asks otherwise in the conversation."""
+
+
+def user_instructions_path(env: Mapping[str, str] | None = None) -> Path:
+    """The user's own file: ``$XDG_CONFIG_HOME/crushd/AGENTS.md`` (``~/.config`` by default)."""
+    env = os.environ if env is None else env
+    base = env.get("XDG_CONFIG_HOME") or str(Path(env.get("HOME") or Path.home()) / ".config")
+    return Path(base) / "crushd" / "AGENTS.md"
+
+
+@dataclass
+class Instructions:
+    """The instruction block of one run and what went into it."""
+
+    text: str = ""  # empty when no file was found
+    files: list[str] = field(default_factory=list)  # paths read, in order
+    truncated: bool = False
+
+
+class _Skip(Exception):
+    """This file is not used; the message says why."""
+
+
+def read_instructions(root: Path, user_file: Path | None, limit: int) -> Instructions:
+    """Read the workspace's instruction files and the user's, in order.
+
+    Each file goes under a heading naming its path.  Their contents together
+    take at most ``limit`` bytes; what is past it is cut, and a note says
+    where and what was left out.  A workspace file is read only if its real
+    path stays inside the real ``root``, so a symbolic link out of the
+    workspace is not followed (the user's own file may be a link anywhere).
+    Never raises for a bad file; blocks only on the file system.
+    """
+    root = Path(os.path.realpath(root))
+    candidates: list[tuple[Path, bool]] = [(root / name, True) for name in INSTRUCTION_FILES]
+    if user_file is not None:
+        candidates.append((Path(user_file), False))
+    sections: list[str] = []
+    files: list[str] = []
+    budget = max(0, limit)
+    cut_in: Path | None = None  # the file the limit was reached in
+    left_out: list[str] = []  # files after it
+    for path, confined in candidates:
+        if cut_in is not None:
+            if _exists(path):
+                left_out.append(str(path))
+            continue
+        try:
+            content, cut = _read(path, root if confined else None, budget)
+        except FileNotFoundError:
+            continue
+        except _Skip as exc:
+            logger.warning("event=instructions_skipped path=%s reason=%r", path, str(exc))
+            continue
+        if not content.strip() and not cut:
+            continue
+        budget -= len(content.encode())
+        files.append(str(path))
+        sections.append(f"## {path}\n\n{content.strip()}")
+        if cut:
+            cut_in = path
+    if not sections:
+        return Instructions()
+    if cut_in is not None:
+        others = f" and the files {', '.join(left_out)}" if left_out else ""
+        sections[-1] += (
+            f"\n\n[crushd: instructions cut here: all files together may take at most "
+            f"{limit} bytes (--max-instructions-bytes); the rest of {cut_in}{others} "
+            "was left out]"
+        )
+        logger.warning(
+            "event=instructions_truncated limit=%d file=%s left_out=%s",
+            limit,
+            cut_in,
+            ",".join(left_out) or "-",
+        )
+    text = "\n\n".join([INSTRUCTIONS_HEADER, *sections])
+    return Instructions(text=text, files=files, truncated=cut_in is not None)
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _read(path: Path, root: Path | None, budget: int) -> tuple[str, bool]:
+    """The file's text, at most ``budget`` bytes of it, and whether it was cut.
+
+    Raises FileNotFoundError when there is no such file (not worth a
+    warning) and :class:`_Skip` when there is one crushd will not use.
+    """
+    try:
+        real = Path(os.path.realpath(path, strict=True))
+    except FileNotFoundError:  # no such file, or a dangling link: nothing to read
+        raise
+    except OSError as exc:  # a symlink loop, a directory it may not search
+        raise _Skip(exc.strerror or str(exc)) from None
+    if root is not None and real != root and not real.is_relative_to(root):
+        raise _Skip(f"a symbolic link to {real}, outside the workspace")
+    try:
+        # O_NONBLOCK: opening a FIFO named like an instruction file must not block.
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise FileNotFoundError(str(real)) from None
+        raise _Skip(exc.strerror or str(exc)) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _Skip("not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(budget + 1)
+    except OSError as exc:
+        raise _Skip(exc.strerror or str(exc)) from None
+    finally:
+        os.close(fd)
+    cut = len(data) > budget
+    data = data[:budget]
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        # Not final when cut: a character split by the cut is dropped, not an error.
+        text = decoder.decode(data, final=not cut)
+    except UnicodeDecodeError as exc:
+        raise _Skip(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return text, cut
