@@ -76,6 +76,13 @@ def serve_options(func: Any) -> Any:
     help="Bytes of instruction files (AGENTS.md, ...) added to the system prompt (65536).",
 )
 @click.option(
+    "--no-auto-compact",
+    "auto_compact",
+    flag_value=False,
+    default=None,
+    help="Never compact a session on its own (POST .../compact still does).",
+)
+@click.option(
     "--config",
     "config_file",
     type=click.Path(dir_okay=False, exists=True),

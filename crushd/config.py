@@ -77,6 +77,7 @@ class Config:
     stall_timeout: float = 30.0
     event_buffer: int = 10_000
     max_instructions_bytes: int = DEFAULT_MAX_INSTRUCTIONS_BYTES  # instruction files, together
+    auto_compact: bool = True  # False: only POST .../compact compacts a session
     #: The user's own instruction file; None means ``$XDG_CONFIG_HOME/crushd/AGENTS.md``
     #: as the environment says when the config is built.
     user_instructions: Path | None = None

@@ -1,5 +1,8 @@
-"""What a run tells the model besides the conversation: the project's own
-instruction files (SPEC §4 "Context").
+"""What a run tells the model besides the conversation, and how a long
+conversation is made to fit (SPEC §4 "Context").
+
+Instruction files
+-----------------
 
 A project keeps its conventions in ``AGENTS.md``, ``CLAUDE.md`` and the
 like; the user keeps theirs in ``$XDG_CONFIG_HOME/crushd/AGENTS.md``.
@@ -8,6 +11,15 @@ is seen by the next run, and turns them into one block of the system
 prompt.  A file crushd cannot use (unreadable, not UTF-8, not a regular
 file, a symbolic link that leaves the workspace) is skipped with a logged
 warning: instructions are a help, never a reason for a run to fail.
+
+Compaction
+----------
+A session outgrows its model's context window.  When the last model
+request's prompt used more than :func:`compaction_threshold` tokens (as the
+provider reported them), the run first asks the model for a summary
+(:func:`compaction_request_messages`, no tools offered) and from then on
+sends the summary (:func:`summary_message`) in place of everything before
+it.  The run loop (:mod:`crushd.runs`) decides when; the store keeps the cut.
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +47,41 @@ INSTRUCTION_FILES = (
 )
 
 DEFAULT_MAX_INSTRUCTIONS_BYTES = 64 * 1024
+
+#: The smallest reserve kept free below the window, in tokens (SPEC §4).
+MIN_RESERVE = 20_000
+#: Bounds on a tool call's input and a tool result in the compaction request:
+#: long outputs are what fill a window, and the summary needs their gist only.
+TRANSCRIPT_CALL_CHARS = 2_000
+TRANSCRIPT_RESULT_CHARS = 4_000
+
+COMPACT_INSTRUCTION = """\
+Write a summary of the conversation above. It will replace the whole
+conversation: after this you will see only the summary and what follows it,
+so write what you need to carry on the work without the conversation.
+Do not call tools and do not continue the task; answer with the summary only,
+in these sections:
+
+1. Request: what the user asked for, the latest request quoted word for word,
+   and every constraint or preference they stated.
+2. Done: what was done so far, in order, with the outcome of each step
+   (commands run and their results, tests that passed or failed).
+3. Files: every file read, created or changed, by path, with what changed in
+   it or what in it matters.
+4. Decisions: the choices made and why; approaches tried and abandoned.
+5. Open: questions still open, errors not yet fixed, and the exact next steps.
+
+Be specific: keep names, paths, commands, error messages and numbers exactly
+as they were. Leave out pleasantries."""
+
+SUMMARY_INTRO = """\
+This conversation was compacted to fit the model's context window. The
+summary below replaces everything said before this point; the messages after
+it are the conversation since. Continue from where it left off.
+
+<summary>
+{summary}
+</summary>"""
 
 INSTRUCTIONS_HEADER = """\
 # Instructions
@@ -166,3 +214,66 @@ def _read(path: Path, root: Path | None, budget: int) -> tuple[str, bool]:
     except UnicodeDecodeError as exc:
         raise _Skip(f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     return text, cut
+
+
+# -- compaction ------------------------------------------------------------
+
+
+def compaction_threshold(context_window: int) -> int:
+    """Prompt tokens above which the next step compacts first:
+    ``context_window - reserve`` with ``reserve = max(20000, 20 % of the window)``."""
+    return context_window - max(MIN_RESERVE, context_window // 5)
+
+
+def summary_text(parts: list[dict[str, Any]]) -> str:
+    """The text of a message's ``summary`` parts."""
+    return "".join(p.get("text", "") for p in parts if p.get("type") == "summary")
+
+
+def summary_message(summary: dict[str, Any]) -> dict[str, Any]:
+    """The stored summary as the first (user) message of a request."""
+    text = SUMMARY_INTRO.format(summary=summary_text(summary["parts"]).strip())
+    return {"role": "user", "parts": [{"type": "text", "text": text}]}
+
+
+def compaction_request_messages(
+    summary: dict[str, Any] | None, messages: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The messages of a compaction request, or ``[]`` when there is nothing new
+    to summarize.
+
+    The conversation is sent as plain text: the request offers no tools, and
+    providers refuse tool calls and results in a request without tools
+    (Anthropic does).  Tool inputs and results are clipped.  A previous
+    summary comes first, so a second compaction summarizes it and what
+    followed; a partial summary (a cancelled compaction) is left out.
+    """
+    transcript: list[dict[str, Any]] = []
+    for message in messages:
+        lines = []
+        for part in message.get("parts") or []:
+            kind = part.get("type")
+            if kind == "text" and part.get("text", "").strip():
+                lines.append(part["text"])
+            elif kind == "tool_call":
+                arguments = _clip(part.get("input") or "{}", TRANSCRIPT_CALL_CHARS)
+                lines.append(f"[tool call {part.get('name', '')}: {arguments}]")
+            elif kind == "tool_result":
+                status = " (error)" if part.get("is_error") else ""
+                content = _clip(part.get("content", ""), TRANSCRIPT_RESULT_CHARS)
+                lines.append(f"[tool result {part.get('name', '')}{status}: {content}]")
+        if lines:
+            role = "assistant" if message.get("role") == "assistant" else "user"
+            transcript.append({"role": role, "parts": [{"type": "text", "text": "\n".join(lines)}]})
+    if not transcript:
+        return []
+    if summary is not None:
+        transcript.insert(0, summary_message(summary))
+    transcript.append({"role": "user", "parts": [{"type": "text", "text": COMPACT_INSTRUCTION}]})
+    return transcript
+
+
+def _clip(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]} [... {len(text) - limit} more characters]"

@@ -66,6 +66,16 @@ def _add_cache_and_cost_columns(db: pw.Database) -> None:
         )
 
 
+def _add_context_columns(db: pw.Database) -> None:
+    migrator = SchemaMigrator.from_database(db)
+    with migrator.migration_context():
+        migrate(
+            migrator.add_column("session", "context_tokens", pw.IntegerField(default=0)),
+            migrator.add_column("session", "summary_id", pw.CharField(null=True)),
+            migrator.add_column("session", "summary_keep_pk", pw.IntegerField(null=True)),
+        )
+
+
 WORKSPACE_MIGRATIONS: list[Migration] = [
     # 1: sessions, messages with JSON parts, runs, key/value meta.
     _sql(
@@ -112,6 +122,9 @@ WORKSPACE_MIGRATIONS: list[Migration] = [
     # 4: prompt-cache tokens and the cost in USD, per run and per session;
     #    null cost: no prices (or nothing counted yet).
     _add_cache_and_cost_columns,
+    # 5: compaction: the prompt tokens of the session's last model request,
+    #    the summary in force and the first message kept after it.
+    _add_context_columns,
 ]
 
 REGISTRY_MIGRATIONS: list[Migration] = [
@@ -176,6 +189,12 @@ def workspace_models(db: pw.Database) -> SimpleNamespace:
         cache_read_tokens = pw.IntegerField(default=0)
         cache_write_tokens = pw.IntegerField(default=0)
         cost_usd = pw.FloatField(null=True)
+        # The prompt tokens of the last model request (not a compaction's).
+        context_tokens = pw.IntegerField(default=0)
+        # The completed summary that replaces the messages before it in
+        # requests, and the pk of the first message sent after it.
+        summary_id = pw.CharField(null=True)
+        summary_keep_pk = pw.IntegerField(null=True)
 
     class Message(Base):
         pk = pw.AutoField()

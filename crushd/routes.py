@@ -211,6 +211,16 @@ def submit_prompt(wid: str) -> Any:
     return run, 202 if created else 200
 
 
+@api.post("/workspaces/<wid>/sessions/<sid>/compact")
+def compact_session(wid: str, sid: str) -> Any:
+    srv = server()
+    if srv.stopping.is_set():
+        raise ShuttingDown("the server is stopping; compactions are not accepted")
+    workspace = srv.get(wid)
+    model = text_field(body(optional=True), "model", required=False)
+    return workspace.compact(sid, model), 202
+
+
 @api.get("/workspaces/<wid>/runs")
 def list_runs(wid: str) -> Any:
     workspace = server().get(wid)

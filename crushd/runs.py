@@ -32,8 +32,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from crushd.cancel import Cancelled, CancelToken, Deadline
-from crushd.common import text_of, utcnow
-from crushd.context import DEFAULT_MAX_INSTRUCTIONS_BYTES, read_instructions
+from crushd.common import utcnow
+from crushd.context import (
+    DEFAULT_MAX_INSTRUCTIONS_BYTES,
+    compaction_request_messages,
+    compaction_threshold,
+    read_instructions,
+    summary_message,
+)
 from crushd.errors import StorageUnavailable
 from crushd.events import EventHub
 from crushd.providers.base import (
@@ -107,6 +113,7 @@ class RunEnv:
     # Instruction files (crushd.context): the user's own, and the bound on all of them.
     user_instructions: Path | None = None
     max_instructions_bytes: int = DEFAULT_MAX_INSTRUCTIONS_BYTES
+    auto_compact: bool = True  # compact a session that outgrows its model's window
 
 
 # -- parts -------------------------------------------------------------------
@@ -355,9 +362,10 @@ class MessageWriter:
             self.parts.append(finish_part(reason, message, details))
             self._dirty = True
 
-    def text(self) -> str:
+    def text(self, kind: str = "text") -> str:
+        """The concatenated parts of type ``kind`` (``text`` or ``summary``)."""
         with self._lock:
-            return text_of(self.parts)
+            return "".join(p["text"] for p in self.parts if p["type"] == kind)
 
     def _changed(self) -> None:
         """Mark the parts dirty and write them if the interval has passed.  Holds _lock."""
@@ -421,7 +429,8 @@ class Run:
         self.token = token
         self.step: _Step | None = None
         self.provider: Provider | None = None  # the run's model, known once it started
-        self.spec: ModelSpec | None = None  # its configuration (prices)
+        self.spec: ModelSpec | None = None  # its configuration (prices, context window)
+        self.system = ""  # the system prompt of every request, read as the run starts
         self.user_message: dict[str, Any] | None = None  # once stored
         self._usage: list[Usage] = []  # reported, not stored yet
         # The closing records the database refused past the cleanup
@@ -444,6 +453,11 @@ class Run:
     def session_id(self) -> str:
         return self.record["session_id"]
 
+    @property
+    def compact(self) -> bool:
+        """A run of kind ``compact``: no user message, one summary."""
+        return self.record["kind"] == "compact"
+
     def publish(self, type: str, payload: dict[str, Any]) -> None:
         self.env.hub.publish(type, self.session_id, payload)
 
@@ -464,7 +478,15 @@ class Run:
             self.spec = env.models.spec(name)
             self._new_step()
             self.provider = env.models.provider(name)
-            denied = self._loop()
+            self.system = self._system_prompt()
+            if self.compact:
+                if self._compact(self.step.writer, keep_from=None, why="requested") is None:
+                    raise ProviderError(
+                        "Nothing to compact", "the session has no messages since its last summary"
+                    )
+                denied = None
+            else:
+                denied = self._loop()
         except Cancelled:
             return self._finalize(Outcome.cancelled())
         except StorageUnavailable as exc:
@@ -525,7 +547,7 @@ class Run:
             self._usage.pop(0)
 
     def _write_user_message(self) -> None:
-        if self.user_message is not None:
+        if self.user_message is not None or self.compact:
             return
         self.user_message = self.env.store.create_message(
             self.session_id, self.id, "user", [{"type": "text", "text": self.record["prompt"]}]
@@ -552,36 +574,39 @@ class Run:
         return self.spec.model, self.spec.provider
 
     def _loop(self) -> str | None:
-        """Model steps until the model stops; returns a denial error or None."""
+        """Model steps until the model stops; returns a denial error or None.
+
+        Before a step, a session over its model's threshold is compacted
+        first; a step the provider refuses as too long is compacted once and
+        sent again.  Until this run's first step is answered, its own user
+        message stays out of the summary (it is the request to answer).
+        """
         env = self.env
         specs = [ToolSpec(t.name, t.description, t.parameters) for t in self.tools.values()]
-        system = self._system_prompt()
-        history = env.store.list_messages(self.session_id)
-        history = [m for m in history if m["id"] != self.step.writer.id]
         steps = 0
         while True:
             steps += 1
-            step = self.step
-            reason = "unknown"
             self.token.raise_if_cancelled()
-            request = StepRequest(system, history, specs)
-            for event in stream_with_retries(self.provider, request, self.token, env.retry):
-                if isinstance(event, TextDelta):
-                    step.writer.delta("text", event.text)
-                elif isinstance(event, ReasoningDelta):
-                    step.writer.delta("reasoning", event.text)
-                elif isinstance(event, ToolCallStart):
-                    step.writer.tool_call_start(event.id, event.name)
-                elif isinstance(event, ToolCallDelta):
-                    step.writer.tool_call_input(event.id, event.input_delta)
-                elif isinstance(event, Usage):
-                    self._usage.append(event)
-                    self._write_usage(required=False)
-                elif isinstance(event, StepFinish):
-                    reason = event.reason
-                elif isinstance(event, Retrying):
-                    reason = "unknown"
-                    self._retrying(event)
+            if steps > 1:
+                self._new_step()
+            keep = self.user_message["id"] if steps == 1 and self.user_message else None
+            # The step's message is still empty: a compaction writes into it.
+            over = self._over_threshold()
+            if over and self._compact(self.step.writer, keep, "threshold") is not None:
+                self._new_step()
+            step = self.step
+            try:
+                reason = self._stream(StepRequest(self.system, self._history(), specs))
+            except ProviderError as exc:
+                if not (exc.context_too_long and env.auto_compact):
+                    raise
+                logger.info("event=prompt_too_long run=%s details=%r", self.id, exc.details[:200])
+                step.writer.reset()  # the step's message becomes the summary
+                if self._compact(step.writer, keep_from=keep, why="prompt_too_long") is None:
+                    raise
+                self._new_step()
+                step = self.step
+                reason = self._stream(StepRequest(self.system, self._history(), specs))
             self.token.raise_if_cancelled()
             step.calls = step.writer.finish_tool_calls()
             if not step.calls:
@@ -605,8 +630,105 @@ class Run:
                 raise ProviderError(
                     "Too many steps", f"stopped after --max-steps={env.max_steps} model steps"
                 )
-            history = env.store.list_messages(self.session_id)
-            self._new_step()
+
+    def _stream(self, request: StepRequest, kind: str = "text") -> str:
+        """Stream one model request into the current step's message; return
+        its finish reason.  ``kind`` is the part the text goes to: ``summary``
+        for a compaction, whose request (without tools) does not count
+        towards the compaction threshold either."""
+        writer = self.step.writer
+        reason = "unknown"
+        for event in stream_with_retries(self.provider, request, self.token, self.env.retry):
+            if isinstance(event, TextDelta):
+                writer.delta(kind, event.text)
+            elif isinstance(event, ReasoningDelta):
+                writer.delta("reasoning", event.text)
+            elif isinstance(event, ToolCallStart):
+                if kind == "text":  # a summary offers no tools; a call is noise
+                    writer.tool_call_start(event.id, event.name)
+            elif isinstance(event, ToolCallDelta):
+                if kind == "text":
+                    writer.tool_call_input(event.id, event.input_delta)
+            elif isinstance(event, Usage):
+                self._usage.append(event)
+                self._write_usage(required=False)
+                if kind == "text":
+                    self._note_context_tokens(event.prompt_tokens)
+            elif isinstance(event, StepFinish):
+                reason = event.reason
+            elif isinstance(event, Retrying):
+                reason = "unknown"
+                self._retrying(event)
+        return reason
+
+    def _note_context_tokens(self, tokens: int) -> None:
+        """Keep the last request's prompt tokens for the threshold.  Advisory:
+        while the database refuses writes it is skipped (a prompt that then
+        turns out too long is still compacted when the provider says so)."""
+        try:
+            self.env.store.set_context_tokens(self.session_id, tokens)
+        except StorageUnavailable as exc:
+            logger.warning("event=context_tokens_not_stored run=%s error=%r", self.id, exc.message)
+
+    def _history(self) -> list[dict[str, Any]]:
+        """The messages of the next request: the summary in force (as the
+        first user message), then only what came after it."""
+        summary, messages = self.env.store.context(self.session_id)
+        current = self.step.writer.id if self.step else None
+        history = [m for m in messages if m["id"] != current]
+        return [summary_message(summary), *history] if summary else history
+
+    def _over_threshold(self) -> bool:
+        if not self.env.auto_compact or self.spec is None:
+            return False
+        used = self.env.store.context_tokens(self.session_id)
+        return used > compaction_threshold(self.spec.context_window)
+
+    def _compact(self, writer: MessageWriter, keep_from: str | None, why: str) -> str | None:
+        """Summarize the session so far and put the summary in force; return
+        it, or None when there is nothing new to summarize.
+
+        One request without tools; its text streams into ``writer``'s
+        message (an empty assistant message of this run) as a ``summary``
+        part.  Only a summary that completed moves the cut: a cancel or an
+        error leaves the previous one in force.
+        ``keep_from`` (a message id) stays out of the summary and is sent
+        after it, with everything later.
+        """
+        env = self.env
+        summary, messages = env.store.context(self.session_id, before=keep_from)
+        request = compaction_request_messages(
+            summary, [m for m in messages if m["id"] != writer.id]
+        )
+        if not request:
+            return None
+        logger.info(
+            "event=compacting run=%s session=%s why=%s messages=%d tokens=%d",
+            self.id,
+            self.session_id,
+            why,
+            len(messages),
+            env.store.context_tokens(self.session_id),
+        )
+        self.step = _Step(writer)
+        reason = self._stream(StepRequest(self.system, request, []), kind="summary")
+        self.token.raise_if_cancelled()
+        text = self.step.writer.text("summary")
+        if not text.strip():
+            raise ProviderError("Compaction failed", "the model answered with an empty summary")
+        self.step.writer.add_finish(reason if reason in ("end_turn", "max_tokens") else "end_turn")
+        self._flush_step()
+        message_id = self.step.writer.id
+        self._stored(lambda: env.store.set_summary(self.session_id, message_id, keep_from))
+        self.publish("session.compacted", {"session_id": self.session_id, "message_id": message_id})
+        logger.info(
+            "event=compacted run=%s session=%s message=%s chars=%d",
+            self.id,
+            self.session_id,
+            message_id,
+            len(text),
+        )
+        return text
 
     def _system_prompt(self) -> str:
         """The system prompt of every request of this run: crushd's own, then
@@ -816,7 +938,8 @@ class Run:
             if stored is not None:
                 self.publish("message.updated", stored)
             self._write_results(self.step, outcome.result_text)
-            text, message_id = writer.text(), writer.id
+            text = writer.text("summary" if self.compact else "text")
+            message_id = writer.id
         if outcome.reason is not None:
             seal_run_messages(self.env, self.id, self.session_id, outcome)
         return self.env.store.finish_run(

@@ -476,6 +476,61 @@ class WorkspaceStore(_Store):
             query = M.select().where(M.session_id == session_id).order_by(M.pk)
             return [self._message_dict(r) for r in query]
 
+    def context(
+        self, session_id: str, before: str | None = None
+    ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        """What a model request of the session is built from, SPEC §4 "Context":
+        ``(summary, messages)``.
+
+        ``summary`` is the message of the completed compaction in force (or
+        None); ``messages`` are the ones after the cut, oldest first, the
+        summary itself left out.  With ``before`` (a message id) only those
+        stored before that message.  Nothing is ever deleted: the messages
+        route still lists them all.
+        """
+        S, M = self.m.Session, self.m.Message
+        with self._use():
+            session = S.get_or_none(S.id == session_id)
+            if session is None:
+                return None, []
+            query = M.select().where(M.session_id == session_id)
+            summary = None
+            if session.summary_id is not None:
+                summary = M.get_or_none(M.id == session.summary_id)
+            if summary is not None:
+                query = query.where(
+                    (M.pk >= (session.summary_keep_pk or summary.pk)) & (M.id != summary.id)
+                )
+            if before is not None:
+                limit = M.get_or_none(M.id == before)
+                if limit is not None:
+                    query = query.where(M.pk < limit.pk)
+            rows = [self._message_dict(r) for r in query.order_by(M.pk)]
+            return (self._message_dict(summary) if summary else None), rows
+
+    def set_summary(self, session_id: str, message_id: str, keep_from: str | None) -> None:
+        """Put a completed compaction in force: from now on requests carry
+        ``message_id``'s summary and the messages from ``keep_from`` on (or
+        those after the summary), and the threshold waits for the next request."""
+        S, M = self.m.Session, self.m.Message
+        with self._use(write=True):
+            anchor = M.get(M.id == (keep_from or message_id))
+            S.update(summary_id=message_id, summary_keep_pk=anchor.pk, context_tokens=0).where(
+                S.id == session_id
+            ).execute()
+
+    def context_tokens(self, session_id: str) -> int:
+        """The prompt tokens of the session's last model request (0 if none since a compaction)."""
+        S = self.m.Session
+        with self._use():
+            row = S.select(S.context_tokens).where(S.id == session_id).first()
+            return row.context_tokens if row else 0
+
+    def set_context_tokens(self, session_id: str, tokens: int) -> None:
+        S = self.m.Session
+        with self._use(write=True):
+            S.update(context_tokens=tokens).where(S.id == session_id).execute()
+
     def run_messages(self, run_id: str) -> list[dict[str, Any]]:
         M = self.m.Message
         with self._use():

@@ -207,6 +207,7 @@ class Workspace:
             extra_tools=self.mcp.tools,
             user_instructions=config.user_instructions,
             max_instructions_bytes=config.max_instructions_bytes,
+            auto_compact=config.auto_compact,
         )
 
     # -- state ---------------------------------------------------------------
@@ -291,8 +292,12 @@ class Workspace:
         session_id: str | None = None,
         run_id: str | None = None,
         model: str | None = None,
+        kind: str = "prompt",
     ) -> tuple[dict[str, Any], bool]:
         """Accept a prompt: the run is stored ``queued`` before this returns.
+
+        ``kind="compact"`` accepts a compaction of ``session_id`` instead
+        (``prompt`` empty), queued in the session's FIFO like a prompt.
 
         ``model`` names a configured model for this run; without it the
         session keeps the model of its previous run, else the default.
@@ -330,6 +335,7 @@ class Workspace:
                 title_from_prompt(prompt),
                 self.config.max_queue,
                 model=model,
+                kind=kind,
             )
             session_id = run["session_id"]
             self._queues.setdefault(session_id, collections.deque()).append(run["id"])
@@ -344,9 +350,21 @@ class Workspace:
                 self._announced.notify_all()
                 self._dispatch(session_id)
         logger.info(
-            "event=run_accepted workspace=%s session=%s run=%s", self.id, session_id, run["id"]
+            "event=run_accepted workspace=%s session=%s run=%s kind=%s",
+            self.id,
+            session_id,
+            run["id"],
+            kind,
         )
         return run, True
+
+    def compact(self, session_id: str, model: str | None = None) -> dict[str, Any]:
+        """Accept a compaction of the session: a run of kind ``compact``,
+        queued in its FIFO like a prompt.  NotFound for an unknown session,
+        InvalidRequest for an unknown model; never blocks on the model."""
+        self.get_session(session_id)
+        run, _ = self.submit("", session_id, model=model, kind="compact")
+        return run
 
     @staticmethod
     def _replay(

@@ -39,6 +39,7 @@ SPEC_ROUTES = {
     ("post", "/v1/workspaces/{id}/sessions/{sid}/cancel"),
     ("get", "/v1/workspaces/{id}/sessions/{sid}/queue"),
     ("delete", "/v1/workspaces/{id}/sessions/{sid}/queue"),
+    ("post", "/v1/workspaces/{id}/sessions/{sid}/compact"),
     ("get", "/v1/workspaces/{id}/events"),
     ("get", "/v1/workspaces/{id}/permissions"),
     ("post", "/v1/workspaces/{id}/permissions/{pid}"),
@@ -112,7 +113,7 @@ def test_every_spec_route_is_documented(spec):
     extra = documented - SPEC_ROUTES
     assert not missing, f"routes of SPEC §3 missing from openapi.json: {sorted(missing)}"
     assert not extra, f"routes in openapi.json that SPEC §3 does not list: {sorted(extra)}"
-    assert len(SPEC_ROUTES) == 29
+    assert len(SPEC_ROUTES) == 30
 
 
 def test_info_version_matches_package(spec):
@@ -187,6 +188,7 @@ def test_every_operation_documents_the_browser_guard(spec):
         ("delete", "/v1/workspaces/{id}/sessions/{sid}", {"409"}),
         ("post", "/v1/workspaces/{id}/agent", {"200", "202", "409", "429", "503"}),
         ("post", "/v1/workspaces/{id}/runs/{run_id}/cancel", {"200", "202"}),
+        ("post", "/v1/workspaces/{id}/sessions/{sid}/compact", {"202", "400", "404", "503"}),
         ("get", "/v1/workspaces/{id}/events", {"200", "503"}),
         ("post", "/v1/workspaces/{id}/permissions/{pid}", {"200", "404"}),
         ("get", "/v1/health", {"200", "503"}),
@@ -225,7 +227,11 @@ def test_schema_enums(spec):
         "reasoning",
         "tool_call",
         "tool_result",
+        "summary",
         "finish",
     }
-    assert {"reset", "mcp.status"} <= set(schemas["Event"]["properties"]["type"]["enum"])
+    events = set(schemas["Event"]["properties"]["type"]["enum"])
+    assert {"reset", "mcp.status", "session.compacted"} <= events
+    assert schemas["Run"]["properties"]["kind"]["enum"] == ["prompt", "compact"]
+    assert "summary" in schemas["MessageDelta"]["properties"]["kind"]["enum"]
     assert schemas["McpServer"]["properties"]["status"]["enum"] == list(STATUSES)
