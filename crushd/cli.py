@@ -264,6 +264,75 @@ def prompt(
 @main.command()
 @client_options
 @click.option("--workspace", "workspace_arg", metavar="DIR", help="Directory or workspace id.")
+@click.option(
+    "--session",
+    "session_id",
+    metavar="SID",
+    help="The session to compact (default: the one updated last).",
+)
+@click.option("--model", metavar="NAME", help="A configured model to write the summary.")
+@click.option("--no-wait", is_flag=True, help="Print the run id once accepted and return.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run as JSON, not the summary.")
+def compact(
+    url: str | None,
+    unix_socket: str | None,
+    token_file: str | None,
+    workspace_arg: str | None,
+    session_id: str | None,
+    model: str | None,
+    no_wait: bool,
+    as_json: bool,
+) -> None:
+    """Summarize a session so that later prompts carry the summary instead of
+    its history; print the summary as it streams.
+
+    The compaction is a run of kind ``compact``, queued behind the session's
+    other runs.  Exits 0 when it completes, 1 otherwise, 130 after Ctrl-C
+    (which cancels it).
+    """
+    from crushd.client import ApiError, ClientError
+
+    with connected(url, unix_socket, token_file) as client:
+        workspace = resolve_workspace(client, workspace_arg)
+        wid = workspace["id"]
+        if session_id is None:
+            sessions = client.sessions(wid)
+            if not sessions:
+                raise ClientError(f"workspace {workspace['path']} has no sessions to compact")
+            session_id = max(sessions, key=lambda s: s["updated_at"])["id"]
+        try:
+            stream = None if no_wait else client.events(wid, session_id)
+        except ApiError as exc:
+            if exc.code != "too_many_streams":
+                raise
+            stream = None  # every stream slot is taken: the summary comes by polling
+        run = client.compact(wid, session_id, model)
+        if no_wait:
+            if as_json:
+                print_json(run)
+            else:
+                click.echo(run["id"])
+            return
+        follower = Follower(wid, run["id"], quiet=as_json)
+        try:
+            run = follow_run(client, follower, stream, wid, session_id, run["id"])
+        except KeyboardInterrupt:
+            follower.out.end_line()
+            cancel_interrupted(client, wid, run["id"])
+        finally:
+            if stream is not None:
+                stream.close()
+        follower.out.end_line()
+    if as_json:
+        print_json(run)
+    if run["status"] != "completed":
+        error = f": {run['error']}" if run.get("error") else ""
+        fail(f"run {run['id']} {run['status']}{error}")
+
+
+@main.command()
+@client_options
+@click.option("--workspace", "workspace_arg", metavar="DIR", help="Directory or workspace id.")
 @click.option("--session", "session_id", metavar="SID", help="Only this session's runs.")
 @click.option("--status", type=click.Choice(RUN_STATUSES), help="Only runs in this status.")
 @click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
@@ -293,7 +362,9 @@ def runs(
                 r["status"],
                 short_time(r["created_at"]),
                 r["session_id"][:8],
-                one_line(r["prompt"], 50),
+                one_line(r["prompt"], 50)
+                if r.get("kind", "prompt") == "prompt"
+                else f"[{r['kind']}]",
             ]
             for r in items
         ],

@@ -266,6 +266,12 @@ class Client:
         body = {"prompt": prompt, "session_id": session_id, "run_id": run_id}
         return self.request("POST", f"/v1/workspaces/{workspace_id}/agent", json_body=_clean(body))
 
+    def compact(
+        self, workspace_id: str, session_id: str, model: str | None = None
+    ) -> dict[str, Any]:
+        path = f"/v1/workspaces/{workspace_id}/sessions/{session_id}/compact"
+        return self.request("POST", path, json_body=_clean({"model": model}))
+
     def cancel(self, workspace_id: str, run_id: str) -> dict[str, Any]:
         return self.request("POST", f"/v1/workspaces/{workspace_id}/runs/{run_id}/cancel")
 

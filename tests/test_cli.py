@@ -421,3 +421,34 @@ def test_prompt_from_a_terminal_says_it_reads_stdin_and_ctrl_c_exits_130(tmp_pat
     assert proc.returncode == 130, err
     assert b"interrupted before the prompt was sent" in err
     assert out == b""
+
+
+def test_compact_summarizes_the_last_session_and_shows_in_runs(daemon_factory, project):
+    from crushd.context import COMPACT_INSTRUCTION
+
+    daemon = daemon_factory()  # echo: the summary is the instruction, echoed
+    assert crushd("prompt", "first", cwd=project, url=daemon.url).returncode == 0
+    assert crushd("prompt", "second", cwd=project, url=daemon.url).returncode == 0
+    with daemon.client() as http:
+        [workspace] = http.get("/v1/workspaces").json()
+        wid = workspace["id"]
+        last = http.get(f"/v1/workspaces/{wid}/runs").json()[0]["session_id"]
+    done = crushd("compact", cwd=project, url=daemon.url)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == COMPACT_INSTRUCTION + "\n"
+    with daemon.client() as http:
+        run = http.get(f"/v1/workspaces/{wid}/runs").json()[0]
+        stored = http.get(f"/v1/workspaces/{wid}/sessions/{last}/messages").json()
+    assert (run["kind"], run["status"], run["session_id"]) == ("compact", "completed", last)
+    assert stored[-1]["parts"][0] == {"type": "summary", "text": COMPACT_INSTRUCTION}
+    header, rows = table(crushd("runs", cwd=project, url=daemon.url).stdout)
+    assert rows[0].split()[0] == run["id"] and rows[0].endswith("[compact]")
+
+    done = crushd("compact", "--session", "nope", cwd=project, url=daemon.url)
+    assert done.returncode == 1 and "session nope not found" in done.stderr
+    done = crushd("compact", "--session", last, "--no-wait", cwd=project, url=daemon.url)
+    assert done.returncode == 0 and UUID.match(done.stdout.strip())
+    with daemon.client() as http:
+        again = http.get(f"/v1/workspaces/{wid}/runs/{done.stdout.strip()}?wait=10").json()
+    assert again["status"] == "failed"
+    assert "no messages since its last summary" in again["error"]

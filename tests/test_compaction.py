@@ -362,3 +362,61 @@ def test_auto_compact_is_a_flag_a_file_key_and_an_environment_variable(tmp_path)
     toml = tmp_path / "c.toml"
     toml.write_text("auto_compact = false\n")
     assert Config.load({}, env={}, config_file=str(toml)).auto_compact is False
+
+
+def test_a_crash_during_compaction_seals_the_partial_summary_and_keeps_no_cut(
+    fake, daemon_factory, project
+):
+    fake.script([Text("answer one"), Usage(1_000, 5)])
+    fake.script([Text("PARTIAL SUMMARY "), Hang()])
+    fake.script([Text("answer two"), Usage(1_000, 5)])
+    args = f"--provider openai --base-url {fake.openai_base_url} --model m".split()
+    daemon = daemon_factory(*args, env={"OPENAI_API_KEY": "sk-test"})
+    with daemon.client() as http:
+        wid = register(http, project)
+        sid = ask(http, wid, "one")["session_id"]
+        run = compact(http, wid, sid).json()
+        wait_for(
+            lambda: any("PARTIAL" in str(m["parts"]) for m in messages(http, wid, sid)),
+            message="the partial summary never arrived",
+        )
+    daemon.kill()
+    restarted = daemon_factory(*args, env={"OPENAI_API_KEY": "sk-test"})
+    with restarted.client() as http:
+        crashed = http.get(f"/v1/workspaces/{wid}/runs/{run['id']}").json()
+        after = ask(http, wid, "two", sid)
+        stored = messages(http, wid, sid)
+    assert crashed["status"] == "interrupted"
+    partial = summaries(stored)[0]
+    assert partial["parts"][0] == {"type": "summary", "text": "PARTIAL SUMMARY "}
+    assert partial["parts"][-1]["reason"] == "error"
+    assert after["status"] == "completed"
+    # No summary in force: the whole history, the partial summary left out.
+    assert [t for _, t in texts(fake.requests[2])] == ["one", "answer one", "two"]
+
+
+def test_closing_the_workspace_during_compaction_keeps_the_old_cut(daemon, fake, project):
+    live = daemon()
+    fake.script([Text("answer one"), Usage(1_000, 5)])
+    fake.script([Text("SUMMARY ONE"), Usage(900, 20)])
+    fake.script([Text("answer middle"), Usage(1_000, 5)])
+    fake.script([Text("PARTIAL "), Hang()])
+    fake.script([Text("answer two"), Usage(1_000, 5)])
+    with httpx.Client(base_url=live.url, timeout=30) as http:
+        wid = register(http, project)
+        sid = ask(http, wid, "one")["session_id"]
+        first = wait_terminal(http, wid, compact(http, wid, sid).json()["id"])
+        ask(http, wid, "middle", sid)
+        second = compact(http, wid, sid).json()
+        wait_for(lambda: len(summaries(messages(http, wid, sid))) == 2)
+        assert http.delete(f"/v1/workspaces/{wid}").status_code == 204
+        assert register(http, project) == wid  # the same id and history come back
+        closed = http.get(f"/v1/workspaces/{wid}/runs/{second['id']}").json()
+        after = ask(http, wid, "two", sid)
+        stored = messages(http, wid, sid)
+    assert first["status"] == "completed" and closed["status"] == "cancelled"
+    assert summaries(stored)[-1]["parts"][-1]["reason"] == "canceled"
+    assert after["status"] == "completed"
+    sent = texts(fake.requests[4])
+    assert "SUMMARY ONE" in sent[0][1] and "PARTIAL" not in flat(fake.requests[4])
+    assert sent[1:] == [("user", "middle"), ("assistant", "answer middle"), ("user", "two")]
