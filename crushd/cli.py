@@ -71,18 +71,6 @@ def serve_options(func: Any) -> Any:
 @main.command()
 @serve_options
 @click.option(
-    "--max-instructions-bytes",
-    type=click.IntRange(min=0),
-    help="Bytes of instruction files (AGENTS.md, ...) added to the system prompt (65536).",
-)
-@click.option(
-    "--no-auto-compact",
-    "auto_compact",
-    flag_value=False,
-    default=None,
-    help="Never compact a session on its own (POST .../compact still does).",
-)
-@click.option(
     "--config",
     "config_file",
     type=click.Path(dir_okay=False, exists=True),

@@ -382,6 +382,16 @@ SERVE_OPTIONS: tuple[Option, ...] = (
     Option(
         "stream_idle_timeout", "Seconds a provider stream may send nothing before it is retried."
     ),
+    Option(
+        "max_instructions_bytes",
+        "Bytes of instruction files (AGENTS.md, ...) the system prompt takes, all together.",
+    ),
+    Option(
+        "auto_compact",
+        "Compact a session that outgrows its model's context window (--no-auto-compact: "
+        "only POST .../compact does).",
+        default_text="on",
+    ),
     Option("sandbox", "How bash commands are sandboxed where bwrap works.", choices=SANDBOX_MODES),
     Option(
         "network",
