@@ -38,6 +38,7 @@ from crushd.config import Config
 from crushd.connections import guard_connections, raise_open_files_limit
 from crushd.errors import StartupError
 from crushd.server import Server
+from crushd.workspace import close_budget
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +184,11 @@ class Runner:
 
     def _notify_stopping(self) -> None:
         systemd.stopping(self._status_text("stopping"))
+        config = self.config
+        if config.drain_timeout > 0:
+            # A drain may outlast TimeoutStopSec=: ask for the whole stop's budget.
+            budget = close_budget(config, config.drain_timeout, config.shutdown_timeout)
+            systemd.extend_timeout(budget)
 
     def _close_listeners(self) -> None:
         channels = self._map()

@@ -564,17 +564,6 @@ class WorkspaceStore(_Store):
             },
         }
 
-    def create_run(self, run_id: str, session_id: str, prompt: str) -> dict[str, Any]:
-        with self._use(write=True):
-            row = self.m.Run.create(
-                id=run_id,
-                session_id=session_id,
-                prompt=prompt,
-                status="queued",
-                created_at=utcnow(),
-            )
-            return self._run_dict(row)
-
     def accept_run(
         self,
         run_id: str,
@@ -660,12 +649,6 @@ class WorkspaceStore(_Store):
             query = query.where(R.session_id == session_id)
         with self._use():
             return query.count()
-
-    def update_run(self, run_id: str, **fields: Any) -> dict[str, Any]:
-        R = self.m.Run
-        with self._use(write=True):
-            R.update(**fields).where(R.id == run_id).execute()
-            return self._run_dict(R.get(R.id == run_id))
 
     def start_run(self, run_id: str, default_model: str | None = None) -> dict[str, Any] | None:
         """``queued`` -> ``running``; None if the run is no longer queued.

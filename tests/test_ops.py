@@ -256,6 +256,20 @@ def test_sd_notify_ready_once_listening_then_stopping(daemon_factory, manager):
     assert daemon.wait(15) == 0
 
 
+def test_a_stop_with_a_drain_asks_systemd_for_more_time(daemon_factory, manager):
+    sock, env = manager
+    daemon = daemon_factory("--drain-timeout", "20", env=env, start=False).start(wait=False)
+    receive(sock, "READY=1")
+    daemon.signal(signal.SIGTERM)
+    receive(sock, "STOPPING=1")
+    sock.settimeout(10)
+    extend = sock.recv(4096).decode()
+    assert extend.startswith("EXTEND_TIMEOUT_USEC="), extend
+    # drain 20 + shutdown 10 + 2 x cleanup 5 + keeper, join and margin
+    assert int(extend.split("=", 1)[1]) >= 40_000_000
+    assert daemon.wait(15) == 0
+
+
 def test_sd_notify_watchdog_pings(daemon_factory, manager):
     sock, env = manager
     daemon = daemon_factory(env={**env, "WATCHDOG_USEC": "1000000"}, start=False).start(False)

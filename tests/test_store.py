@@ -44,6 +44,12 @@ def columns(path: Path, table: str) -> set[str]:
 # -- pragmas -------------------------------------------------------------------
 
 
+def queue_run(store: WorkspaceStore, run_id: str, session_id: str, prompt: str) -> dict:
+    """Store a queued run in an existing session, as a submitted prompt is."""
+    run, _ = store.accept_run(run_id, prompt, session_id, "unused", 1_000_000)
+    return run
+
+
 def test_workspace_store_uses_wal_and_a_busy_timeout(store):
     assert store.db.execute_sql("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
     assert store.db.execute_sql("PRAGMA busy_timeout").fetchone()[0] >= 1000
@@ -118,7 +124,7 @@ def test_sessions_crud_and_newest_first(store):
 def test_deleting_a_session_removes_its_messages_and_runs(store):
     session = store.create_session("s")
     store.create_message(session["id"], None, "user", [{"type": "text", "text": "hi"}])
-    store.create_run("r1", session["id"], "hi")
+    queue_run(store, "r1", session["id"], "hi")
     store.finish_run("r1", "completed")
     assert store.delete_session(session["id"])
     assert store.list_messages(session["id"]) == []
@@ -127,7 +133,7 @@ def test_deleting_a_session_removes_its_messages_and_runs(store):
 
 def test_busy_session_cannot_be_deleted(store):
     session = store.create_session("s")
-    store.create_run("r1", session["id"], "hi")
+    queue_run(store, "r1", session["id"], "hi")
     assert store.get_session(session["id"])["is_busy"] is True
     with pytest.raises(SessionBusy):
         store.delete_session(session["id"])
@@ -178,13 +184,13 @@ def test_messages_oldest_first_with_typed_parts_round_tripping(store):
 def test_runs_create_list_and_filter(store):
     a = store.create_session("a")
     b = store.create_session("b")
-    run = store.create_run("r1", a["id"], "first")
+    run = queue_run(store, "r1", a["id"], "first")
     assert run["status"] == "queued"
     assert run["workspace_id"] == "ws-1"
     assert run["started_at"] is None and run["finished_at"] is None
     assert run["usage"] == NO_USAGE
-    store.create_run("r2", b["id"], "second")
-    store.create_run("r3", a["id"], "third")
+    queue_run(store, "r2", b["id"], "second")
+    queue_run(store, "r3", a["id"], "third")
     store.start_run("r3")
 
     assert [r["id"] for r in store.list_runs()] == ["r3", "r2", "r1"]
@@ -199,7 +205,7 @@ def test_runs_create_list_and_filter(store):
     assert store.get_run("missing") is None
 
     with pytest.raises(pw.IntegrityError):
-        store.create_run("r1", a["id"], "duplicate id")
+        queue_run(store, "r1", a["id"], "duplicate id")
     assert store.get_run("r1")["prompt"] == "first"
 
 
@@ -221,13 +227,13 @@ def test_accept_run_is_all_or_nothing(store):
 
 def test_start_run_only_from_queued(store):
     session = store.create_session("s")
-    store.create_run("r1", session["id"], "p")
+    queue_run(store, "r1", session["id"], "p")
     started = store.start_run("r1")
     assert started["status"] == "running" and started["started_at"] is not None
     assert store.start_run("r1") is None
     assert store.get_run("r1")["started_at"] == started["started_at"]
 
-    store.create_run("r2", session["id"], "p")
+    queue_run(store, "r2", session["id"], "p")
     store.finish_run("r2", "cancelled")
     assert store.start_run("r2") is None
     assert store.get_run("r2")["status"] == "cancelled"
@@ -236,7 +242,7 @@ def test_start_run_only_from_queued(store):
 
 def test_finish_run_is_idempotent(store):
     session = store.create_session("s")
-    store.create_run("r1", session["id"], "p")
+    queue_run(store, "r1", session["id"], "p")
     store.start_run("r1")
     first = store.finish_run("r1", "completed", text="done")
     assert first["status"] == "completed" and first["finished_at"] is not None
@@ -251,7 +257,7 @@ def test_finish_run_is_idempotent(store):
 
 def test_finish_run_only_from_respects_the_current_status(store):
     session = store.create_session("s")
-    store.create_run("r1", session["id"], "p")
+    queue_run(store, "r1", session["id"], "p")
     assert store.finish_run("r1", "cancelled", only_from="running") is None
     assert store.get_run("r1")["status"] == "queued"
     assert store.finish_run("r1", "cancelled", only_from="queued")["status"] == "cancelled"
@@ -259,12 +265,12 @@ def test_finish_run_only_from_respects_the_current_status(store):
 
 def test_usage_accumulates_on_run_and_session(store):
     session = store.create_session("s")
-    store.create_run("r1", session["id"], "p")
+    queue_run(store, "r1", session["id"], "p")
     store.add_usage("r1", session["id"], 10, 3)
     assert store.get_run("r1")["usage"] == {**NO_USAGE, "prompt_tokens": 10, "completion_tokens": 3}
     store.add_usage("r1", session["id"], 5, 2, 4, 1, 0.25)
     store.add_usage("r1", session["id"], 1, 1, 0, 0, 0.5)
-    store.create_run("r2", session["id"], "p")
+    queue_run(store, "r2", session["id"], "p")
     store.add_usage("r2", session["id"], 1, 1, 1, 0, 0.125)
     assert store.get_run("r1")["usage"] == {
         "prompt_tokens": 16,
@@ -297,7 +303,7 @@ def test_many_workspace_databases_from_many_threads_keep_rows_apart(tmp_path):
                 sid = sessions[index]["id"]
                 tag = f"ws-{index}/t{thread_no}/{n}"
                 st.create_message(sid, None, "user", [{"type": "text", "text": tag}])
-                st.create_run(tag, sid, tag)
+                queue_run(st, tag, sid, tag)
         except BaseException as exc:  # reported by the main thread
             errors.append(exc)
 
@@ -332,7 +338,7 @@ def test_many_workspace_databases_from_many_threads_keep_rows_apart(tmp_path):
 def test_every_call_after_close_raises_store_closed(tmp_path):
     st = WorkspaceStore(tmp_path / "workspace.db", "ws-1")
     session = st.create_session("s")
-    st.create_run("r1", session["id"], "p")
+    queue_run(st, "r1", session["id"], "p")
     st.close()
     st.close()  # idempotent
     assert st.closed
@@ -344,13 +350,13 @@ def test_every_call_after_close_raises_store_closed(tmp_path):
         lambda: st.delete_session(session["id"]),
         lambda: st.create_message(session["id"], None, "user", []),
         lambda: st.list_messages(session["id"]),
-        lambda: st.create_run("r2", session["id"], "p"),
+        lambda: queue_run(st, "r2", session["id"], "p"),
         lambda: st.get_run("r1"),
         lambda: st.list_runs(),
         lambda: st.count_runs("queued"),
         lambda: st.start_run("r1"),
         lambda: st.finish_run("r1", "cancelled"),
-        lambda: st.update_run("r1", error="x"),
+        lambda: st.finish_run("r1", "failed", error="x"),
         lambda: st.add_usage("r1", session["id"], 1, 1),
         lambda: st.get_setting("k"),
         lambda: st.set_setting("k", "v"),
