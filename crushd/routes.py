@@ -139,12 +139,12 @@ def create_workspace() -> Any:
 
 @api.get("/workspaces")
 def list_workspaces() -> Any:
-    return [w.to_dict() for w in server().workspaces()]
+    return server().describe()
 
 
 @api.get("/workspaces/<wid>")
 def get_workspace(wid: str) -> Any:
-    return server().get(wid).to_dict()
+    return server().describe(wid)
 
 
 @api.delete("/workspaces/<wid>")

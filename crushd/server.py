@@ -61,6 +61,22 @@ def _log_event(workspace_id: str, event: Any) -> None:
         )
 
 
+def _not_open(record: dict[str, Any]) -> dict[str, Any]:
+    """The JSON of a registered workspace that was not opened."""
+    return {
+        "id": record["id"],
+        "path": record["path"],
+        "yolo": record["yolo"],
+        "sandbox": "off",
+        "created_at": record["created_at"],
+        "closing": False,
+        "active_runs": 0,
+        "queued_runs": 0,
+        "open": False,
+        "closed_reason": record["closed_reason"],
+    }
+
+
 class DataDirLock:
     """An exclusive ``flock`` on ``<data dir>/crushd.lock``, held for the
     process lifetime; the kernel drops it if the process dies."""
@@ -143,6 +159,9 @@ class Server:
         # answers (it comes before Workspace._lock in the lock order).
         self._lock = threading.Lock()
         self._workspaces: dict[str, Workspace] = {}  # guarded by _lock
+        # Registered workspaces start() did not open (outside --allow-root),
+        # id -> registry record with its "closed_reason"; guarded by _lock.
+        self._refused: dict[str, dict[str, Any]] = {}
         self._started = False  # guarded by _lock
         self._closed = False  # guarded by _lock; True once stop() began
         self._stopped = threading.Event()  # set when stop() has finished
@@ -190,7 +209,19 @@ class Server:
                 self.bubblewrap = detect()
             self.registry = RegistryStore(self.data_dir / "registry.db")
             for record in self.registry.registered():
-                self._open(record)
+                reason = self._outside_roots(record["path"])
+                if reason is None:
+                    self._open(record)
+                    continue
+                # Registered under a wider --allow-root: kept, not opened.
+                with self._lock:
+                    self._refused[record["id"]] = {**record, "closed_reason": reason}
+                logger.warning(
+                    "event=workspace_not_opened workspace=%s path=%s reason=%r",
+                    record["id"],
+                    record["path"],
+                    reason,
+                )
         except BaseException:
             self.stop()
             raise
@@ -270,12 +301,18 @@ class Server:
         real = Path(os.path.realpath(path))
         if not real.is_dir():
             raise InvalidRequest(f"path is not an existing directory: {raw}")
-        roots = [Path(os.path.realpath(Path(r).expanduser())) for r in self.config.allow_roots]
-        if roots and not any(real == r or real.is_relative_to(r) for r in roots):
-            raise InvalidRequest(
-                f"path {real} is outside the allowed roots ({', '.join(map(str, roots))})"
-            )
+        reason = self._outside_roots(str(real))
+        if reason is not None:
+            raise InvalidRequest(reason)
         return str(real)
+
+    def _outside_roots(self, path: str) -> str | None:
+        """Why ``path`` may not be a workspace under ``--allow-root``, or None."""
+        roots = [Path(os.path.realpath(Path(r).expanduser())) for r in self.config.allow_roots]
+        real = Path(os.path.realpath(path))
+        if roots and not any(real == r or real.is_relative_to(r) for r in roots):
+            return f"path {real} is outside the allowed roots ({', '.join(map(str, roots))})"
+        return None
 
     def register(self, raw_path: str, yolo: bool | None) -> tuple[dict[str, Any], bool]:
         """Register a directory; returns ``(workspace, created)``."""
@@ -294,11 +331,35 @@ class Server:
         return workspace.to_dict(), how != "existing"
 
     def get(self, workspace_id: str) -> Workspace:
+        """The open workspace; 404 if unknown, 409 if registered but not open."""
         with self._lock:
             workspace = self._workspaces.get(workspace_id)
+            refused = self._refused.get(workspace_id)
+        if refused is not None:
+            raise WorkspaceClosing(
+                f"workspace {workspace_id} is not open: {refused['closed_reason']}"
+            )
         if workspace is None:
             raise NotFound(f"workspace {workspace_id} not found")
         return workspace
+
+    def describe(self, workspace_id: str | None = None) -> Any:
+        """The JSON of one workspace (or, without an id, of all of them),
+        those registered but not opened included, with their reason."""
+        with self._lock:
+            if workspace_id is None:
+                open_ones = list(self._workspaces.values())
+                refused = list(self._refused.values())
+            else:
+                found = self._workspaces.get(workspace_id)
+                open_ones = [found] if found is not None else []
+                refused = [self._refused[workspace_id]] if workspace_id in self._refused else []
+        described = [w.to_dict() for w in open_ones] + [_not_open(r) for r in refused]
+        if workspace_id is None:
+            return described
+        if not described:
+            raise NotFound(f"workspace {workspace_id} not found")
+        return described[0]
 
     def workspaces(self) -> list[Workspace]:
         with self._lock:
@@ -306,6 +367,14 @@ class Server:
 
     def unregister(self, workspace_id: str, purge: bool = False) -> None:
         """Close a workspace in the contract's order, then forget it.  Blocks."""
+        with self._lock:
+            refused = self._refused.pop(workspace_id, None)
+        if refused is not None:  # never opened: nothing to close
+            self._registry().unregister(workspace_id, purge)
+            if purge:
+                shutil.rmtree(self.data_dir / "workspaces" / workspace_id, ignore_errors=True)
+            logger.info("event=workspace_unregistered workspace=%s purge=%s", workspace_id, purge)
+            return
         workspace = self.get(workspace_id)
         if not workspace.close():  # a concurrent DELETE's close has not finished
             raise WorkspaceClosing(f"workspace {workspace_id} is still closing")

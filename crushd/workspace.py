@@ -233,6 +233,8 @@ class Workspace:
             "closing": closing,
             "active_runs": active,
             "queued_runs": queued,
+            "open": True,
+            "closed_reason": None,
         }
 
     def active_run_count(self) -> int:

@@ -27,6 +27,8 @@ WORKSPACE_KEYS = {
     "closing",
     "active_runs",
     "queued_runs",
+    "open",
+    "closed_reason",
 }
 SESSION_KEYS = {
     "id", "title", "created_at", "updated_at", "message_count", "prompt_tokens",

@@ -361,3 +361,51 @@ def test_data_dir_comes_from_env_in_the_contract_order(tmp_path):
                 candidate = Path(env[key]) / ("crushd" if key == "XDG_DATA_HOME" else "")
                 if candidate != expected:
                     assert not (candidate / "registry.db").exists(), (name, key)
+
+
+def test_a_narrower_allow_root_leaves_old_workspaces_registered_but_closed(
+    daemon_factory, tmp_path
+):
+    inside, outside = tmp_path / "root" / "inside", tmp_path / "elsewhere"
+    inside.mkdir(parents=True)
+    outside.mkdir()
+    first = daemon_factory()
+    with first.client() as http:
+        kept = http.post("/v1/workspaces", json={"path": str(inside)}).json()
+        old = http.post("/v1/workspaces", json={"path": str(outside)}).json()
+        run = http.post(f"/v1/workspaces/{old['id']}/agent", json={"prompt": "before"}).json()
+        assert http.get(f"/v1/workspaces/{old['id']}/runs/{run['id']}?wait=10").json()[
+            "status"
+        ] == ("completed")
+    first.signal(signal.SIGTERM)
+    assert first.wait(20) == 0
+
+    second = daemon_factory("--allow-root", str(tmp_path / "root"))
+    log = second.log()
+    assert re.search(rf"event=workspace_not_opened workspace={old['id']} .*outside", log), log
+    with second.client() as http:
+        listed = {w["id"]: w for w in http.get("/v1/workspaces").json()}
+        assert listed[kept["id"]]["open"] is True and listed[kept["id"]]["closed_reason"] is None
+        shown = http.get(f"/v1/workspaces/{old['id']}").json()
+        assert listed[old["id"]] == shown
+        assert shown["open"] is False and "outside the allowed roots" in shown["closed_reason"]
+        for resp in (
+            http.post(f"/v1/workspaces/{old['id']}/agent", json={"prompt": "after"}),
+            http.get(f"/v1/workspaces/{old['id']}/sessions"),
+        ):
+            assert resp.status_code == 409, resp.text
+            assert resp.json()["error"]["code"] == "workspace_closing"
+            assert "outside the allowed roots" in resp.json()["error"]["message"]
+        resp = http.post(f"/v1/workspaces/{kept['id']}/agent", json={"prompt": "still works"})
+        assert resp.status_code == 202
+        assert http.post("/v1/workspaces", json={"path": str(outside)}).status_code == 400
+        assert http.delete(f"/v1/workspaces/{old['id']}").status_code == 204
+        assert http.get(f"/v1/workspaces/{old['id']}").status_code == 404
+        assert [w["id"] for w in http.get("/v1/workspaces").json()] == [kept["id"]]
+    second.signal(signal.SIGTERM)
+    assert second.wait(20) == 0
+    third = daemon_factory()  # roots lifted: registering the path restores its history
+    with third.client() as http:
+        again = http.post("/v1/workspaces", json={"path": str(outside)}).json()
+        assert again["id"] == old["id"] and again["open"] is True
+        assert [r["id"] for r in http.get(f"/v1/workspaces/{old['id']}/runs").json()] == [run["id"]]
