@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import wait_for
-from fakeprovider import FakeProvider, Text, ToolCall
+from fakeprovider import Drop, FakeProvider, HTTPError, Pause, Text, ToolCall
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -222,6 +222,47 @@ def test_a_permission_answered_with_allow(fake, live_factory, project, page, mon
     assert (project / "hello.txt").read_text() == "hi"
     with api(live.url) as http:
         assert http.get(f"/v1/workspaces/{wid}/permissions").json() == []
+
+
+def test_a_retry_shows_on_its_run_and_a_reset_drops_the_streamed_text(
+    fake, live_factory, project, page, monkeypatch
+):
+    monkeypatch.setenv(KEY_ENV, "sk-console")
+    fake.script([HTTPError(503, "upstream busy", headers={"retry-after-ms": "1500"})])
+    fake.script([Text("half of "), Text("an answer"), Drop()])
+    fake.script([Text("the whole "), Pause(1.5), Text("answer")])
+    live = live_factory(
+        provider="openai",
+        model="m",
+        base_url=fake.openai_base_url,
+        api_key_env=KEY_ENV,
+        retry_base_delay=0.05,
+    )
+    with api(live.url) as http:
+        http.post("/v1/workspaces", json={"path": str(project)})
+    page.goto(live.url)
+    expect(page.get_by_role("status")).to_have_text("Connected")
+    page.get_by_role("textbox", name="Prompt", exact=True).fill("answer me")
+    page.get_by_role("button", name="Send", exact=True).click()
+    run = runs_list(page).get_by_role("listitem")
+    expect(run).to_contain_text("Retrying (attempt 1, in 1.5s): upstream busy")
+    expect(run).to_contain_text("running")
+    # The dropped attempt's text is discarded by message.reset, live.
+    page.wait_for_function(
+        """() => {
+            const parts = [...document.querySelectorAll("article.msg.assistant .text")];
+            return parts.map((p) => p.textContent).join("") === "the whole ";
+        }"""
+    )
+    expect(run).to_contain_text("completed")
+    expect(run).to_contain_text("Retried 2×")
+    assert assistant_texts(page) == ["the whole answer"]
+    with api(live.url) as http:
+        (workspace,) = http.get("/v1/workspaces").json()
+        (stored,) = http.get(f"/v1/workspaces/{workspace['id']}/runs").json()
+    # The run shows the model it used, first in its details.
+    assert run.locator(".meta").inner_text().split(" · ")[0] == stored["model"]
+    assert stored["text"] == "the whole answer"
 
 
 # ---------------------------------------------------------------- restarts

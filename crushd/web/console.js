@@ -683,7 +683,7 @@ function renderRuns() {
       el("span", { class: "meta" }, [run.model || "default model", tokens, usage.cost_usd != null ? `$${usage.cost_usd.toFixed(4)}` : null].filter(Boolean).join(" · ")),
       retry ? el("div", { class: "s-retrying" },
         ACTIVE.has(run.status)
-          ? `Retrying (attempt ${retry.attempt}, in ${retry.delay_s}s): ${retry.error}`
+          ? `Retrying (attempt ${retry.attempt}, in ${Number(retry.delay_s).toFixed(1)}s): ${retry.error}`
           : `Retried ${retry.attempt}× (${retry.error})`) : null,
       el("div", {}, prompt),
       run.error && run.status !== "completed" ? el("div", { class: "error" }, run.error) : null,
