@@ -412,7 +412,9 @@ def test_a_silent_stream_times_out_and_is_retried(fake, agent, project, protocol
     assert done["status"] == "completed" and done["text"] == "unstuck"
     assert text_of(stored[1]) == "unstuck"
     first, second, third = fake.requests
-    assert second.time - first.time >= 1.0 and third.time - second.time >= 1.0
+    # The client's clock starts when it has sent the request, a little before
+    # the fake records it: allow for that on a loaded machine.
+    assert second.time - first.time >= 0.9 and third.time - second.time >= 0.9
     retries = t.of("run.retrying")
     assert len(retries) == 2 and all("no data for 1 s" in r["error"] for r in retries), retries
     assert len(t.of("message.reset")) == 1  # only the first attempt had streamed
