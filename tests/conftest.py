@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fakeprovider import FakeProvider
 from waitress import wasyncore
 from waitress.server import create_server
 
@@ -72,6 +73,13 @@ def make_config(tmp_path: Path, **overrides: Any) -> Config:
     }
     values.update(overrides)
     return Config.from_mapping(values)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeProvider]:
+    """A local model server speaking the OpenAI and Anthropic wire protocols."""
+    with FakeProvider() as server:
+        yield server
 
 
 @pytest.fixture

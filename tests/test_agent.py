@@ -14,16 +14,27 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from conftest import sse_events, wait_for
-from fakeprovider import Drop, FakeProvider, Hang, HTTPError, Pause, Text, ToolCall, Usage
-from test_runs import finish_of, messages, prompt, wait_terminal
+from conftest import wait_for
+from fakeprovider import Drop, Hang, HTTPError, Pause, Text, ToolCall, Usage
+from helpers import (
+    api,
+    assert_sealed,
+    decide,
+    event_stream,
+    finish_of,
+    is_type,
+    messages,
+    parts,
+    pending_permission,
+    processes_with,
+    register,
+    run_events,
+    submit,
+    wait_terminal,
+)
 
 from crushd.common import text_of
 
@@ -34,12 +45,6 @@ BOTH = pytest.mark.parametrize("protocol", ["openai", "anthropic"])
 
 
 # ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeProvider]:
-    with FakeProvider() as server:
-        yield server
 
 
 @pytest.fixture
@@ -61,127 +66,10 @@ def agent(fake, live_factory, monkeypatch):
     return start
 
 
-@contextmanager
-def api(url: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=url, timeout=30) as http:
-        yield http
-
-
-def register(http: httpx.Client, path: Path, yolo: bool) -> str:
-    response = http.post("/v1/workspaces", json={"path": str(path), "yolo": yolo})
-    assert response.status_code in (200, 201), response.text
-    assert response.json()["yolo"] is yolo
-    return response.json()["id"]
-
-
-def submit(http: httpx.Client, wid: str, text: str, **extra: Any) -> dict[str, Any]:
-    response = prompt(http, wid, text, **extra)
-    assert response.status_code == 202, response.text
-    return response.json()
-
-
 # ---------------------------------------------------------------- events
 
 
-class EventReader:
-    """Reads one open SSE stream on the test thread; every read is bounded by
-    the client's read timeout."""
-
-    def __init__(self, lines: Iterator[str]) -> None:
-        self._lines = lines
-        self.seen: list[dict[str, Any]] = []  # the ``data`` objects, in order
-
-    def until(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            got = sse_events(self._lines, 1, timeout)
-            assert got, f"event stream ended; seen {[e['type'] for e in self.seen]}"
-            data = got[0]["data"]
-            assert int(got[0]["id"]) == data["seq"]
-            self.seen.append(data)
-            if predicate(data):
-                return data
-        raise AssertionError(f"no matching event; seen {[e['type'] for e in self.seen]}")
-
-
-@contextmanager
-def event_stream(url: str, wid: str, **params: Any) -> Iterator[EventReader]:
-    with (
-        httpx.Client(base_url=url, timeout=httpx.Timeout(10.0)) as http,
-        http.stream("GET", f"/v1/workspaces/{wid}/events", params=params) as response,
-    ):
-        assert response.status_code == 200
-        yield EventReader(response.iter_lines())
-
-
-def is_type(kind: str, **payload: Any) -> Callable[[dict[str, Any]], bool]:
-    def match(event: dict[str, Any]) -> bool:
-        got = event["payload"] or {}
-        return event["type"] == kind and all(got.get(k) == v for k, v in payload.items())
-
-    return match
-
-
-def run_events(url: str, wid: str, sid: str, rid: str) -> list[dict[str, Any]]:
-    """Every buffered event of the session up to the run's ``run.completed``."""
-    with event_stream(url, wid, since=0, session_id=sid) as events:
-        events.until(is_type("run.completed", id=rid))
-        return events.seen
-
-
 # ---------------------------------------------------------------- checks
-
-
-def parts(message: dict[str, Any], kind: str) -> list[dict[str, Any]]:
-    return [p for p in message["parts"] if p["type"] == kind]
-
-
-def assert_sealed(stored: list[dict[str, Any]]) -> None:
-    """The contract's closing records: one finish per assistant message, every
-    tool call finished with JSON input, every tool call answered exactly once."""
-    calls, results = [], []
-    for message in stored:
-        if message["role"] == "assistant":
-            finish_of(message)
-            for call in parts(message, "tool_call"):
-                assert call["finished"] is True, call
-                json.loads(call["input"])
-                calls.append(call["id"])
-        elif message["role"] == "tool":
-            results += [p["tool_call_id"] for p in parts(message, "tool_result")]
-    assert sorted(calls) == sorted(results)
-
-
-def pending_permission(http: httpx.Client, wid: str) -> dict[str, Any]:
-    pending = wait_for(
-        lambda: http.get(f"/v1/workspaces/{wid}/permissions").json(),
-        10,
-        message="no permission request arrived",
-    )
-    assert len(pending) == 1, pending
-    return pending[0]
-
-
-def decide(http: httpx.Client, wid: str, pid: str, decision: Any) -> httpx.Response:
-    return http.post(f"/v1/workspaces/{wid}/permissions/{pid}", json={"decision": decision})
-
-
-def processes_with(marker: str) -> list[int]:
-    """Live (non-zombie) processes whose command line contains ``marker``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                state = f.read().rpartition(b")")[2].split()[0]
-        except (OSError, IndexError):  # gone since listdir
-            continue
-        if marker in cmdline and state != b"Z":
-            found.append(int(entry))
-    return found
 
 
 def uncached(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import wait_for
-from fakeprovider import FakeProvider, Text, ToolCall
+from fakeprovider import Text, ToolCall
 
 from crushd.config import Config, ConfigError
 
@@ -70,12 +70,6 @@ def state(http: httpx.Client, wid: str) -> dict[str, Any]:
         "runs": http.get(f"/v1/workspaces/{wid}/runs").json(),
         "permissions": http.get(f"/v1/workspaces/{wid}/permissions").json(),
     }
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeProvider]:
-    with FakeProvider() as server:
-        yield server
 
 
 @pytest.fixture

@@ -4,12 +4,10 @@ model server receives them over a real turn, and that OpenAI requests carry none
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import pytest
-from fakeprovider import FakeProvider, Text, ToolCall, Usage
+from fakeprovider import Text, ToolCall, Usage
 
 from crushd.providers.anthropic import MAX_BREAKPOINTS, add_cache_breakpoints
 
@@ -42,12 +40,6 @@ def test_breakpoints_without_tools_or_system():
     assert add_cache_breakpoints(body) == 1
     assert marked(body) == ["message:-1:-1"]
     assert add_cache_breakpoints({"messages": []}) == 0
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeProvider]:
-    with FakeProvider() as server:
-        yield server
 
 
 def test_a_long_session_marks_the_prefix_and_the_newest_messages(

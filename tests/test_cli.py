@@ -8,7 +8,6 @@ import pty
 import re
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import wait_for
+from helpers import free_port
 
 from crushd.client import DEFAULT_URL, Client, StreamBroken, resolve_address, resolve_token
 from crushd.config import Config
@@ -59,12 +59,6 @@ def crushd(
         text=True,
         timeout=timeout,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_prompt_prints_the_answer_and_exits_0(daemon_factory, project):

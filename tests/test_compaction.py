@@ -10,15 +10,13 @@ the run records.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 from conftest import wait_for
-from fakeprovider import FakeProvider, Hang, HTTPError, Pause, Text, ToolCall, Usage
-from test_agent import is_type, run_events
-from test_runs import messages, register, wait_terminal
+from fakeprovider import Hang, HTTPError, Pause, Text, ToolCall, Usage
+from helpers import is_type, messages, register, run_events, wait_terminal
 
 from crushd.context import COMPACT_INSTRUCTION, compaction_threshold
 
@@ -30,12 +28,6 @@ TOO_LONG = {
     "messages resulted in 130512 tokens. Please reduce the length of the messages.",
     "anthropic": "prompt is too long: 210457 tokens > 200000 maximum",
 }
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeProvider]:
-    with FakeProvider() as server:
-        yield server
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import http.server
 import json
 import os
 import shutil
-import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,8 @@ from typing import Any
 import httpx
 import pytest
 from conftest import wait_for
-from fakeprovider import Drop, FakeProvider, HTTPError, Pause, Text, ToolCall
+from fakeprovider import Drop, HTTPError, Pause, Text, ToolCall
+from helpers import free_port
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -75,12 +75,6 @@ def page(browser: Browser) -> Iterator[Page]:
     assert errors == [], errors
 
 
-@pytest.fixture
-def fake() -> Iterator[FakeProvider]:
-    with FakeProvider() as server:
-        yield server
-
-
 def api(url: str) -> httpx.Client:
     return httpx.Client(base_url=url, timeout=30)
 
@@ -100,12 +94,6 @@ def register_in_page(page: Page, path: Path) -> None:
 
 def runs_list(page: Page):
     return page.get_by_role("list", name="Runs")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ---------------------------------------------------------------- prompts

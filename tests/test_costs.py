@@ -3,7 +3,6 @@ per run from the model's prices, summed on the session, kept across a restart.""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -29,12 +28,6 @@ PRICED = {
     "cache_read_price": 0.3,
     "cache_write_price": 3.75,
 }
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeProvider]:
-    with FakeProvider() as server:
-        yield server
 
 
 @pytest.mark.parametrize("protocol", ["openai", "anthropic"])

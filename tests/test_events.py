@@ -7,7 +7,7 @@ import time
 
 import httpx
 from conftest import sse_events, wait_for
-from test_runs import LONG, prompt, register, wait_terminal
+from helpers import LONG, prompt, register, wait_terminal
 
 from crushd.events import EventHub
 

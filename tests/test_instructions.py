@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from fakeprovider import FakeProvider, Text, ToolCall
-from test_runs import register, wait_terminal
+from helpers import register, wait_terminal
 
 from crushd.context import INSTRUCTION_FILES, read_instructions
 

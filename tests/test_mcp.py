@@ -19,6 +19,7 @@ from pathlib import Path
 import mcp_types
 import pytest
 from conftest import wait_for
+from helpers import EVERYTHING, TEST_SERVER, TIME_SERVER, alive, descendants, free_port
 
 from crushd.cancel import Cancelled, CancelToken
 from crushd.config import Config, ConfigError
@@ -26,10 +27,6 @@ from crushd.mcp import STDERR_TAIL, McpLoop, WorkspaceMcp
 from crushd.mcp_config import McpConfigError, offered_name, parse_mcp_tables
 from crushd.tools.base import ToolContext, ToolResult
 from crushd.tools.mcp import result_text
-
-TEST_SERVER = str(Path(__file__).with_name("mcpserver.py"))
-EVERYTHING = shutil.which("mcp-server-everything") or "mcp-server-everything"
-TIME_SERVER = str(Path(sys.executable).with_name("mcp-server-time"))
 
 
 def test_real_servers_are_installed():
@@ -85,38 +82,6 @@ def server_table(marks: Path, **extra) -> dict:
         "env": {"MCP_TEST_MARKS": str(marks)},
         **extra,
     }
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rpartition(b")")[2].split()[0] != b"Z"
-    except OSError:
-        return False
-
-
-def descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", "rb") as f:
-                    ppid = int(f.read().rpartition(b")")[2].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.add(child)
-            todo.append(child)
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- configuration -------------------------------------------------------------

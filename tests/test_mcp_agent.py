@@ -15,27 +15,27 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import wait_for
-from fakeprovider import FakeProvider, Text, ToolCall
-from test_agent import (
+from fakeprovider import Text, ToolCall
+from helpers import (
+    EVERYTHING,
+    TEST_SERVER,
+    TIME_SERVER,
+    alive,
     api,
     assert_sealed,
     decide,
+    descendants,
     event_stream,
+    finish_of,
     is_type,
+    messages,
     parts,
     register,
     submit,
+    wait_terminal,
 )
-from test_mcp import EVERYTHING, TEST_SERVER, TIME_SERVER, alive, descendants
-from test_runs import finish_of, messages, wait_terminal
 
 KEY_ENV = "CRUSHD_TEST_MCP_KEY"
-
-
-@pytest.fixture
-def fake():
-    with FakeProvider() as server:
-        yield server
 
 
 @pytest.fixture

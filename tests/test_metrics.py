@@ -3,13 +3,11 @@ Prometheus parser reads, and that follows real runs on a real socket."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import pytest
 from conftest import wait_for
-from fakeprovider import FakeProvider, HTTPError, Text
+from fakeprovider import HTTPError, Text
 from prometheus_client.parser import text_string_to_metric_families
 
 KEY_ENV = "CRUSHD_TEST_METRICS_KEY"
@@ -37,12 +35,6 @@ def finish(http: httpx.Client, wid: str, run: dict[str, Any]) -> dict[str, Any]:
     done = http.get(f"/v1/workspaces/{wid}/runs/{run['id']}", params={"wait": 20}).json()
     assert done["status"] not in ("queued", "running"), done
     return done
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeProvider]:
-    with FakeProvider() as server:
-        yield server
 
 
 def test_metrics_follow_runs_streams_and_requests(live_factory, project):

@@ -6,7 +6,6 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 from fakeprovider import (
@@ -51,12 +50,6 @@ VIEW = ToolSpec(
     description="Read a file",
     parameters={"type": "object", "properties": {"path": {"type": "string"}}},
 )
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeProvider]:
-    with FakeProvider() as server:
-        yield server
 
 
 def make(kind: str, fake: FakeProvider, api_key: str | None = "sk-test", **kw) -> Provider:

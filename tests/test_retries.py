@@ -22,7 +22,6 @@ import pytest
 from conftest import sse_events
 from fakeprovider import (
     Drop,
-    FakeProvider,
     Hang,
     HTTPError,
     StreamError,
@@ -87,12 +86,6 @@ def test_in_stream_errors_are_classified():
 
 
 # ---------------------------------------------------------------- a live daemon
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeProvider]:
-    with FakeProvider() as server:
-        yield server
 
 
 @pytest.fixture

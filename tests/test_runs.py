@@ -9,43 +9,15 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from conftest import sse_events, wait_for
+from helpers import LONG, finish_of, messages, prompt, register, wait_terminal
 
-from crushd.common import TERMINAL_STATUSES, text_of
-
-LONG = " ".join(f"word{i}" for i in range(200))
+from crushd.common import text_of
 
 
 @pytest.fixture
 def slow(live_factory):
     """A live server whose echo model takes ~50 ms per word."""
     return live_factory(echo_delay=0.05, workers=4, max_queue=3)
-
-
-def register(http: httpx.Client, path) -> str:
-    response = http.post("/v1/workspaces", json={"path": str(path)})
-    assert response.status_code in (200, 201), response.text
-    return response.json()["id"]
-
-
-def prompt(http: httpx.Client, wid: str, text: str, **extra) -> httpx.Response:
-    return http.post(f"/v1/workspaces/{wid}/agent", json={"prompt": text, **extra})
-
-
-def wait_terminal(http: httpx.Client, wid: str, rid: str, timeout: float = 20) -> dict:
-    response = http.get(f"/v1/workspaces/{wid}/runs/{rid}", params={"wait": timeout})
-    run = response.json()
-    assert run["status"] in TERMINAL_STATUSES, run
-    return run
-
-
-def messages(http: httpx.Client, wid: str, sid: str) -> list[dict]:
-    return http.get(f"/v1/workspaces/{wid}/sessions/{sid}/messages").json()
-
-
-def finish_of(message: dict) -> dict:
-    finishes = [p for p in message["parts"] if p["type"] == "finish"]
-    assert len(finishes) == 1, message
-    return finishes[0]
 
 
 def test_prompt_is_accepted_before_the_model_runs_and_completes(live, project):

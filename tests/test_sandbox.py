@@ -19,18 +19,19 @@ from pathlib import Path
 
 import pytest
 from conftest import wait_for
-from fakeprovider import FakeProvider, Text, ToolCall
-from test_agent import (
+from fakeprovider import Text, ToolCall
+from helpers import (
     api,
     decide,
+    messages,
     parts,
     pending_permission,
     processes_with,
     register,
     run_events,
     submit,
+    wait_terminal,
 )
-from test_runs import messages, wait_terminal
 
 from crushd.cancel import Cancelled, CancelToken
 from crushd.config import Config, ConfigError, SandboxSettings
@@ -342,12 +343,6 @@ def test_sandbox_off_means_no_sandbox(bwrap, root):
 # A live crushd on a real socket, the model a FakeProvider scripting bash calls.
 
 KEY_ENV = "CRUSHD_TEST_SANDBOX_KEY"
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeProvider]:
-    with FakeProvider() as server:
-        yield server
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import httpx
 from conftest import make_config, sse_events, wait_for
-from test_runs import LONG, finish_of, messages, prompt, register, wait_terminal
+from helpers import LONG, finish_of, messages, prompt, register, wait_terminal
 
 from crushd.cancel import CancelToken
 from crushd.common import text_of
