@@ -41,6 +41,7 @@ CHROMIUM_ARGS = [
 ]
 WORDS = " ".join(f"word{i}" for i in range(40))
 TIMEOUT_MS = 20_000
+expect.set_options(timeout=TIMEOUT_MS)  # generous: the machine may be busy
 
 
 def chromium() -> str:
@@ -146,6 +147,38 @@ def test_a_prompt_typed_and_sent_streams_into_the_page_and_completes(live_factor
     with api(live.url) as http:
         runs = http.get(f"/v1/workspaces/{workspace['id']}/runs").json()
     assert {r["session_id"] for r in runs} == {run["session_id"]}
+
+
+def test_legible_at_phone_width(live_factory, tmp_path, browser):
+    """One column at 390 px: nothing wider than the screen, long paths and
+    unbroken output wrap instead of scrolling sideways."""
+    deep = tmp_path / ("a-rather-long-directory-name-" * 4) / "project"
+    deep.mkdir(parents=True)
+    live = live_factory()
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True)
+    context.set_default_timeout(TIMEOUT_MS)
+    try:
+        phone = context.new_page()
+        phone.goto(live.url)
+        register_in_page(phone, deep)
+        phone.get_by_role("textbox", name="Prompt", exact=True).fill("x" * 300 + " " + WORDS)
+        phone.get_by_role("button", name="Send", exact=True).click()
+        expect(runs_list(phone)).to_contain_text("completed")
+        overflow = phone.evaluate(
+            "() => document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        )
+        wide = phone.evaluate(
+            """() => [...document.querySelectorAll("body *")]
+                .filter((e) => e.getBoundingClientRect().right > 391 || e.scrollWidth > 391)
+                .map((e) => e.tagName + "." + e.className + "#" + e.id)"""
+        )
+        assert overflow <= 0, wide
+        send = phone.get_by_role("button", name="Send", exact=True).bounding_box()
+        prompt = phone.get_by_role("textbox", name="Prompt", exact=True).bounding_box()
+        assert send and prompt and send["x"] + send["width"] <= 390
+        assert prompt["width"] > 300  # the textbox takes the width, not a sidebar's share
+    finally:
+        context.close()
 
 
 def test_cancel_stops_the_running_run(live_factory, project, page):

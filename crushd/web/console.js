@@ -18,6 +18,9 @@ const EVENT_TYPES = [
   "session.compacted", "mcp.status",
 ];
 const ACTIVE = new Set(["queued", "running"]);
+// A run's statuses only move forward; an older copy never replaces a newer one.
+const RUN_RANK = { queued: 0, running: 1, completed: 2, cancelled: 2, failed: 2, interrupted: 2 };
+const LOG_LIMIT = 2000;
 const QUIET_FINISH = new Set(["end_turn", "tool_use"]);
 
 const state = {
@@ -31,6 +34,7 @@ const state = {
   models: [],
   retries: new Map(),  // run id -> last run.retrying payload
   streamed: new Map(), // message id -> {text, reasoning} streamed on this connection
+  log: [],             // the workspace's recent events, replayed over a fetch that was in flight
   lastSeq: null,
   source: null,
   down: false,
@@ -190,6 +194,7 @@ async function selectWorkspace(id, sessionId = null) {
   closeStream();
   if (changed) {
     state.lastSeq = null;
+    state.log = [];
     state.streamed.clear();
     state.retries.clear();
   }
@@ -199,15 +204,48 @@ async function selectWorkspace(id, sessionId = null) {
   await reloadWorkspace(sessionId);
 }
 
+// A fetch answers with the state of some moment while events keep coming:
+// one that arrived while the fetch was in flight may be newer than what it
+// returned (a permission asked for meanwhile), so those are applied again.
+function eventsSince(mark) {
+  return state.log.filter((e) => mark === null || e.seq > mark);
+}
+
+function replaySessions(mark) {
+  for (const e of eventsSince(mark)) {
+    const p = e.payload || {};
+    if (e.type === "permission.requested") upsert(state.permissions, p, false);
+    else if (e.type === "permission.resolved") state.permissions = state.permissions.filter((x) => x.id !== p.id);
+    else if (e.type === "session.created" || e.type === "session.updated") upsert(state.sessions, p, true);
+    else if (e.type === "session.deleted") state.sessions = state.sessions.filter((x) => x.id !== p.id);
+  }
+}
+
+function replayConversation(mark, sid) {
+  for (const e of eventsSince(mark)) {
+    const p = e.payload || {};
+    if (e.session_id !== sid) continue;
+    if (e.type === "message.created" || e.type === "message.updated") {
+      const old = state.messages.find((m) => m.id === p.id);
+      if (!old || (p.updated_at || "") > (old.updated_at || "")) upsert(state.messages, mergeStreamed(p), false);
+    } else if (e.type === "run.queued" || e.type === "run.started" || e.type === "run.completed") {
+      const old = state.runs.find((r) => r.id === p.id);
+      if (!old || RUN_RANK[p.status] > RUN_RANK[old.status]) upsert(state.runs, p, true);
+    }
+  }
+}
+
 async function reloadWorkspace(sessionId = state.sessionId) {
   if (!state.workspaceId) return;
+  const mark = state.lastSeq;
   const [sessions, permissions] = await Promise.all([
     api("GET", ws("/sessions")),
     api("GET", ws("/permissions")),
   ]);
   state.sessions = sessions;
   state.permissions = permissions;
-  const known = sessions.some((s) => s.id === sessionId);
+  replaySessions(mark);
+  const known = state.sessions.some((s) => s.id === sessionId);
   state.sessionId = known ? sessionId : null;
   await reloadSession();
 }
@@ -220,6 +258,7 @@ async function reloadSession() {
     renderAll();
     return;
   }
+  const mark = state.lastSeq;
   const [messages, runs] = await Promise.all([
     api("GET", ws(`/sessions/${encodeURIComponent(sid)}/messages`)),
     api("GET", ws(`/runs?session_id=${encodeURIComponent(sid)}&limit=50`)),
@@ -227,6 +266,7 @@ async function reloadSession() {
   if (sid !== state.sessionId) return;
   state.messages = messages.map(mergeStreamed);
   state.runs = runs;
+  replayConversation(mark, sid);
   renderAll();
 }
 
@@ -294,6 +334,10 @@ function openStream() {
         return;
       }
       state.lastSeq = data.seq;
+      if (data.type !== "message.delta") {
+        state.log.push(data);
+        if (state.log.length > LOG_LIMIT) state.log.splice(0, state.log.length - LOG_LIMIT);
+      }
       handleEvent(data);
     });
   }
@@ -390,8 +434,10 @@ function onRun(type, run, inSession) {
   const session = state.sessions.find((s) => s.id === run.session_id);
   if (session && type !== "run.completed") session.is_busy = true;
   if (type === "run.completed") {
+    const mark = state.lastSeq;
     api("GET", ws("/sessions")).then((sessions) => {
       state.sessions = sessions;
+      replaySessions(mark);
       renderSessions();
     }).catch(() => null);
   }
