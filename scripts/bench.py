@@ -169,6 +169,7 @@ def bench_stream(root: Path, quick: bool) -> dict:
     from waitress.server import create_server
 
     from crushd.app import create_app
+    from crushd.common import TERMINAL_STATUSES
     from crushd.config import Config
     from crushd.serve import waitress_options
     from crushd.server import Server
@@ -219,7 +220,7 @@ def bench_stream(root: Path, quick: bool) -> dict:
                         elif line == "event: reset":  # fell behind the buffer: refetch
                             resets += 1
                             run = http.get(f"/v1/workspaces/{wid}/runs/{rid}").json()
-                            done = run["status"] in ("completed", "cancelled", "failed")
+                            done = run["status"] in TERMINAL_STATUSES
                             if done:
                                 break
             elapsed = time.perf_counter() - started

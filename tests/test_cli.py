@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from conftest import wait_for
 from helpers import free_port
 
 from crushd.client import DEFAULT_URL, Client, StreamBroken, resolve_address, resolve_token
+from crushd.common import new_id
 from crushd.config import Config
 from crushd.follow import follow_run
 from crushd.terminal import Follower
@@ -300,7 +300,7 @@ def test_prompt_follows_through_a_broken_stream(live_factory, project, capsys, a
     prompt = "one two three four five six"
     with Client(live.url) as client:
         wid = client.register(project)["id"]
-        run_id = str(uuid.uuid4())
+        run_id = new_id()
         follower = Follower(wid, run_id, quiet=False)
         stream = BreakingStream(client.events(wid), after)
         client.submit(wid, prompt, None, run_id)

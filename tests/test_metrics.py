@@ -10,6 +10,8 @@ from conftest import wait_for
 from fakeprovider import HTTPError, Text
 from prometheus_client.parser import text_string_to_metric_families
 
+from crushd.common import ACTIVE_STATUSES
+
 KEY_ENV = "CRUSHD_TEST_METRICS_KEY"
 BOUNDED_LABELS = {"status", "method", "le"}
 LONG_PROMPT = " ".join(f"w{i}" for i in range(400))
@@ -33,7 +35,7 @@ def value(samples: dict, name: str, **labels: str) -> float:
 
 def finish(http: httpx.Client, wid: str, run: dict[str, Any]) -> dict[str, Any]:
     done = http.get(f"/v1/workspaces/{wid}/runs/{run['id']}", params={"wait": 20}).json()
-    assert done["status"] not in ("queued", "running"), done
+    assert done["status"] not in ACTIVE_STATUSES, done
     return done
 
 

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from fakeprovider import FakeProvider, Text
 
+from crushd.common import TERMINAL_STATUSES
 from crushd.config import Config, ConfigError
 from crushd.providers.base import ProviderError
 from crushd.providers.catalog import ModelCatalog, ModelSpec
@@ -24,7 +25,6 @@ from crushd.server import Server
 from crushd.store import WorkspaceStore
 
 KEY_ENV = "CRUSHD_TEST_MODELS_KEY"
-TERMINAL = {"completed", "cancelled", "failed", "interrupted"}
 
 
 def write_config(tmp_path: Path, text: str) -> str:
@@ -214,7 +214,7 @@ def submit(http: httpx.Client, wid: str, text: str, **extra: Any) -> dict[str, A
 
 def wait(http: httpx.Client, wid: str, rid: str) -> dict[str, Any]:
     run = http.get(f"/v1/workspaces/{wid}/runs/{rid}", params={"wait": 20}).json()
-    assert run["status"] in TERMINAL, run
+    assert run["status"] in TERMINAL_STATUSES, run
     return run
 
 

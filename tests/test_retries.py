@@ -29,6 +29,7 @@ from fakeprovider import (
     ToolCall,
 )
 
+from crushd.common import text_of
 from crushd.providers.retry import (
     RetryPolicy,
     classify_stream_error,
@@ -38,7 +39,6 @@ from crushd.providers.retry import (
 
 KEY_ENV = "CRUSHD_TEST_RETRY_KEY"
 BOTH = pytest.mark.parametrize("protocol", ["openai", "anthropic"])
-TERMINAL = {"completed", "cancelled", "failed", "interrupted"}
 
 
 # ---------------------------------------------------------------- arithmetic
@@ -163,8 +163,8 @@ def turn(live, project) -> Iterator[Turn]:
             yield Turn(http, events.iter_lines(), wid)
 
 
-def text_of(message: dict[str, Any]) -> str:
-    return "".join(p["text"] for p in message["parts"] if p["type"] == "text")
+def answer_of(message: dict[str, Any]) -> str:
+    return text_of(message["parts"])
 
 
 def finish_of(message: dict[str, Any]) -> dict[str, Any]:
@@ -226,7 +226,7 @@ def test_rate_limit_waits_as_told_then_succeeds(
     assert t.of("message.reset") == []  # nothing had streamed
     assert t.types().index("run.retrying") < t.types().index("message.delta")
     assert [m["role"] for m in stored] == ["user", "assistant"]
-    assert text_of(stored[1]) == "made it"
+    assert answer_of(stored[1]) == "made it"
     assert second.body == first.body
 
 
@@ -351,7 +351,7 @@ def test_a_dropped_stream_is_reset_and_streamed_again(fake, agent, project, prot
     assert done["text"] == "the whole answer"
     assert [m["role"] for m in stored] == ["user", "assistant"]
     message = stored[1]
-    assert text_of(message) == "the whole answer" == deltas_after_last_reset(t, message["id"])
+    assert answer_of(message) == "the whole answer" == deltas_after_last_reset(t, message["id"])
     assert finish_of(message)["reason"] == "end_turn"
     (reset,) = t.of("message.reset")
     assert reset == {"message_id": message["id"], "run_id": done["id"]}
@@ -374,7 +374,7 @@ def test_an_overload_error_inside_the_stream_is_retried(fake, agent, project, pr
         done = t.finish()
         stored = t.stored()
     assert done["status"] == "completed" and done["text"] == "second try"
-    assert text_of(stored[1]) == "second try"
+    assert answer_of(stored[1]) == "second try"
     assert len(t.of("message.reset")) == 1
     assert t.of("run.retrying")[0]["error"] == "Overloaded"
 
@@ -403,7 +403,7 @@ def test_a_silent_stream_times_out_and_is_retried(fake, agent, project, protocol
         done = t.finish()
         stored = t.stored()
     assert done["status"] == "completed" and done["text"] == "unstuck"
-    assert text_of(stored[1]) == "unstuck"
+    assert answer_of(stored[1]) == "unstuck"
     first, second, third = fake.requests
     # The client's clock starts when it has sent the request, a little before
     # the fake records it: allow for that on a loaded machine.

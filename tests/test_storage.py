@@ -20,10 +20,9 @@ import httpx
 import pytest
 from conftest import wait_for
 
+from crushd.common import TERMINAL_STATUSES
 from crushd.errors import StorageUnavailable
 from crushd.store import WorkspaceStore
-
-TERMINAL = {"completed", "cancelled", "failed", "interrupted"}
 
 HOLD_LOCK = """
 import sqlite3, sys
@@ -141,7 +140,7 @@ def assert_all_completed(http: httpx.Client, wid: str, runs: list[dict]) -> None
 
     def terminal() -> list[dict] | None:
         now = [http.get(f"/v1/workspaces/{wid}/runs/{r['id']}").json() for r in runs]
-        return now if all(r["status"] in TERMINAL for r in now) else None
+        return now if all(r["status"] in TERMINAL_STATUSES for r in now) else None
 
     final = wait_for(terminal, timeout=30, message="runs stayed unfinished after the fault")
     for run in final:
