@@ -209,3 +209,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def scrubbed_env(*prefixes: str, drop: tuple[str, ...] = (), **extra: str) -> dict[str, str]:
+    """This process's environment for a crushd subprocess: without the
+    developer's ``CRUSHD_*`` settings (and variables starting with any of
+    ``prefixes``, and those named in ``drop``), unbuffered, plus ``extra``."""
+    skip = ("CRUSHD_", *prefixes)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(skip) and k not in drop}
+    env.update(PYTHONUNBUFFERED="1", **extra)
+    return env

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_config
+from helpers import scrubbed_env
 
 from crushd.app import create_app
 from crushd.config import Config, ConfigError
@@ -173,9 +174,7 @@ def test_crushd_serve_with_a_bad_config_file_exits_with_a_message(tmp_path):
 
 
 def test_crushd_serve_with_an_invalid_env_value_exits_with_a_message(tmp_path):
-    import os
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CRUSHD_")}
+    env = scrubbed_env()
     for key, value in (("CRUSHD_THREADS", "two"), ("CRUSHD_LOG_LEVEL", "loud")):
         proc = subprocess.run(
             [sys.executable, "-m", "crushd", "serve", "--data-dir", str(tmp_path / "data"),

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import LISTENING, wait_for
+from helpers import scrubbed_env
 
 LOG_LINE = re.compile(r"^ts=\S+ level=\w+ logger=\S+ ")
 CURL = shutil.which("curl") or "/usr/bin/curl"
@@ -280,13 +281,7 @@ def test_logs_stay_one_parseable_line_whatever_the_client_sends(daemon_factory, 
 
 
 def clean_env(home: Path, **extra: str) -> dict[str, str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith("CRUSHD_") and key not in ("STATE_DIRECTORY", "XDG_DATA_HOME")
-    }
-    env.update(HOME=str(home), PYTHONUNBUFFERED="1", **extra)
-    return env
+    return scrubbed_env(drop=("STATE_DIRECTORY", "XDG_DATA_HOME"), HOME=str(home), **extra)
 
 
 def test_data_dir_comes_from_env_in_the_contract_order(tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import sqlite3
@@ -15,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import sse_events, wait_for
+from helpers import scrubbed_env
 
 gunicorn_config = pytest.importorskip("gunicorn.config")
 
@@ -61,9 +61,8 @@ class Host:
 def hosts(tmp_path: Path):
     """Start WSGI hosts on one data directory; every one is killed at the end."""
     started: list[Host] = []
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CRUSHD_", "NOTIFY_"))}
+    env = scrubbed_env("NOTIFY_")
     env.update(
-        PYTHONUNBUFFERED="1",
         CRUSHD_DATA_DIR=str(tmp_path / "data"),
         CRUSHD_ECHO_DELAY="0.2",
         CRUSHD_SHUTDOWN_TIMEOUT="5",
