@@ -235,3 +235,40 @@ def test_schema_enums(spec):
     assert schemas["Run"]["properties"]["kind"]["enum"] == ["prompt", "compact"]
     assert "summary" in schemas["MessageDelta"]["properties"]["kind"]["enum"]
     assert schemas["McpServer"]["properties"]["status"]["enum"] == list(STATUSES)
+
+
+def test_the_document_states_the_limits_the_server_enforces(spec, client, project):
+    """Each limit the views check is in the schema, and the server holds to it
+    on both sides of the line."""
+    schemas = spec["components"]["schemas"]
+    prompt = schemas["PromptRequest"]["properties"]
+    (limit,) = [
+        p["schema"]
+        for p in spec["paths"]["/v1/workspaces/{id}/runs"]["get"]["parameters"]
+        if p["name"] == "limit"
+    ]
+    assert (limit["minimum"], limit["maximum"]) == (1, 1000)
+    assert prompt["run_id"]["maxLength"] == 128 and "null" in prompt["run_id"]["type"]
+    assert schemas["WorkspaceCreate"]["properties"]["path"]["pattern"].startswith("^[/~]")
+    for schema in (prompt["prompt"], schemas["SessionUpdate"]["properties"]["title"]):
+        assert schema["pattern"] == "\\S"
+    assert "null" in schemas["SessionCreate"]["properties"]["title"]["type"]
+
+    assert client.post("/v1/workspaces", json={"path": "relative/dir"}).status_code == 400
+    wid = client.post("/v1/workspaces", json={"path": str(project), "yolo": None}).get_json()["id"]
+    runs = f"/v1/workspaces/{wid}/runs"
+    assert client.get(f"{runs}?limit=1000").status_code == 200
+    assert client.get(f"{runs}?limit=1001").status_code == 400
+    assert client.get(f"{runs}?limit=0").status_code == 400
+    sessions = f"/v1/workspaces/{wid}/sessions"
+    assert client.post(sessions, json={"title": None}).status_code == 201
+    assert client.post(sessions, json={"title": " \t"}).status_code == 400
+    agent = f"/v1/workspaces/{wid}/agent"
+    for bad in (
+        {"prompt": " "},
+        {"prompt": "x", "run_id": "r" * 129},
+        {"prompt": "x", "run_id": "a\nb"},
+    ):
+        assert client.post(agent, json=bad).status_code == 400, bad
+    ok = {"prompt": "x", "run_id": "r" * 128, "session_id": None, "model": None}
+    assert client.post(agent, json=ok).status_code == 202
