@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -219,3 +220,15 @@ def scrubbed_env(*prefixes: str, drop: tuple[str, ...] = (), **extra: str) -> di
     env = {k: v for k, v in os.environ.items() if not k.startswith(skip) and k not in drop}
     env.update(PYTHONUNBUFFERED="1", **extra)
     return env
+
+
+def serve_once(data_dir: Path, *args: str, env: dict[str, str] | None = None):
+    """Run ``crushd serve`` on port 0 to its end and return the finished
+    process (for the ways it refuses to start); at most 30 s."""
+    return subprocess.run(
+        [sys.executable, "-m", "crushd", "serve", "--data-dir", str(data_dir), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )

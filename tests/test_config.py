@@ -3,13 +3,11 @@ the token file and the stream cap."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import make_config
-from helpers import scrubbed_env
+from helpers import scrubbed_env, serve_once
 
 from crushd.app import create_app
 from crushd.config import Config, ConfigError
@@ -162,11 +160,7 @@ def test_crushd_serve_with_a_bad_config_file_exits_with_a_message(tmp_path):
     bad = toml(tmp_path, "port = [\n", "bad.toml")
     unknown = toml(tmp_path, "colour = 'blue'\n", "unknown.toml")
     for path, word in ((bad, "bad.toml"), (unknown, "colour")):
-        proc = subprocess.run(
-            [sys.executable, "-m", "crushd", "serve", "--config", path,
-             "--data-dir", str(tmp_path / "data"), "--port", "0"],
-            capture_output=True, text=True, timeout=30,
-        )  # fmt: skip
+        proc = serve_once(tmp_path / "data", "--config", path, "--port", "0")
         assert proc.returncode != 0
         assert word in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr, proc.stderr
@@ -176,11 +170,7 @@ def test_crushd_serve_with_a_bad_config_file_exits_with_a_message(tmp_path):
 def test_crushd_serve_with_an_invalid_env_value_exits_with_a_message(tmp_path):
     env = scrubbed_env()
     for key, value in (("CRUSHD_THREADS", "two"), ("CRUSHD_LOG_LEVEL", "loud")):
-        proc = subprocess.run(
-            [sys.executable, "-m", "crushd", "serve", "--data-dir", str(tmp_path / "data"),
-             "--port", "0"],
-            capture_output=True, text=True, timeout=30, env={**env, key: value},
-        )  # fmt: skip
+        proc = serve_once(tmp_path / "data", "--port", "0", env={**env, key: value})
         assert proc.returncode != 0, proc.stderr
         assert value in proc.stderr or key[len("CRUSHD_") :].lower() in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr, proc.stderr

@@ -4,10 +4,9 @@ the others never reach HTTP, and ``crushd serve`` reports them in one line."""
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 
 from conftest import make_config
+from helpers import serve_once
 
 from crushd import errors
 from crushd.app import create_app
@@ -80,13 +79,7 @@ def test_serve_reports_an_address_in_use_in_one_line(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = subprocess.run(
-            [sys.executable, "-m", "crushd", "serve", "--data-dir", str(tmp_path / "data")]
-            + ["--port", str(port)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        done = serve_once(tmp_path / "data", "--port", str(port))
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"crushd: cannot listen on 127.0.0.1:{port}: "), done.stderr
@@ -96,13 +89,7 @@ def test_serve_reports_an_address_in_use_in_one_line(tmp_path):
 def test_serve_reports_an_unusable_data_directory_in_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    done = subprocess.run(
-        [sys.executable, "-m", "crushd", "serve", "--data-dir", str(blocker / "data")]
-        + ["--port", "0"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = serve_once(blocker / "data", "--port", "0")
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"crushd: cannot use the data directory {blocker / 'data'}"), done.stderr

@@ -8,8 +8,6 @@ import logging
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -29,6 +27,7 @@ from helpers import (
     processes_with,
     register,
     run_events,
+    serve_once,
     submit,
     wait_terminal,
 )
@@ -564,10 +563,6 @@ def test_bad_sandbox_settings_are_clear_config_errors(tmp_path, text, message):
 
 
 def test_crushd_serve_sandbox_flags_reach_the_config(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "crushd", "serve", "--sandbox", "sometimes", "--port", "0",
-         "--data-dir", str(tmp_path / "data")],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+    proc = serve_once(tmp_path / "data", "--sandbox", "sometimes", "--port", "0")
     assert proc.returncode != 0 and "sometimes" in proc.stderr
     assert "Traceback" not in proc.stderr
