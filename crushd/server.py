@@ -295,12 +295,19 @@ class Server:
     def resolve_path(self, raw: str) -> str:
         if not raw or "\0" in raw:
             raise InvalidRequest("path must be a non-empty string")
-        path = Path(raw).expanduser()
+        try:
+            path = Path(raw).expanduser()
+        except RuntimeError:  # "~user/..." naming no user
+            raise InvalidRequest(f"path names an unknown user's home: {raw[:200]}") from None
         if not path.is_absolute():
-            raise InvalidRequest(f"path must be absolute: {raw}")
+            raise InvalidRequest(f"path must be absolute: {raw[:200]}")
         real = Path(os.path.realpath(path))
-        if not real.is_dir():
-            raise InvalidRequest(f"path is not an existing directory: {raw}")
+        try:
+            is_dir = real.is_dir()
+        except OSError as exc:  # a name too long, a permission denied on the way
+            raise InvalidRequest(f"path cannot be used: {exc.strerror}: {raw[:200]}") from None
+        if not is_dir:
+            raise InvalidRequest(f"path is not an existing directory: {raw[:200]}")
         reason = self._outside_roots(str(real))
         if reason is not None:
             raise InvalidRequest(reason)

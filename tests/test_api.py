@@ -617,3 +617,9 @@ def test_no_content_responses_have_no_content_type(client, wid):
 def test_bodies_json_cannot_hold_are_400(client, wid, raw):
     assert_error(client.post(f"/v1/workspaces/{wid}/agent", data=raw), 400, "invalid_request")
     assert client.get(f"/v1/workspaces/{wid}/runs").get_json() == []
+
+
+@pytest.mark.parametrize("path", ["~no_such_user_here/dir", "/" + "a" * 5000, "/x/" + "b" * 300])
+def test_workspace_paths_the_os_cannot_take_are_400(client, path):
+    assert_error(client.post("/v1/workspaces", json={"path": path}), 400, "invalid_request")
+    assert client.get("/v1/workspaces").get_json() == []
