@@ -125,11 +125,23 @@ def read_some(stream, timeout: float) -> bytes:
     return os.read(stream.fileno(), 4096)
 
 
+# ``crushd`` as a person runs it from a shell: Ctrl-C (SIGINT) at its default.
+# A shell without job control starts background jobs with SIGINT ignored,
+# and Python keeps an ignored SIGINT ignored; the tests must not depend on how
+# the suite itself was started.
+INTERACTIVE_CRUSHD = [
+    sys.executable,
+    "-c",
+    "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "runpy.run_module('crushd', run_name='__main__', alter_sys=True)",
+]
+
+
 def test_ctrl_c_cancels_the_run_and_exits_130(daemon_factory, project):
     daemon = daemon_factory("--echo-delay", "0.2")
     words = [f"word{i}" for i in range(40)]  # 8 s of streaming
     proc = subprocess.Popen(
-        [sys.executable, "-m", "crushd", "prompt", *words],
+        [*INTERACTIVE_CRUSHD, "prompt", *words],
         cwd=project,
         env=cli_env(CRUSHD_URL=daemon.url),
         stdout=subprocess.PIPE,
@@ -394,7 +406,7 @@ def test_prompt_from_a_terminal_says_it_reads_stdin_and_ctrl_c_exits_130(tmp_pat
     waits exits 130.  Nothing is sent, so no daemon is needed."""
     primary, secondary = pty.openpty()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "crushd", "prompt", "-"],
+        [*INTERACTIVE_CRUSHD, "prompt", "-"],
         cwd=tmp_path,
         env=cli_env(CRUSHD_URL="http://127.0.0.1:9"),
         stdin=secondary,
