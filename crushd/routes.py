@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.resources
 import json
+import re
 from typing import Any
 
 from flask import Blueprint, Response, current_app, request
@@ -20,6 +21,9 @@ from crushd.events import sse_stream
 from crushd.server import Server
 
 api = Blueprint("api", __name__, url_prefix="/v1")
+
+# What a run_id may not contain: C0, DEL and C1, as the OpenAPI pattern says.
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 MAX_WAIT = 300.0
 
@@ -204,8 +208,10 @@ def submit_prompt(wid: str) -> Any:
     prompt = text_field(data, "prompt")
     session_id = text_field(data, "session_id", required=False)
     run_id = text_field(data, "run_id", required=False)
-    if run_id is not None and (len(run_id) > 128 or not run_id.isprintable()):
-        raise InvalidRequest("run_id must be printable and at most 128 characters")
+    if run_id is not None and (len(run_id) > 128 or CONTROL_CHARACTERS.search(run_id)):
+        raise InvalidRequest(
+            "run_id must be at most 128 characters, none of them a control character"
+        )
     model = text_field(data, "model", required=False)
     run, created = workspace.submit(prompt, session_id, run_id, model)
     return run, 202 if created else 200

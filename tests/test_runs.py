@@ -54,6 +54,16 @@ def test_run_id_is_an_idempotency_key(live, project):
         assert conflict.json()["error"]["code"] == "run_id_conflict"
         runs = http.get(f"/v1/workspaces/{wid}/runs").json()
         assert [r["id"] for r in runs] == ["client-key-1"]
+        # What the OpenAPI pattern allows is accepted; control characters are not.
+        astral = prompt(http, wid, "any text", run_id="key-\u00ad-\U000f0000-é")
+        assert astral.status_code == 202, astral.text
+        for bad in ("tab\there", "bell\x07", "c1\x85", "x" * 129):
+            refused = prompt(http, wid, "refused", run_id=bad)
+            assert (
+                refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_request"
+            )
+        runs = http.get(f"/v1/workspaces/{wid}/runs").json()
+        assert len(runs) == 2
 
 
 def test_session_runs_are_fifo_and_queue_is_bounded(slow, project):
