@@ -24,7 +24,16 @@
     (target: < 1 s), and how much later than ``--stream-idle-timeout 1`` a
     silent stream is retried.
 
-Usage: ``python scripts/bench.py [--quick]``.  Everything runs on loopback
+(h) ``burst``: against the fake model server of ``tests/fakeprovider.py``
+    streaming 22 words 20 ms apart, one run alone end to end, 20 prompts one
+    after another, then 100 prompts submitted at once (a new session each):
+    accept p50/p99, first ``message.delta`` p50/p99 seen by an event-stream
+    subscriber, and when the last run was done.
+(i) ``peer``: (h) against crushd and against ``opencode serve`` (npm
+    ``opencode-linux-x64``, installed into a temporary directory), on the same
+    fake in the same run, with the ratios.  Only when named: it needs npm.
+
+Usage: ``python scripts/bench.py [SCENARIO] [--quick]``.  Everything runs on loopback
 against a real ``crushd serve`` (a) and (c), or waitress on a thread (b).
 """
 
@@ -486,6 +495,303 @@ def bench_retry(root: Path, quick: bool) -> dict:
     }
 
 
+# ------------------------------------------------------------------ bursts
+
+BURST_WORDS, BURST_WORD_GAP_S = 22, 0.02
+
+
+def fake_model(fake) -> None:
+    """Every model request streams 22 words 20 ms apart."""
+    from fakeprovider import Finish, Pause, Text, Usage
+
+    steps: list = []
+    for i in range(BURST_WORDS):
+        steps += [Text(f"word{i} "), Pause(BURST_WORD_GAP_S)]
+    fake.set_default([*steps, Usage(10, BURST_WORDS), Finish("stop")])
+
+
+class Subscriber:
+    """Reads one event stream on a thread; records, per session, when its
+    first text delta and its end arrived (``time.perf_counter``)."""
+
+    def __init__(self, url: str, path: str, parse) -> None:
+        self.first_delta: dict[str, float] = {}
+        self.done: dict[str, float] = {}
+        self._parse = parse  # data line -> ("delta"|"done"|None, session id)
+        self._changed = threading.Condition()
+        self._opened = threading.Event()
+        self._client = httpx.Client(base_url=url, timeout=httpx.Timeout(10, read=None))
+        self._stream = self._client.stream("GET", path)
+        self._thread = threading.Thread(target=self._read, name="bench-subscriber")
+        self._thread.start()
+        if not self._opened.wait(30):
+            raise RuntimeError("event stream did not open")
+
+    def _read(self) -> None:
+        try:
+            with self._stream as response:
+                self._opened.set()
+                for line in response.iter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    kind, session = self._parse(line[5:].strip())
+                    now = time.perf_counter()
+                    with self._changed:
+                        if kind == "delta":
+                            self.first_delta.setdefault(session, now)
+                        elif kind == "done":
+                            self.done.setdefault(session, now)
+                            self._changed.notify_all()
+        except httpx.HTTPError:
+            pass  # closed by close()
+
+    def wait_done(self, sessions, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while not all(s in self.done for s in sessions):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    missing = [s for s in sessions if s not in self.done]
+                    raise RuntimeError(f"{len(missing)} runs did not end")
+                self._changed.wait(left)
+
+    def close(self) -> None:
+        self._client.close()
+        self._thread.join(10)
+
+
+def ms(seconds: float) -> float:
+    return round(seconds * 1000, 1)
+
+
+def spread(values: list[float]) -> dict:
+    return {"p50_ms": ms(percentile(values, 0.5)), "p99_ms": ms(percentile(values, 0.99))}
+
+
+def run_scenarios(target, runs: int, sequential: int) -> dict:
+    """One run alone, ``sequential`` prompts one after another, then ``runs``
+    prompts submitted at once (a new session each); ``target`` speaks one
+    server's API (``submit(http) -> session id``, ``subscriber()``)."""
+    subscriber = target.subscriber()
+    try:
+        with httpx.Client(base_url=target.url, timeout=120) as http:
+            began = time.perf_counter()
+            alone = target.submit(http)
+            subscriber.wait_done([alone], 60)
+            alone_s = subscriber.done[alone] - began
+            accepts, firsts = [], []
+            for _ in range(sequential):
+                began = time.perf_counter()
+                session = target.submit(http)
+                accepts.append(time.perf_counter() - began)
+                subscriber.wait_done([session], 60)
+                firsts.append(subscriber.first_delta[session] - began)
+        barrier = threading.Barrier(runs)
+
+        def one(_: int) -> tuple[str, float, float]:
+            with httpx.Client(base_url=target.url, timeout=120) as http:
+                barrier.wait()
+                began = time.perf_counter()
+                session = target.submit(http)
+                return session, began, time.perf_counter() - began
+
+        with ThreadPoolExecutor(runs) as pool:
+            burst = list(pool.map(one, range(runs)))
+        start = min(began for _, began, _ in burst)
+        subscriber.wait_done([s for s, _, _ in burst], 300)
+    finally:
+        subscriber.close()
+    last_done = max(subscriber.done[s] for s, _, _ in burst) - start
+    return {
+        "alone_s": round(alone_s, 3),
+        "sequential": {
+            "prompts": sequential,
+            "accept": spread(accepts),
+            "first_delta": spread(firsts),
+        },
+        "burst": {
+            "prompts": runs,
+            "accept": spread([took for _, _, took in burst]),
+            "first_delta": spread([subscriber.first_delta[s] - b for s, b, _ in burst]),
+            "last_done_s": round(last_done, 3),
+            "last_done_over_alone": round(last_done / alone_s, 2),
+        },
+    }
+
+
+class CrushdTarget:
+    def __init__(self, url: str, workspace: str) -> None:
+        self.url, self.workspace = url, workspace
+
+    def submit(self, http: httpx.Client) -> str:
+        response = http.post(f"/v1/workspaces/{self.workspace}/agent", json={"prompt": "hi"})
+        if response.status_code != 202:
+            raise RuntimeError(f"{response.status_code}: {response.text}")
+        return response.json()["session_id"]
+
+    def subscriber(self) -> Subscriber:
+        def parse(data: str) -> tuple[str | None, str]:
+            event = json.loads(data)
+            kind = {"message.delta": "delta", "run.completed": "done"}.get(event["type"])
+            return kind, event["session_id"]
+
+        return Subscriber(self.url, f"/v1/workspaces/{self.workspace}/events", parse)
+
+
+def crushd_burst(root: Path, fake, runs: int, sequential: int) -> dict:
+    daemon = Daemon(
+        root,
+        *("--provider", "openai", "--model", "bench", "--base-url", fake.openai_base_url),
+        *("--workers", "128", "--threads", "64"),
+    )
+    try:
+        with httpx.Client(base_url=daemon.url, timeout=60) as http:
+            workspace = make_workspaces(http, root, 1)[0]
+        results = run_scenarios(CrushdTarget(daemon.url, workspace), runs, sequential)
+    finally:
+        daemon.stop()
+    return results
+
+
+def bench_burst(root: Path, quick: bool) -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from fakeprovider import FakeProvider
+
+    with FakeProvider() as fake:
+        fake_model(fake)
+        return crushd_burst(root, fake, 20 if quick else 100, 5 if quick else 20)
+
+
+OPENCODE_PACKAGE, OPENCODE_VERSION = "opencode-linux-x64", "1.18.34"
+
+
+class OpencodeTarget:
+    """``opencode serve``: a prompt is ``POST /session`` then
+    ``POST /session/{id}/prompt_async`` (both are counted as its accept);
+    ``GET /event`` streams ``message.part.delta`` and ``session.idle``."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def submit(self, http: httpx.Client) -> str:
+        session = http.post("/session", json={})
+        session.raise_for_status()
+        sid = session.json()["id"]
+        prompt = {"parts": [{"type": "text", "text": "hi"}]}
+        http.post(f"/session/{sid}/prompt_async", json=prompt).raise_for_status()
+        return sid
+
+    def subscriber(self) -> Subscriber:
+        def parse(data: str) -> tuple[str | None, str]:
+            event = json.loads(data)
+            kind = {"message.part.delta": "delta", "session.idle": "done"}.get(event["type"])
+            return kind, event.get("properties", {}).get("sessionID", "")
+
+        return Subscriber(self.url, "/event", parse)
+
+
+def install_opencode(root: Path) -> Path | str:
+    """The opencode binary installed with npm under ``root``, or why not."""
+    import shutil
+
+    npm = shutil.which("npm")
+    if npm is None:
+        return "npm is not installed"
+    spec = f"{OPENCODE_PACKAGE}@{OPENCODE_VERSION}"
+    done = subprocess.run(
+        [npm, "install", "--prefix", str(root), "--no-audit", "--no-fund", spec],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    binary = root / "node_modules" / OPENCODE_PACKAGE / "bin" / "opencode"
+    if done.returncode != 0 or not binary.exists():
+        return f"npm install {spec} failed: {done.stderr.strip()[-300:]}"
+    return binary
+
+
+def opencode_burst(root: Path, binary: Path, fake, runs: int, sequential: int) -> dict:
+    config = {
+        "provider": {
+            "fake": {
+                "npm": "@ai-sdk/openai-compatible",
+                "name": "fake",
+                "options": {"baseURL": fake.openai_base_url, "apiKey": "bench"},
+                "models": {"bench": {"name": "bench"}},
+            }
+        },
+        "model": "fake/bench",
+        "share": "disabled",
+        "autoupdate": False,
+    }
+    home = root / "opencode-home"
+    project = root / "opencode-project"
+    project.mkdir()
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        **{f"XDG_{d}_HOME": str(home / d.lower()) for d in ("CONFIG", "DATA", "CACHE", "STATE")},
+        "OPENCODE_CONFIG_CONTENT": json.dumps(config),
+        "OPENCODE_DISABLE_AUTOUPDATE": "1",
+    }
+    log_path = root / "opencode.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [str(binary), "serve", "--port", "0", "--hostname", "127.0.0.1"],
+            cwd=project,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            listening = re.compile(r"(http://127\.0\.0\.1:\d+)")
+            while not (match := listening.search(log_path.read_text(errors="replace"))):
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError(log_path.read_text(errors="replace"))
+                time.sleep(0.05)
+            return run_scenarios(OpencodeTarget(match.group(1)), runs, sequential)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
+def bench_peer(root: Path, quick: bool) -> dict:
+    """The burst and the sequential scenario against crushd and against
+    ``opencode serve``, both on the same fake model, in one run."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from fakeprovider import FakeProvider
+
+    binary = install_opencode(root / "npm")
+    if isinstance(binary, str):
+        return {"skipped": binary}
+    runs, sequential = (20, 5) if quick else (100, 20)
+    with FakeProvider() as fake:
+        fake_model(fake)
+        (root / "crushd").mkdir()
+        crushd = crushd_burst(root / "crushd", fake, runs, sequential)
+        opencode = opencode_burst(root, binary, fake, runs, sequential)
+
+    def ratio(path: tuple[str, ...]) -> float:
+        a, b = crushd, opencode
+        for key in path:
+            a, b = a[key], b[key]
+        return round(a / b, 3)
+
+    return {
+        "opencode": f"{OPENCODE_PACKAGE}@{OPENCODE_VERSION}",
+        "crushd": crushd,
+        "opencode_serve": opencode,
+        "crushd_over_opencode": {
+            "burst_accept_p99": ratio(("burst", "accept", "p99_ms")),
+            "burst_first_delta_p50": ratio(("burst", "first_delta", "p50_ms")),
+            "burst_last_done": ratio(("burst", "last_done_s")),
+            "sequential_accept_p50": ratio(("sequential", "accept", "p50_ms")),
+            "sequential_first_delta_p50": ratio(("sequential", "first_delta", "p50_ms")),
+        },
+    }
+
+
 BENCHES = {
     "submit": bench_submit,
     "stream": bench_stream,
@@ -494,17 +800,21 @@ BENCHES = {
     "mcp": bench_mcp,
     "stalled": bench_stalled,
     "retry": bench_retry,
+    "burst": bench_burst,
+    "peer": bench_peer,
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller runs, for a smoke test")
-    parser.add_argument("--only", choices=list(BENCHES))
+    parser.add_argument("scenario", nargs="?", choices=list(BENCHES), help="run only this one")
+    parser.add_argument("--only", choices=list(BENCHES), help="the same as SCENARIO")
     args = parser.parse_args()
+    only = args.scenario or args.only
     results = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
     for name, bench in BENCHES.items():
-        if args.only and name != args.only:
+        if name != only and (only or name == "peer"):  # peer installs from npm: on request
             continue
         with tempfile.TemporaryDirectory(prefix=f"crushd-bench-{name}-") as tmp:
             results[name] = bench(Path(tmp), args.quick)

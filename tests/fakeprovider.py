@@ -328,6 +328,9 @@ def _validate(steps: Iterable[Step]) -> list[Step]:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default backlog of 5 drops connections when a hundred
+    # runs call the model at once; a dropped SYN costs a 1 s retransmit.
+    request_queue_size = 256
 
     def __init__(self, address: tuple[str, int], handler: type, fake: FakeProvider) -> None:
         self.fake = fake
