@@ -569,12 +569,14 @@ def spread(values: list[float]) -> dict:
 
 
 def run_scenarios(target, runs: int, sequential: int) -> dict:
-    """One run alone, ``sequential`` prompts one after another, then ``runs``
-    prompts submitted at once (a new session each); ``target`` speaks one
-    server's API (``submit(http) -> session id``, ``subscriber()``)."""
+    """After one warm-up prompt: one run alone, ``sequential`` prompts one
+    after another, then ``runs`` prompts submitted at once (a new session
+    each); ``target`` speaks one server's API (``submit(http) -> session id``, ``subscriber()``)."""
     subscriber = target.subscriber()
     try:
         with httpx.Client(base_url=target.url, timeout=120) as http:
+            warm = target.submit(http)  # a server's first prompt may load things
+            subscriber.wait_done([warm], 60)
             began = time.perf_counter()
             alone = target.submit(http)
             subscriber.wait_done([alone], 60)
