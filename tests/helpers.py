@@ -7,12 +7,14 @@ no test module imports another.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -232,3 +234,34 @@ def serve_once(data_dir: Path, *args: str, env: dict[str, str] | None = None):
         timeout=30,
         env=env,
     )
+
+
+class PageServer:
+    """A web page on another local origin (another port of 127.0.0.1: same-site,
+    not same-origin), served by a second HTTP server on a thread.  ``page``
+    may be set after start, once the page can name the server it attacks."""
+
+    def __init__(self, page: bytes = b"") -> None:
+        self.page = page
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.send_header("Content-Length", str(len(outer.page)))
+                self.end_headers()
+                self.wfile.write(outer.page)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="test-page")
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)

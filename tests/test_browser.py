@@ -9,12 +9,10 @@ runs the attack page in a real headless Chromium.
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import shutil
 import subprocess
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +22,7 @@ import httpx
 import pytest
 from conftest import wait_for
 from fakeprovider import Text, ToolCall
+from helpers import PageServer
 
 from crushd.config import Config, ConfigError
 
@@ -415,35 +414,6 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
     "--virtual-time-budget=15000",
 ]
-
-
-class PageServer:
-    """A second local HTTP server, on another origin, serving one page."""
-
-    def __init__(self) -> None:
-        self.page = b""
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(outer.page)))
-                self.end_headers()
-                self.wfile.write(outer.page)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="test-page")
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(10)
 
 
 def chromium() -> str:

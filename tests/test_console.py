@@ -9,20 +9,17 @@ as a person finds them: the textbox **Prompt**, the buttons **Send**,
 from __future__ import annotations
 
 import configparser
-import http.server
 import json
 import os
 import shutil
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 from conftest import wait_for
 from fakeprovider import Drop, HTTPError, Pause, Text, ToolCall
-from helpers import free_port
+from helpers import PageServer, free_port
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -368,32 +365,6 @@ def test_token_sign_in_sets_the_cookie_and_a_wrong_token_is_refused(live_factory
     with api(live.url) as http:
         stale = {"Cookie": f"crushd_session={cookie['value']}"}
         assert http.get("/v1/workspaces", headers=stale).status_code == 401
-
-
-class PageServer:
-    """Another local origin (another port of 127.0.0.1: same-site, not same-origin)."""
-
-    def __init__(self, page: bytes) -> None:
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(page)))
-                self.end_headers()
-                self.wfile.write(page)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="test-page")
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(10)
 
 
 ATTACK = """<!doctype html><html><body><script>
