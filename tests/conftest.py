@@ -82,6 +82,29 @@ def fake() -> Iterator[FakeProvider]:
         yield server
 
 
+#: The environment variable that holds the fake model's API key in live servers.
+AGENT_KEY_ENV = "CRUSHD_TEST_AGENT_KEY"
+
+
+@pytest.fixture
+def agent(fake, live_factory, monkeypatch):
+    """Start a live crushd whose model is the fake: ``agent(protocol="openai",
+    **config_overrides)``."""
+    monkeypatch.setenv(AGENT_KEY_ENV, "sk-agent-test")
+
+    def start(protocol: str = "openai", **overrides: Any) -> LiveServer:
+        values = {
+            "provider": protocol,
+            "model": "m",
+            "base_url": fake.openai_base_url if protocol == "openai" else fake.anthropic_base_url,
+            "api_key_env": AGENT_KEY_ENV,
+        }
+        values.update(overrides)
+        return live_factory(**values)
+
+    return start
+
+
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
     return make_config(tmp_path)

@@ -17,7 +17,7 @@ import uuid
 from typing import Any
 
 import pytest
-from conftest import wait_for
+from conftest import AGENT_KEY_ENV, wait_for
 from fakeprovider import Drop, Hang, HTTPError, Pause, Text, ToolCall, Usage
 from helpers import (
     api,
@@ -38,32 +38,13 @@ from helpers import (
 
 from crushd.common import text_of
 
-KEY_ENV = "CRUSHD_TEST_AGENT_KEY"
+KEY_ENV = AGENT_KEY_ENV
 NO_CACHE = {"cache_read_tokens": 0, "cache_write_tokens": 0, "cost_usd": None}
 TOOL_NAMES = {"bash", "view", "write", "edit", "ls", "glob", "grep"}
 BOTH = pytest.mark.parametrize("protocol", ["openai", "anthropic"])
 
 
 # ---------------------------------------------------------------- fixtures
-
-
-@pytest.fixture
-def agent(fake, live_factory, monkeypatch):
-    """Start a live crushd whose model is the fake (OpenAI protocol unless told)."""
-    monkeypatch.setenv(KEY_ENV, "sk-agent-test")
-
-    def start(protocol: str = "openai", **overrides: Any):
-        values = {
-            "provider": protocol,
-            "model": "m",
-            "base_url": fake.openai_base_url if protocol == "openai" else fake.anthropic_base_url,
-            "api_key_env": KEY_ENV,
-            "cleanup_timeout": 5.0,
-        }
-        values.update(overrides)
-        return live_factory(**values)
-
-    return start
 
 
 # ---------------------------------------------------------------- events

@@ -20,14 +20,14 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import wait_for
+from conftest import AGENT_KEY_ENV, wait_for
 from fakeprovider import Text, ToolCall
 from helpers import PageServer
 
 from crushd.config import Config, ConfigError
 
 EVIL = "http://evil.example"
-KEY_ENV = "CRUSHD_TEST_BROWSER_KEY"
+KEY_ENV = AGENT_KEY_ENV
 FORBIDDEN = "forbidden"
 
 
@@ -69,24 +69,6 @@ def state(http: httpx.Client, wid: str) -> dict[str, Any]:
         "runs": http.get(f"/v1/workspaces/{wid}/runs").json(),
         "permissions": http.get(f"/v1/workspaces/{wid}/permissions").json(),
     }
-
-
-@pytest.fixture
-def agent(fake, live_factory, monkeypatch):
-    """A live crushd whose model is the fake (OpenAI wire protocol)."""
-    monkeypatch.setenv(KEY_ENV, "sk-browser-test")
-
-    def start(**overrides: Any):
-        values = {
-            "provider": "openai",
-            "model": "m",
-            "base_url": fake.openai_base_url,
-            "api_key_env": KEY_ENV,
-        }
-        values.update(overrides)
-        return live_factory(**values)
-
-    return start
 
 
 # ---------------------------------------------------------------- foreign origins

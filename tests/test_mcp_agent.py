@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import wait_for
+from conftest import AGENT_KEY_ENV, wait_for
 from fakeprovider import Text, ToolCall
 from helpers import (
     EVERYTHING,
@@ -35,22 +35,15 @@ from helpers import (
     wait_terminal,
 )
 
-KEY_ENV = "CRUSHD_TEST_MCP_KEY"
+KEY_ENV = AGENT_KEY_ENV
 
 
 @pytest.fixture
-def agent(fake, live_factory, monkeypatch):
-    monkeypatch.setenv(KEY_ENV, "sk-mcp-test")
+def agent(agent):
+    """The shared live-crushd starter with these MCP server tables."""
 
     def start(mcp: dict, **overrides):
-        return live_factory(
-            provider="openai",
-            model="m",
-            base_url=fake.openai_base_url,
-            api_key_env=KEY_ENV,
-            mcp=mcp,
-            **overrides,
-        )
+        return agent(mcp=mcp, **overrides)
 
     return start
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import sse_events
+from conftest import AGENT_KEY_ENV, sse_events
 from fakeprovider import (
     Drop,
     Hang,
@@ -37,7 +37,7 @@ from crushd.providers.retry import (
     parse_retry_after,
 )
 
-KEY_ENV = "CRUSHD_TEST_RETRY_KEY"
+KEY_ENV = AGENT_KEY_ENV
 BOTH = pytest.mark.parametrize("protocol", ["openai", "anthropic"])
 
 
@@ -89,20 +89,11 @@ def test_in_stream_errors_are_classified():
 
 
 @pytest.fixture
-def agent(fake, live_factory, monkeypatch):
-    """A live crushd whose model is the fake; backoff starts at 10 ms."""
-    monkeypatch.setenv(KEY_ENV, "sk-retry-test")
+def agent(agent):
+    """The shared live-crushd starter with backoff starting at 10 ms."""
 
     def start(protocol: str = "openai", **overrides: Any):
-        values = {
-            "provider": protocol,
-            "model": "m",
-            "base_url": fake.openai_base_url if protocol == "openai" else fake.anthropic_base_url,
-            "api_key_env": KEY_ENV,
-            "retry_base_delay": 0.01,
-        }
-        values.update(overrides)
-        return live_factory(**values)
+        return agent(protocol, **{"retry_base_delay": 0.01, **overrides})
 
     return start
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+from conftest import AGENT_KEY_ENV, wait_for
 from fakeprovider import Text, ToolCall
 from helpers import (
     api,
@@ -341,23 +341,7 @@ def test_sandbox_off_means_no_sandbox(bwrap, root):
 #
 # A live crushd on a real socket, the model a FakeProvider scripting bash calls.
 
-KEY_ENV = "CRUSHD_TEST_SANDBOX_KEY"
-
-
-@pytest.fixture
-def agent(fake, live_factory, monkeypatch):
-    monkeypatch.setenv(KEY_ENV, "sk-sandbox-test")
-
-    def start(**overrides):
-        values = {
-            "provider": "openai",
-            "model": "m",
-            "base_url": fake.openai_base_url,
-            "api_key_env": KEY_ENV,
-        }
-        return live_factory(**{**values, **overrides})
-
-    return start
+KEY_ENV = AGENT_KEY_ENV
 
 
 def only_result(http, wid: str, run: dict) -> dict:
