@@ -22,6 +22,13 @@ from crushd.server import Server
 
 api = Blueprint("api", __name__, url_prefix="/v1")
 
+# A character that is not white space, as the OpenAPI document's "\S"
+# pattern means it (ECMAScript, which clients validate with): Python's
+# str.isspace also counts the separators U+001C-U+001F and U+0085.
+NOT_BLANK = re.compile(
+    "[^\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
+)
+
 # What a run_id may not contain: C0, DEL and C1, as the OpenAPI pattern says.
 CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f]")
 
@@ -73,8 +80,21 @@ def text_field(data: dict[str, Any], name: str, required: bool = True) -> str | 
         return None
     if not isinstance(value, str):
         raise InvalidRequest(f"field {name!r} must be a string")
-    if not value.strip():
+    if not NOT_BLANK.search(value):
         raise InvalidRequest(f"field {name!r} must not be empty")
+    return value
+
+
+def event_position(name: str, raw: str | None) -> int | None:
+    """A ``since`` / ``Last-Event-ID`` value: absent, or a seq of 0 or more."""
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidRequest(f"{name} must be an integer") from None
+    if value < 0:
+        raise InvalidRequest(f"{name} must not be negative")
     return value
 
 
@@ -302,15 +322,10 @@ def list_mcp_servers(wid: str) -> Any:
 def events(wid: str) -> Any:
     srv = server()
     workspace = srv.get(wid)
-    since_raw = request.headers.get("Last-Event-ID") or request.args.get("since")
-    since = None
-    if since_raw not in (None, ""):
-        try:
-            since = int(since_raw)
-        except ValueError:
-            raise InvalidRequest("Last-Event-ID / since must be an integer") from None
-        if since < 0:
-            raise InvalidRequest("Last-Event-ID / since must not be negative")
+    # Both are checked; a reconnecting EventSource's Last-Event-ID wins.
+    query_since = event_position("since", request.args.get("since"))
+    header_since = event_position("Last-Event-ID", request.headers.get("Last-Event-ID"))
+    since = header_since if header_since is not None else query_since
     session_id = request.args.get("session_id") or None
     if session_id is not None:
         workspace.get_session(session_id)

@@ -623,3 +623,29 @@ def test_bodies_json_cannot_hold_are_400(client, wid, raw):
 def test_workspace_paths_the_os_cannot_take_are_400(client, path):
     assert_error(client.post("/v1/workspaces", json={"path": path}), 400, "invalid_request")
     assert client.get("/v1/workspaces").get_json() == []
+
+
+@pytest.mark.parametrize(
+    ("query", "headers", "message"),
+    [
+        ("?since=-1", {"Last-Event-ID": "0"}, "since must not be negative"),
+        ("?since=x", {}, "since must be an integer"),
+        ("", {"Last-Event-ID": "-3"}, "Last-Event-ID must not be negative"),
+        ("?since=0", {"Last-Event-ID": "later"}, "Last-Event-ID must be an integer"),
+    ],
+)
+def test_a_bad_event_position_is_400_even_beside_a_good_one(client, wid, query, headers, message):
+    response = client.get(f"/v1/workspaces/{wid}/events{query}", headers=headers)
+    assert response.status_code == 400
+    assert response.json["error"] == {"code": "invalid_request", "message": message}
+
+
+def test_blank_means_what_the_documents_pattern_means(client, wid):
+    """ "Not empty" is the OpenAPI document's \\S: ECMAScript white space only."""
+    for blank in (" ", "\t\n", "\u00a0\u3000", "\ufeff "):
+        response = client.post(f"/v1/workspaces/{wid}/sessions", json={"title": blank})
+        assert response.status_code == 400, repr(blank)
+    for title in ("a", "\x1d", "\u0085"):  # str.isspace() says blank; \S does not
+        response = client.post(f"/v1/workspaces/{wid}/sessions", json={"title": title})
+        assert response.status_code == 201, repr(title)
+        assert response.json["title"] == title
