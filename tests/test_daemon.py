@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 from conftest import LISTENING, wait_for
 from helpers import scrubbed_env
 
@@ -129,8 +128,8 @@ def curl(*args: str) -> tuple[int, str]:
     return int(status), body
 
 
-@pytest.mark.skipif(not os.path.exists(CURL), reason="curl is not installed")
 def test_the_curl_examples_work(daemon_factory, project):
+    assert os.path.exists(CURL), "curl is installed by .ci/run"
     daemon = daemon_factory()
     base = "localhost:" + daemon.url.rsplit(":", 1)[1]
     status, body = curl(f"{base}/v1/workspaces", "-d", json.dumps({"path": str(project)}))

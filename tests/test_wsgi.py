@@ -11,12 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import gunicorn.config as gunicorn_config
 import httpx
 import pytest
 from conftest import sse_events, wait_for
 from helpers import scrubbed_env
-
-gunicorn_config = pytest.importorskip("gunicorn.config")
 
 LOCK_MESSAGE = "is already using the data directory"
 
