@@ -85,7 +85,8 @@ def create_app(config: Config | None = None, server: Server | None = None) -> Fl
                 request.headers.get("Host", ""),
             )
             raise Forbidden(refusal.message)
-        origin = guard.cors_origin(request.headers)
+        # Kept for _cors: the allowed origin is parsed once per request.
+        origin = g.cors_origin = guard.cors_origin(request.headers)
         if (
             origin is not None
             and request.method == "OPTIONS"
@@ -108,7 +109,7 @@ def create_app(config: Config | None = None, server: Server | None = None) -> Fl
 
     @app.after_request
     def _cors(response: Any) -> Any:
-        origin = guard.cors_origin(request.headers)
+        origin = g.get("cors_origin")  # unset when the guard refused the request
         if origin is not None and "Access-Control-Allow-Origin" not in response.headers:
             response.headers.update(guard.cors_headers(origin))
         return response
