@@ -25,10 +25,10 @@
     silent stream is retried.
 
 (h) ``burst``: against the fake model server of ``tests/fakeprovider.py``
-    streaming 22 words 20 ms apart, one run alone end to end, 20 prompts one
-    after another, then 100 prompts submitted at once (a new session each):
-    accept p50/p99, first ``message.delta`` p50/p99 seen by an event-stream
-    subscriber, and when the last run was done.
+    (in a process of its own) streaming 22 words 20 ms apart, one run alone
+    end to end, 20 prompts one after another, then 100 prompts submitted at
+    once (a new session each): accept p50/p99, first ``message.delta``
+    p50/p99 seen by an event-stream subscriber, and when the last run was done.
 (i) ``peer``: (h) against crushd and against ``opencode serve`` (npm
     ``opencode-linux-x64``, installed into a temporary directory), on the same
     fake in the same run, with the ratios.  Only when named: it needs npm.
@@ -500,14 +500,40 @@ def bench_retry(root: Path, quick: bool) -> dict:
 BURST_WORDS, BURST_WORD_GAP_S = 22, 0.02
 
 
-def fake_model(fake) -> None:
-    """Every model request streams 22 words 20 ms apart."""
-    from fakeprovider import Finish, Pause, Text, Usage
+def serve_fake_model() -> None:
+    """``--fake-model``: serve the burst's model until stdin closes; every
+    request streams 22 words 20 ms apart.  Prints the OpenAI base URL."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from fakeprovider import FakeProvider, Finish, Pause, Text, Usage
 
     steps: list = []
     for i in range(BURST_WORDS):
         steps += [Text(f"word{i} "), Pause(BURST_WORD_GAP_S)]
-    fake.set_default([*steps, Usage(10, BURST_WORDS), Finish("stop")])
+    with FakeProvider() as fake:
+        fake.set_default([*steps, Usage(10, BURST_WORDS), Finish("stop")])
+        print(fake.openai_base_url, flush=True)
+        sys.stdin.read()
+
+
+class FakeModel:
+    """The burst's fake model in a process of its own, so that its hundred
+    streaming threads do not share the measuring client's GIL."""
+
+    def __enter__(self) -> FakeModel:
+        self._proc = subprocess.Popen(
+            [sys.executable, __file__, "--fake-model"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.openai_base_url = self._proc.stdout.readline().strip()
+        if not self.openai_base_url:
+            raise RuntimeError("the fake model did not start")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._proc.stdin.close()
+        self._proc.wait(30)
 
 
 class Subscriber:
@@ -656,11 +682,7 @@ def crushd_burst(root: Path, fake, runs: int, sequential: int) -> dict:
 
 
 def bench_burst(root: Path, quick: bool) -> dict:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from fakeprovider import FakeProvider
-
-    with FakeProvider() as fake:
-        fake_model(fake)
+    with FakeModel() as fake:
         return crushd_burst(root, fake, 20 if quick else 100, 5 if quick else 20)
 
 
@@ -761,15 +783,11 @@ def opencode_burst(root: Path, binary: Path, fake, runs: int, sequential: int) -
 def bench_peer(root: Path, quick: bool) -> dict:
     """The burst and the sequential scenario against crushd and against
     ``opencode serve``, both on the same fake model, in one run."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from fakeprovider import FakeProvider
-
     binary = install_opencode(root / "npm")
     if isinstance(binary, str):
         return {"skipped": binary}
     runs, sequential = (20, 5) if quick else (100, 20)
-    with FakeProvider() as fake:
-        fake_model(fake)
+    with FakeModel() as fake:
         (root / "crushd").mkdir()
         crushd = crushd_burst(root / "crushd", fake, runs, sequential)
         opencode = opencode_burst(root, binary, fake, runs, sequential)
@@ -812,7 +830,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller runs, for a smoke test")
     parser.add_argument("scenario", nargs="?", choices=list(BENCHES), help="run only this one")
     parser.add_argument("--only", choices=list(BENCHES), help="the same as SCENARIO")
+    parser.add_argument("--fake-model", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.fake_model:
+        serve_fake_model()
+        return
     only = args.scenario or args.only
     results = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
     for name, bench in BENCHES.items():
