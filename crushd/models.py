@@ -1,8 +1,10 @@
 """peewee models and schema migrations.
 
-Several workspace databases are open at once and used from many threads,
-so no model is bound to a global database: :func:`workspace_models` and
-:func:`registry_models` build a fresh model set for each database.
+Several databases are open at once and used from many threads, so no
+model is bound to a global database: :func:`registry_models` builds a fresh
+model set for each registry.  The workspace databases are queried in plain
+SQL (see :class:`crushd.store.WorkspaceStore`); their schema is the
+migrations below.
 
 The schema is created and changed only by the numbered migrations below,
 applied at open and recorded in ``PRAGMA user_version``.  A migration is
@@ -170,72 +172,6 @@ def apply_migrations(db: pw.Database, migrations: list[Migration]) -> int:
     finally:
         db.execute_sql("PRAGMA foreign_keys = ON")
     return version
-
-
-def workspace_models(db: pw.Database) -> SimpleNamespace:
-    class Base(pw.Model):
-        class Meta:
-            database = db
-            legacy_table_names = False
-
-    class Session(Base):
-        pk = pw.AutoField()
-        id = pw.CharField(unique=True)
-        title = pw.TextField()
-        created_at = pw.TextField()
-        updated_at = pw.TextField()
-        prompt_tokens = pw.IntegerField(default=0)
-        completion_tokens = pw.IntegerField(default=0)
-        cache_read_tokens = pw.IntegerField(default=0)
-        cache_write_tokens = pw.IntegerField(default=0)
-        cost_usd = pw.FloatField(null=True)
-        # The prompt tokens of the last model request (not a compaction's).
-        context_tokens = pw.IntegerField(default=0)
-        # The completed summary that replaces the messages before it in
-        # requests, and the pk of the first message sent after it.
-        summary_id = pw.CharField(null=True)
-        summary_keep_pk = pw.IntegerField(null=True)
-
-    class Message(Base):
-        pk = pw.AutoField()
-        id = pw.CharField(unique=True)
-        session_id = pw.CharField()
-        run_id = pw.CharField(null=True)
-        role = pw.CharField()
-        parts = pw.TextField()
-        model = pw.CharField(null=True)
-        provider = pw.CharField(null=True)
-        created_at = pw.TextField()
-        updated_at = pw.TextField()
-
-    class Run(Base):
-        pk = pw.AutoField()
-        id = pw.CharField(unique=True)
-        session_id = pw.CharField()
-        prompt = pw.TextField()
-        kind = pw.CharField(default="prompt")
-        model = pw.CharField(null=True)
-        status = pw.CharField()
-        error = pw.TextField(null=True)
-        message_id = pw.CharField(null=True)
-        text = pw.TextField(null=True)
-        created_at = pw.TextField()
-        started_at = pw.TextField(null=True)
-        finished_at = pw.TextField(null=True)
-        prompt_tokens = pw.IntegerField(default=0)
-        completion_tokens = pw.IntegerField(default=0)
-        cache_read_tokens = pw.IntegerField(default=0)
-        cache_write_tokens = pw.IntegerField(default=0)
-        cost_usd = pw.FloatField(null=True)
-
-    class Setting(Base):
-        key = pw.CharField(primary_key=True)
-        value = pw.TextField()
-
-        class Meta:
-            table_name = "meta"
-
-    return SimpleNamespace(Session=Session, Message=Message, Run=Run, Setting=Setting)
 
 
 def registry_models(db: pw.Database) -> SimpleNamespace:

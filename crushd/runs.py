@@ -432,7 +432,9 @@ class Run:
         self.spec: ModelSpec | None = None  # its configuration (prices, context window)
         self.system = ""  # the system prompt of every request, read as the run starts
         self.user_message: dict[str, Any] | None = None  # once stored
-        self._usage: list[Usage] = []  # reported, not stored yet
+        # Reported, not stored yet; each with whether its prompt tokens are
+        # the session's context (a summary's request does not count).
+        self._usage: list[tuple[Usage, bool]] = []
         # The closing records the database refused past the cleanup
         # deadline; the workspace calls settle() to write them later.
         self.owed: Callable[[], dict[str, Any] | None] | None = None
@@ -529,7 +531,7 @@ class Run:
         while self._usage:
             if not required and not self.env.store.available:
                 return
-            usage = self._usage[0]
+            usage, counts_context = self._usage[0]
             try:
                 self.env.store.add_usage(
                     self.id,
@@ -539,6 +541,7 @@ class Run:
                     usage.cache_read_tokens,
                     usage.cache_write_tokens,
                     self.spec.cost(usage) if self.spec is not None else None,
+                    context_tokens=usage.prompt_tokens if counts_context else None,
                 )
             except StorageUnavailable:
                 if required:
@@ -650,25 +653,14 @@ class Run:
                 if kind == "text":
                     writer.tool_call_input(event.id, event.input_delta)
             elif isinstance(event, Usage):
-                self._usage.append(event)
+                self._usage.append((event, kind == "text"))
                 self._write_usage(required=False)
-                if kind == "text":
-                    self._note_context_tokens(event.prompt_tokens)
             elif isinstance(event, StepFinish):
                 reason = event.reason
             elif isinstance(event, Retrying):
                 reason = "unknown"
                 self._retrying(event)
         return reason
-
-    def _note_context_tokens(self, tokens: int) -> None:
-        """Keep the last request's prompt tokens for the threshold.  Advisory:
-        while the database refuses writes it is skipped (a prompt that then
-        turns out too long is still compacted when the provider says so)."""
-        try:
-            self.env.store.set_context_tokens(self.session_id, tokens)
-        except StorageUnavailable as exc:
-            logger.warning("event=context_tokens_not_stored run=%s error=%r", self.id, exc.message)
 
     def _history(self) -> list[dict[str, Any]]:
         """The messages of the next request: the summary in force (as the
