@@ -536,6 +536,50 @@ class FakeModel:
         self._proc.wait(30)
 
 
+class Connection:
+    """One keep-alive HTTP/1.1 connection that does as little as a client
+    can: a hundred of them share the bench's GIL in a burst, and httpx's
+    per-request work there (about 1 ms each) was counted as the server's
+    latency."""
+
+    def __init__(self, url: str) -> None:
+        parsed = httpx.URL(url)
+        self._host = f"{parsed.host}:{parsed.port}".encode()
+        self._sock = socket.create_connection((parsed.host, parsed.port))
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._buffer = b""
+
+    def post(self, path: str, body: object) -> tuple[int, object]:
+        """POST ``body`` as JSON; returns the status and the decoded JSON reply."""
+        data = json.dumps(body).encode()
+        self._sock.sendall(
+            b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (path.encode(), self._host, len(data), data)
+        )
+        while b"\r\n\r\n" not in self._buffer:
+            self._receive()
+        head, _, self._buffer = self._buffer.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split()[1])
+        fields = dict(line.lower().split(b":", 1) for line in lines[1:])
+        if b"content-length" not in fields:
+            raise RuntimeError(f"{path}: a reply without Content-Length: {head!r}")
+        length = int(fields[b"content-length"])
+        while len(self._buffer) < length:
+            self._receive()
+        reply, self._buffer = self._buffer[:length], self._buffer[length:]
+        return status, json.loads(reply) if reply else None
+
+    def _receive(self) -> None:
+        chunk = self._sock.recv(65536)
+        if not chunk:
+            raise RuntimeError("the server closed the connection")
+        self._buffer += chunk
+
+    def close(self) -> None:
+        self._sock.close()
+
+
 class Subscriber:
     """Reads one event stream on a thread; records, per session, when its
     first text delta and its end arrived (``time.perf_counter``)."""
@@ -557,17 +601,20 @@ class Subscriber:
         try:
             with self._stream as response:
                 self._opened.set()
-                for line in response.iter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    kind, session = self._parse(line[5:].strip())
+                rest = b""
+                for chunk in response.iter_raw():  # text/event-stream is UTF-8 lines
                     now = time.perf_counter()
-                    with self._changed:
-                        if kind == "delta":
-                            self.first_delta.setdefault(session, now)
-                        elif kind == "done":
-                            self.done.setdefault(session, now)
-                            self._changed.notify_all()
+                    *lines, rest = (rest + chunk).split(b"\n")
+                    for line in lines:
+                        if not line.startswith(b"data:"):
+                            continue
+                        kind, session = self._parse(line[5:].strip())
+                        with self._changed:
+                            if kind == "delta":
+                                self.first_delta.setdefault(session, now)
+                            elif kind == "done":
+                                self.done.setdefault(session, now)
+                                self._changed.notify_all()
         except httpx.HTTPError:
             pass  # closed by close()
 
@@ -597,37 +644,43 @@ def spread(values: list[float]) -> dict:
 def run_scenarios(target, runs: int, sequential: int) -> dict:
     """After one warm-up prompt: one run alone, ``sequential`` prompts one
     after another, then ``runs`` prompts submitted at once (a new session
-    each); ``target`` speaks one server's API (``submit(http) -> session id``, ``subscriber()``)."""
+    each); ``target`` speaks one server's API (``submit(connection) ->
+    session id``, ``subscriber()``).  Every burst connection is open before
+    the burst starts."""
     subscriber = target.subscriber()
+    connections: list[Connection] = []
     try:
-        with httpx.Client(base_url=target.url, timeout=120) as http:
-            warm = target.submit(http)  # a server's first prompt may load things
-            subscriber.wait_done([warm], 60)
+        http = Connection(target.url)
+        connections.append(http)
+        warm = target.submit(http)  # a server's first prompt may load things
+        subscriber.wait_done([warm], 60)
+        began = time.perf_counter()
+        alone = target.submit(http)
+        subscriber.wait_done([alone], 60)
+        alone_s = subscriber.done[alone] - began
+        accepts, firsts = [], []
+        for _ in range(sequential):
             began = time.perf_counter()
-            alone = target.submit(http)
-            subscriber.wait_done([alone], 60)
-            alone_s = subscriber.done[alone] - began
-            accepts, firsts = [], []
-            for _ in range(sequential):
-                began = time.perf_counter()
-                session = target.submit(http)
-                accepts.append(time.perf_counter() - began)
-                subscriber.wait_done([session], 60)
-                firsts.append(subscriber.first_delta[session] - began)
+            session = target.submit(http)
+            accepts.append(time.perf_counter() - began)
+            subscriber.wait_done([session], 60)
+            firsts.append(subscriber.first_delta[session] - began)
+        connections += [Connection(target.url) for _ in range(runs)]
         barrier = threading.Barrier(runs)
 
-        def one(_: int) -> tuple[str, float, float]:
-            with httpx.Client(base_url=target.url, timeout=120) as http:
-                barrier.wait()
-                began = time.perf_counter()
-                session = target.submit(http)
-                return session, began, time.perf_counter() - began
+        def one(connection: Connection) -> tuple[str, float, float]:
+            barrier.wait()
+            began = time.perf_counter()
+            session = target.submit(connection)
+            return session, began, time.perf_counter() - began
 
         with ThreadPoolExecutor(runs) as pool:
-            burst = list(pool.map(one, range(runs)))
+            burst = list(pool.map(one, connections[1:]))
         start = min(began for _, began, _ in burst)
         subscriber.wait_done([s for s, _, _ in burst], 300)
     finally:
+        for connection in connections:
+            connection.close()
         subscriber.close()
     last_done = max(subscriber.done[s] for s, _, _ in burst) - start
     return {
@@ -651,11 +704,11 @@ class CrushdTarget:
     def __init__(self, url: str, workspace: str) -> None:
         self.url, self.workspace = url, workspace
 
-    def submit(self, http: httpx.Client) -> str:
-        response = http.post(f"/v1/workspaces/{self.workspace}/agent", json={"prompt": "hi"})
-        if response.status_code != 202:
-            raise RuntimeError(f"{response.status_code}: {response.text}")
-        return response.json()["session_id"]
+    def submit(self, http: Connection) -> str:
+        status, run = http.post(f"/v1/workspaces/{self.workspace}/agent", {"prompt": "hi"})
+        if status != 202:
+            raise RuntimeError(f"{status}: {run}")
+        return run["session_id"]
 
     def subscriber(self) -> Subscriber:
         def parse(data: str) -> tuple[str | None, str]:
@@ -697,13 +750,15 @@ class OpencodeTarget:
     def __init__(self, url: str) -> None:
         self.url = url
 
-    def submit(self, http: httpx.Client) -> str:
-        session = http.post("/session", json={})
-        session.raise_for_status()
-        sid = session.json()["id"]
+    def submit(self, http: Connection) -> str:
+        status, session = http.post("/session", {})
+        if status != 200:
+            raise RuntimeError(f"POST /session: {status}: {session}")
         prompt = {"parts": [{"type": "text", "text": "hi"}]}
-        http.post(f"/session/{sid}/prompt_async", json=prompt).raise_for_status()
-        return sid
+        status, reply = http.post(f"/session/{session['id']}/prompt_async", prompt)
+        if status >= 300:
+            raise RuntimeError(f"POST prompt_async: {status}: {reply}")
+        return session["id"]
 
     def subscriber(self) -> Subscriber:
         def parse(data: str) -> tuple[str | None, str]:
