@@ -32,6 +32,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from crushd.common import ACTIVE_STATUSES, TERMINAL_STATUSES, new_id, utcnow
 from crushd.errors import (
     NotFound,
     QueueFull,
+    RequestError,
     SessionBusy,
     StorageUnavailable,
     StoreBusy,
@@ -331,6 +333,18 @@ _RUN = (
 _FINISH_FIELDS = frozenset({"error", "text", "message_id"})
 _ACTIVE = ", ".join(f"'{status}'" for status in ACTIVE_STATUSES)
 _TERMINAL = ", ".join(f"'{status}'" for status in sorted(TERMINAL_STATUSES))
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt to store as a ``queued`` run (:meth:`WorkspaceStore.accept_runs`)."""
+
+    run_id: str
+    prompt: str
+    session_id: str | None  # None: a new session titled ``title`` comes with it
+    title: str
+    model: str | None = None
+    kind: str = "prompt"
 
 
 class WorkspaceStore(_Store):
@@ -630,6 +644,58 @@ class WorkspaceStore(_Store):
         row = self._one(f"SELECT {_RUN} FROM run WHERE id = ?", run_id)
         return self._run_dict(row) if row else None
 
+    def accept_runs(
+        self, prompts: list[Prompt], max_queue: int
+    ) -> list[tuple[dict[str, Any], dict[str, Any] | None, bool] | RequestError]:
+        """Store prompts as ``queued`` runs, all in one transaction (a group
+        commit: one lock round and one commit for a burst of prompts).
+
+        For each prompt, in order: ``(run, new_session_or_None, True)``;
+        ``(run, None, False)`` when a run with its id exists already (an
+        idempotent resubmission: nothing written); or the error that refused
+        it alone — NotFound for an unknown session, QueueFull when the
+        session already has ``max_queue`` queued runs — and nothing of it
+        was written.  A storage fault raises and writes none of them.
+        """
+        results: list[tuple[dict[str, Any], dict[str, Any] | None, bool] | RequestError] = []
+        now = utcnow()
+        with self._use(write=True):
+            for prompt in prompts:
+                existing = self._run(prompt.run_id)
+                if existing is not None:
+                    results.append((existing, None, False))
+                    continue
+                session_id = prompt.session_id
+                if session_id is None:
+                    session_id = self._insert_session(prompt.title, now)
+                else:
+                    if self._one("SELECT 1 FROM session WHERE id = ?", session_id) is None:
+                        results.append(NotFound(f"session {session_id} not found"))
+                        continue
+                    (queued,) = self._one(
+                        "SELECT COUNT(*) FROM run WHERE session_id = ? AND status = 'queued'",
+                        session_id,
+                    )
+                    if queued >= max_queue:
+                        results.append(
+                            QueueFull(f"session {session_id} already has {max_queue} queued runs")
+                        )
+                        continue
+                self._changed(
+                    "INSERT INTO run (id, session_id, prompt, kind, model, status, created_at, "
+                    "prompt_tokens, completion_tokens, cache_read_tokens, cache_write_tokens) "
+                    "VALUES (?, ?, ?, ?, ?, 'queued', ?, 0, 0, 0, 0)",
+                    prompt.run_id,
+                    session_id,
+                    prompt.prompt,
+                    prompt.kind,
+                    prompt.model,
+                    now,
+                )
+                session = self._session(session_id) if prompt.session_id is None else None
+                results.append((self._run(prompt.run_id), session, True))
+        return results
+
     def accept_run(
         self,
         run_id: str,
@@ -641,39 +707,14 @@ class WorkspaceStore(_Store):
         model: str | None = None,
         kind: str = "prompt",
     ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """Store a prompt as a ``queued`` run of ``model`` in one transaction.
-
-        Without ``session_id`` a session titled ``title`` is created with it.
-        Returns ``(run, new_session_or_None)``.  Raises NotFound for an
-        unknown session and QueueFull when it already has ``max_queue``
-        queued runs; then nothing was written.
-        """
-        now = utcnow()
-        with self._use(write=True):
-            created = session_id is None
-            if session_id is None:
-                session_id = self._insert_session(title, now)
-            else:
-                if self._one("SELECT 1 FROM session WHERE id = ?", session_id) is None:
-                    raise NotFound(f"session {session_id} not found")
-                (queued,) = self._one(
-                    "SELECT COUNT(*) FROM run WHERE session_id = ? AND status = 'queued'",
-                    session_id,
-                )
-                if queued >= max_queue:
-                    raise QueueFull(f"session {session_id} already has {max_queue} queued runs")
-            self._changed(
-                "INSERT INTO run (id, session_id, prompt, kind, model, status, created_at, "
-                "prompt_tokens, completion_tokens, cache_read_tokens, cache_write_tokens) "
-                "VALUES (?, ?, ?, ?, ?, 'queued', ?, 0, 0, 0, 0)",
-                run_id,
-                session_id,
-                prompt,
-                kind,
-                model,
-                now,
-            )
-            return self._run(run_id), (self._session(session_id) if created else None)
+        """One prompt of :meth:`accept_runs`: ``(run, new_session_or_None)``;
+        raises its NotFound or QueueFull."""
+        (result,) = self.accept_runs(
+            [Prompt(run_id, prompt, session_id, title, model, kind)], max_queue
+        )
+        if isinstance(result, RequestError):
+            raise result
+        return result[0], result[1]
 
     def last_run_model(self, session_id: str) -> str | None:
         """The model of the session's latest run that names one (queued ones count)."""

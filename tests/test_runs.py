@@ -8,10 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from conftest import sse_events, wait_for
+from conftest import make_config, sse_events, wait_for
 from helpers import LONG, finish_of, messages, prompt, register, wait_terminal
 
 from crushd.common import text_of
+from crushd.errors import WorkspaceClosing
+from crushd.server import Server
+from crushd.store import WorkspaceStore
 
 
 @pytest.fixture
@@ -268,3 +271,76 @@ def test_delete_during_a_hammer_of_prompts_loses_nothing(live_factory, project):
     for run in runs.values():
         if run["status"] == "cancelled" and run["started_at"]:
             assert run["message_id"] and run["finished_at"]
+
+
+def test_prompts_at_once_are_all_stored_and_run_in_order(live_factory, project):
+    """A burst is stored in batches (one transaction for whatever is pending):
+    every prompt gets its own answer, a session runs its prompts in the
+    order they were stored, and an id submitted many times at once makes
+    one run."""
+    live = live_factory(echo_delay=0.001, workers=16, threads=48)
+    with httpx.Client(base_url=live.url, timeout=30) as http:
+        wid = register(http, project)
+        sid = prompt(http, wid, "first").json()["session_id"]
+    barrier = threading.Barrier(40)
+
+    def submit(n: int) -> httpx.Response:
+        with httpx.Client(base_url=live.url, timeout=60) as http:
+            barrier.wait()
+            if n < 10:
+                return prompt(http, wid, "same key", run_id="burst-key")
+            if n < 25:
+                return prompt(http, wid, f"queued {n}", session_id=sid)
+            return prompt(http, wid, f"alone {n}")
+
+    with ThreadPoolExecutor(40) as pool:
+        answers = list(pool.map(submit, range(40)))
+    assert sorted(a.status_code for a in answers[:10]) == [200] * 9 + [202]
+    assert {a.json()["id"] for a in answers[:10]} == {"burst-key"}
+    assert all(a.status_code == 202 for a in answers[10:]), [a.text for a in answers]
+    with httpx.Client(base_url=live.url, timeout=30) as http:
+        for answer in answers:
+            assert wait_terminal(http, wid, answer.json()["id"])["status"] == "completed"
+        runs = http.get(f"/v1/workspaces/{wid}/runs", params={"limit": 100}).json()
+        assert len(runs) == 1 + 1 + 15 + 15
+        in_session = sorted(
+            (r for r in runs if r["session_id"] == sid), key=lambda r: r["created_at"]
+        )
+        stored_order = [r["id"] for r in reversed(runs) if r["session_id"] == sid]
+        started_order = [r["id"] for r in sorted(in_session, key=lambda r: r["started_at"])]
+        assert started_order == stored_order
+        users = [m for m in messages(http, wid, sid) if m["role"] == "user"]
+        assert [m["run_id"] for m in users] == stored_order
+
+
+def test_a_close_during_a_burst_ends_every_accepted_prompt(tmp_path, project):
+    """Prompts racing a workspace close are either refused (WorkspaceClosing) or stored
+    and brought to a terminal record: none is accepted and then lost."""
+    server = Server(make_config(tmp_path, echo_delay=0.01, workers=8)).start()
+    try:
+        record, _ = server.register(str(project), None)
+        workspace = server.get(record["id"])
+        barrier = threading.Barrier(31)
+
+        def submit(n: int) -> str | None:
+            barrier.wait()
+            try:
+                return workspace.submit(f"prompt {n}")[0]["id"]
+            except WorkspaceClosing:
+                return None
+
+        with ThreadPoolExecutor(30) as pool:
+            futures = [pool.submit(submit, n) for n in range(30)]
+            barrier.wait()
+            time.sleep(0.005)
+            server.unregister(record["id"])
+            accepted = [f.result() for f in futures if f.result() is not None]
+    finally:
+        server.stop()
+    store = WorkspaceStore(workspace.directory / "workspace.db", record["id"])
+    try:
+        stored = {r["id"]: r["status"] for r in store.list_runs(limit=1000)}
+    finally:
+        store.close()
+    assert set(stored) == set(accepted)
+    assert all(status in ("completed", "cancelled") for status in stored.values()), stored

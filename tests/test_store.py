@@ -12,7 +12,7 @@ import pytest
 
 from crushd.errors import NotFound, QueueFull, SessionBusy, StoreClosed
 from crushd.models import WORKSPACE_MIGRATIONS, apply_migrations
-from crushd.store import RegistryStore, WorkspaceStore
+from crushd.store import Prompt, RegistryStore, WorkspaceStore
 
 
 @pytest.fixture
@@ -204,9 +204,28 @@ def test_runs_create_list_and_filter(store):
     assert store.get_run("r2")["prompt"] == "second"
     assert store.get_run("missing") is None
 
-    with pytest.raises(pw.IntegrityError):
-        queue_run(store, "r1", a["id"], "duplicate id")
-    assert store.get_run("r1")["prompt"] == "first"
+    # An id that exists already is answered with its run; nothing is written.
+    assert queue_run(store, "r1", b["id"], "duplicate id")["prompt"] == "first"
+    assert store.get_run("r1")["session_id"] == a["id"]
+    assert store.count_runs("queued") == 2
+
+
+def test_accept_runs_stores_a_batch_in_one_transaction_with_errors_apart(store):
+    session = store.create_session("s")
+    prompts = [
+        Prompt("b1", "one", None, "one"),
+        Prompt("b2", "two", session["id"], "unused"),
+        Prompt("b3", "three", "no-such-session", "unused"),
+        Prompt("b4", "four", session["id"], "unused"),  # over max_queue=1
+        Prompt("b2", "two again", session["id"], "unused"),  # the same id, same batch
+    ]
+    first, second, unknown, full, again = store.accept_runs(prompts, max_queue=1)
+    assert first[0]["status"] == "queued" and first[2] is True
+    assert first[1]["id"] == first[0]["session_id"] and first[1]["queued_runs"] == 1
+    assert second[0]["session_id"] == session["id"] and second[1:] == (None, True)
+    assert isinstance(unknown, NotFound) and isinstance(full, QueueFull)
+    assert again[0]["prompt"] == "two" and again[2] is False
+    assert [r["id"] for r in store.list_runs(oldest_first=True)] == ["b1", "b2"]
 
 
 def test_accept_run_is_all_or_nothing(store):
