@@ -31,6 +31,8 @@ SEQ_RESERVE_BLOCK = 10_000
 # Queued events are the same objects as the replay buffer's, so a full queue
 # costs references, not copies; past this a reader is too slow to keep.
 SUBSCRIBER_QUEUE = 10_000
+# At most this many queued events are joined into one write of a stream.
+SSE_BATCH = 256
 
 _CLOSE = object()
 
@@ -218,9 +220,21 @@ def sse_stream(
                     next_ping = time.monotonic() + ping_interval
                     yield b": ping\n\n"
                 continue
+            # Whatever else is queued goes out in the same write: one socket
+            # send and one wake-up of waitress per batch, not per event.
+            frames: list[bytes] = []
+            while item is not _CLOSE:
+                frames.append(item.frame)
+                if len(frames) >= SSE_BATCH:
+                    break
+                try:
+                    item = sub.queue.get_nowait()
+                except queue.Empty:
+                    break
+            if frames:
+                yield b"".join(frames)
             if item is _CLOSE:
                 return
-            yield item.frame
     finally:
         hub.unsubscribe(sub)
         on_close()
