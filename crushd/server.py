@@ -36,6 +36,7 @@ from crushd.errors import (
 from crushd.mcp import McpLoop
 from crushd.metrics import Metrics
 from crushd.providers import PROVIDERS, Provider
+from crushd.providers.base import ProviderError
 from crushd.providers.catalog import ModelCatalog
 from crushd.signals import Signals
 from crushd.stopping import StopController
@@ -182,6 +183,17 @@ class Server:
         """Set by a second stop signal: running turns stop waiting out the drain."""
         return self.stop_control.now
 
+    def _build_default_model(self) -> None:
+        """Build the default model's client now rather than in the first run:
+        the first build imports the HTTP stack and loads the CA bundle
+        (about 200 ms measured), which the first prompt after a start would
+        otherwise wait for.  One that cannot be built (its key is missing)
+        is left to fail its runs with the reason, as any model does."""
+        try:
+            self.models.provider(self.models.default)
+        except ProviderError:
+            pass
+
     def start(self) -> Server:
         """Take the data directory's lock, open the registry and every
         registered workspace, and dispatch their recovered runs.
@@ -207,6 +219,7 @@ class Server:
                 ) from exc
             if self.bubblewrap is None:
                 self.bubblewrap = detect()
+            self._build_default_model()
             self.registry = RegistryStore(self.data_dir / "registry.db")
             for record in self.registry.registered():
                 reason = self._outside_roots(record["path"])

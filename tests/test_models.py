@@ -364,3 +364,30 @@ def test_a_queued_run_whose_model_is_gone_fails_when_it_starts(tmp_path, project
     assert done["status"] == "failed" and done["model"] == "old"
     assert done["error"] == "model 'old' is not configured (configured: e)"
     assert [m["role"] for m in stored] == ["user", "assistant"]
+
+
+def test_the_default_models_client_is_built_at_start_not_by_the_first_prompt(
+    tmp_path, monkeypatch, caplog
+):
+    """Its first build loads the HTTP stack and the CA bundle; a start pays
+    for it, not the first prompt.  A default model whose key is missing
+    does not stop the start."""
+
+    def built() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "provider_built" in r.getMessage()]
+
+    monkeypatch.setenv("CRUSHD_TEST_KEY", "sk-test")
+    monkeypatch.delenv("CRUSHD_TEST_UNSET_KEY", raising=False)
+    models = {
+        "o": {"provider": "openai", "api_key_env": "CRUSHD_TEST_KEY"},
+        "k": {"provider": "openai", "api_key_env": "CRUSHD_TEST_UNSET_KEY"},
+    }
+    with caplog.at_level(logging.INFO, logger="crushd.providers.catalog"):
+        for default, expected in (("o", ["model=o"]), ("k", [])):
+            config = Config.from_mapping(
+                {"data_dir": tmp_path / default, "models": models, "default_model": default}
+            )
+            caplog.clear()
+            server = Server(config).start()
+            server.stop()
+            assert [m.split()[1] for m in built()] == expected
