@@ -27,8 +27,9 @@
 (h) ``burst``: against the fake model server of ``tests/fakeprovider.py``
     (in a process of its own) streaming 22 words 20 ms apart, one run alone
     end to end, 20 prompts one after another, then 100 prompts submitted at
-    once (a new session each): accept p50/p99, first ``message.delta``
-    p50/p99 seen by an event-stream subscriber, and when the last run was done.
+    once (a new session each, on plain sockets opened beforehand): accept
+    p50/p99, first ``message.delta`` p50/p99 seen by an event-stream
+    subscriber, and when the last run was done.
 (i) ``peer``: (h) against crushd and against ``opencode serve`` (npm
     ``opencode-linux-x64``, installed into a temporary directory), on the same
     fake in the same run, with the ratios.  Only when named: it needs npm.
