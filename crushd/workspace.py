@@ -471,9 +471,8 @@ class Workspace:
     def _launch(self, *runs: ActiveRun | None) -> None:
         """Hand dispatched runs to the executor.  Never under _lock: the
         executor may start a thread, and that waits for the new thread to
-        get the GIL — with a hundred runs streaming, long enough to hold up
-        every other submitter behind the lock (measured: 98% of an accept's
-        time in a burst was that wait).
+        get the GIL, which with a hundred runs streaming takes milliseconds
+        that every other taker of the lock would wait too.
 
         Dispatched runs are counted in the latch, so a closing workspace
         waits for them before it shuts the executor down; one that still
@@ -799,7 +798,10 @@ class Workspace:
         if already:
             return self._closed.wait(close_budget(self.config, drain_timeout, timeout))
         with self._lock:
-            self._written.wait_for(lambda: not self._writing)
+            # Bounded like every store call; past it a batch still being
+            # written stays queued on disk, for the next start.
+            if not self._written.wait_for(lambda: not self._writing, timeout):
+                logger.warning("event=accept_batch_slow workspace=%s", self.id)
             never_started = [rid for q in self._queues.values() for rid in q]
             self._queues.clear()
         started = time.monotonic()
