@@ -120,6 +120,14 @@ def client_options(func: Any) -> Any:
     return func
 
 
+#: The ``--workspace`` option of the commands that act on one workspace.
+workspace_option = click.option(
+    "--workspace", "workspace_arg", metavar="DIR", help="Directory or workspace id."
+)
+#: The ``--json`` option of the listing commands.
+api_json_option = click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+
+
 def read_stdin() -> str:
     """The prompt from standard input.  On a terminal, say that it is being
     read and how to end it; Ctrl-C there exits 130 like everywhere else."""
@@ -251,7 +259,7 @@ def prompt(
 
 @main.command()
 @client_options
-@click.option("--workspace", "workspace_arg", metavar="DIR", help="Directory or workspace id.")
+@workspace_option
 @click.option(
     "--session",
     "session_id",
@@ -320,11 +328,11 @@ def compact(
 
 @main.command()
 @client_options
-@click.option("--workspace", "workspace_arg", metavar="DIR", help="Directory or workspace id.")
+@workspace_option
 @click.option("--session", "session_id", metavar="SID", help="Only this session's runs.")
 @click.option("--status", type=click.Choice(RUN_STATUSES), help="Only runs in this status.")
 @click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+@api_json_option
 def runs(
     url: str | None,
     unix_socket: str | None,
@@ -362,7 +370,7 @@ def runs(
 @main.command()
 @client_options
 @click.argument("run_id", metavar="RUN")
-@click.option("--workspace", "workspace_arg", metavar="DIR", help="Directory or workspace id.")
+@workspace_option
 @click.option("--json", "as_json", is_flag=True, help="Print the resulting run as JSON.")
 def cancel(
     url: str | None,
@@ -409,7 +417,7 @@ def cancel(
 
 @main.command()
 @client_options
-@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+@api_json_option
 def workspaces(
     url: str | None, unix_socket: str | None, token_file: str | None, as_json: bool
 ) -> None:
@@ -430,8 +438,8 @@ def workspaces(
 
 @main.command()
 @client_options
-@click.option("--workspace", "workspace_arg", metavar="DIR", help="Directory or workspace id.")
-@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+@workspace_option
+@api_json_option
 def sessions(
     url: str | None,
     unix_socket: str | None,
@@ -468,8 +476,8 @@ def sessions(
 
 @main.command()
 @client_options
-@click.option("--workspace", "workspace_arg", metavar="DIR", help="Directory or workspace id.")
-@click.option("--json", "as_json", is_flag=True, help="Print the API's JSON.")
+@workspace_option
+@api_json_option
 def mcp(
     url: str | None,
     unix_socket: str | None,
