@@ -208,6 +208,25 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+#: Chromium flags for the tests that drive Debian's chromium: nothing fetched
+#: from the network besides the pages under test.
+CHROMIUM_ARGS = [
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def chromium() -> str:
+    """The path of Debian's chromium (the tests need it; they never skip)."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert found, "chromium is installed by .ci/run (apt-get install -y chromium)"
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

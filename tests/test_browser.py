@@ -22,7 +22,7 @@ import httpx
 import pytest
 from conftest import AGENT_KEY_ENV, wait_for
 from fakeprovider import Text, ToolCall
-from helpers import PageServer
+from helpers import CHROMIUM_ARGS, PageServer, chromium
 
 from crushd.config import Config, ConfigError
 
@@ -388,20 +388,9 @@ attack();
 CHROMIUM_FLAGS = [
     "--headless=new",
     "--no-sandbox",  # tests run as root
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
+    *CHROMIUM_ARGS,
     "--virtual-time-budget=15000",
 ]
-
-
-def chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert found, "chromium is installed by .ci/run (apt-get install -y chromium)"
-    return found
 
 
 def open_in_browser(url: str, profile: Path) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import configparser
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import httpx
 import pytest
 from conftest import wait_for
 from fakeprovider import Drop, HTTPError, Pause, Text, ToolCall
-from helpers import PageServer, free_port
+from helpers import CHROMIUM_ARGS, PageServer, chromium, free_port
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -28,23 +27,9 @@ from crushd.console import ASSETS
 
 KEY_ENV = "CRUSHD_TEST_CONSOLE_KEY"
 TOKEN = "console-browser-token"
-CHROMIUM_ARGS = [
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 WORDS = " ".join(f"word{i}" for i in range(40))
 TIMEOUT_MS = 20_000
 expect.set_options(timeout=TIMEOUT_MS)  # generous: the machine may be busy
-
-
-def chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    assert found, "chromium is installed by .ci/run (apt-get install -y chromium)"
-    return found
 
 
 @pytest.fixture(scope="module")
