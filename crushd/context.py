@@ -181,6 +181,14 @@ def _read(path: Path, root: Path | None, budget: int) -> tuple[str, bool]:
     warning) and :class:`_Skip` when there is one crushd will not use.
     """
     try:
+        # Most candidates do not exist: one lstat says so, where realpath
+        # takes one per component of the path.
+        os.lstat(path)
+    except FileNotFoundError:
+        raise
+    except OSError:
+        pass  # realpath says what is wrong
+    try:
         real = Path(os.path.realpath(path, strict=True))
     except FileNotFoundError:  # no such file, or a dangling link: nothing to read
         raise
