@@ -57,7 +57,7 @@ from crushd.providers.base import (
 )
 from crushd.providers.catalog import ModelCatalog, ModelSpec
 from crushd.providers.retry import NO_RETRIES, RetryPolicy, stream_with_retries
-from crushd.store import WorkspaceStore, lock_budget
+from crushd.store import RunStart, WorkspaceStore, lock_budget
 from crushd.tools.base import Tool, ToolContext, ToolError, ToolResult
 from crushd.tools.paths import is_inside
 from crushd.tools.sandbox import Sandbox
@@ -244,7 +244,7 @@ def seal_run_messages(
             parts.append(finish_part(outcome.reason or "error", outcome.message, outcome.details))
             changed = True
         if changed:
-            last = env.store.update_message(msg["id"], parts)
+            last = env.store.update_message(msg, parts)
             env.hub.publish("message.updated", session_id, last)
     if unanswered:
         results = [tool_result_part(p, outcome.result_text, True) for p in unanswered]
@@ -397,7 +397,7 @@ class MessageWriter:
         if not required and not self._env.store.available:
             return None
         try:
-            stored = self._env.store.update_message(self.id, json.loads(json.dumps(self.parts)))
+            stored = self._env.store.update_message(self.message, self.parts)
         except StorageUnavailable:
             if required:
                 raise
@@ -423,15 +423,16 @@ class Run:
     """Executes one accepted run.  Not thread-safe: one executor thread owns it;
     only :attr:`writer` is touched from outside (the shutdown flush)."""
 
-    def __init__(self, env: RunEnv, record: dict[str, Any], token: CancelToken) -> None:
+    def __init__(self, env: RunEnv, start: RunStart, token: CancelToken) -> None:
         self.env = env
-        self.record = record  # the run as stored when it started
+        self.record = start.run  # the run as stored when it started
+        self._first_message = start.message
         self.token = token
         self.step: _Step | None = None
         self.provider: Provider | None = None  # the run's model, known once it started
         self.spec: ModelSpec | None = None  # its configuration (prices, context window)
         self.system = ""  # the system prompt of every request, read as the run starts
-        self.user_message: dict[str, Any] | None = None  # once stored
+        self.user_message = start.user_message
         # Reported, not stored yet; each with whether its prompt tokens are
         # the session's context (a summary's request does not count).
         self._usage: list[tuple[Usage, bool]] = []
@@ -466,19 +467,21 @@ class Run:
     def execute(self) -> dict[str, Any] | None:
         """Run the turn to a terminal record; returns the terminal run.
 
-        ``self.record`` must already be ``running`` (``WorkspaceStore.start_run``).
+        ``WorkspaceStore.start_run`` stored the run as ``running`` with its
+        user message and its first assistant message.
         """
         env = self.env
         try:
             self.publish("run.started", self.record)
-            self._stored(self._write_user_message)
+            if self.user_message is not None:
+                self.publish("message.created", self.user_message)
+            self._open_step(self._first_message)
             # An unknown model (configuration changed while it was queued)
             # or a missing key fails the run here, with a message that says so.
-            # The assistant message comes first, so such a failure still
+            # The assistant message came first, so such a failure still
             # leaves one with its finish part.
             name = self.record["model"] or env.models.default
             self.spec = env.models.spec(name)
-            self._new_step()
             self.provider = env.models.provider(name)
             self.system = self._system_prompt()
             if self.compact:
@@ -549,32 +552,21 @@ class Run:
                 return
             self._usage.pop(0)
 
-    def _write_user_message(self) -> None:
-        if self.user_message is not None or self.compact:
-            return
-        self.user_message = self.env.store.create_message(
-            self.session_id, self.id, "user", [{"type": "text", "text": self.record["prompt"]}]
-        )
-        self.publish("message.created", self.user_message)
-
     def _new_step(self) -> None:
         message = self._stored(
             lambda: self.env.store.create_message(
-                self.session_id,
-                self.id,
-                "assistant",
-                [],
-                *self._model_ids(),
+                self.session_id, self.id, "assistant", [], *self._model_ids()
             )
         )
+        self._open_step(message)
+
+    def _open_step(self, message: dict[str, Any]) -> None:
         self.publish("message.created", message)
         self.step = _Step(MessageWriter(self.env, message, self.id))
 
     def _model_ids(self) -> tuple[str | None, str | None]:
         """The provider's model id and the provider's name, for messages."""
-        if self.spec is None:
-            return self.record["model"], None
-        return self.spec.model, self.spec.provider
+        return self.env.models.message_ids(self.record["model"] or self.env.models.default)
 
     def _loop(self) -> str | None:
         """Model steps until the model stops; returns a denial error or None.
@@ -921,7 +913,6 @@ class Run:
     def _close_records(self, outcome: Outcome) -> dict[str, Any] | None:
         """Every closing write, in order; each step is idempotent, so after a
         refused write the whole sequence is simply tried again."""
-        self._write_user_message()
         self._write_usage()
         text, message_id = "", None
         if self.step is not None:

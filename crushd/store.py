@@ -328,6 +328,9 @@ _RUN = (
     "started_at, finished_at, prompt_tokens, completion_tokens, cache_read_tokens, "
     "cache_write_tokens, cost_usd"
 )
+_SESSION_VALUES = ", ".join("?" * len(_SESSION.split(",")))
+_MESSAGE_VALUES = ", ".join("?" * len(_MESSAGE.split(",")))
+_RUN_VALUES = ", ".join("?" * len(_RUN.split(",")))
 # What finish_run may set besides the status; column names are never
 # taken from anywhere else.
 _FINISH_FIELDS = frozenset({"error", "text", "message_id"})
@@ -345,6 +348,15 @@ class Prompt:
     title: str
     model: str | None = None
     kind: str = "prompt"
+
+
+@dataclass(frozen=True)
+class RunStart:
+    """A run as :meth:`WorkspaceStore.start_run` left it."""
+
+    run: dict[str, Any]  # now ``running``
+    user_message: dict[str, Any] | None  # None for a ``compact`` run
+    message: dict[str, Any]  # the first assistant message, empty
 
 
 class WorkspaceStore(_Store):
@@ -410,6 +422,11 @@ class WorkspaceStore(_Store):
                 row[0],
             )
         )
+        return self._session_dict(row, message_count, counts)
+
+    @staticmethod
+    def _session_dict(row: tuple, message_count: int, counts: dict[str, int]) -> dict[str, Any]:
+        """A session row in the API's shape; ``counts``: its active runs by status."""
         queued = counts.get("queued", 0)
         return {
             "id": row[0],
@@ -426,24 +443,19 @@ class WorkspaceStore(_Store):
             "queued_runs": queued,
         }
 
-    def _insert_session(self, title: str, now: str) -> str:
-        """Holds _lock, in a write."""
-        session_id = new_id()
+    def _insert_session(self, title: str, now: str) -> tuple:
+        """Holds _lock, in a write; returns the row (``_SESSION``) as stored."""
+        row = (new_id(), title, now, now, 0, 0, 0, 0, None)
         # Every counter is given: the migrations' columns have no SQL defaults.
         self._changed(
-            "INSERT INTO session (id, title, created_at, updated_at, prompt_tokens, "
-            "completion_tokens, cache_read_tokens, cache_write_tokens, context_tokens) "
-            "VALUES (?, ?, ?, ?, 0, 0, 0, 0, 0)",
-            session_id,
-            title,
-            now,
-            now,
+            f"INSERT INTO session ({_SESSION}, context_tokens) VALUES ({_SESSION_VALUES}, 0)",
+            *row,
         )
-        return session_id
+        return row
 
     def create_session(self, title: str) -> dict[str, Any]:
         with self._use(write=True):
-            return self._session(self._insert_session(title, utcnow()))
+            return self._session_dict(self._insert_session(title, utcnow()), 0, {})
 
     def get_session(self, session_id: str) -> dict[str, Any] | None:
         with self._use():
@@ -512,35 +524,43 @@ class WorkspaceStore(_Store):
         model: str | None = None,
         provider: str | None = None,
     ) -> dict[str, Any]:
-        now, message_id = utcnow(), new_id()
         with self._use(write=True):
-            self._changed(
-                f"INSERT INTO message ({_MESSAGE}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                message_id,
-                session_id,
-                run_id,
-                role,
-                json.dumps(parts),
-                model,
-                provider,
-                now,
-                now,
-            )
-            self._changed("UPDATE session SET updated_at = ? WHERE id = ?", now, session_id)
-            return self._message(message_id)
+            return self._insert_message(session_id, run_id, role, parts, model, provider)
 
-    def update_message(self, message_id: str, parts: list[dict[str, Any]]) -> dict[str, Any]:
+    def _insert_message(
+        self,
+        session_id: str,
+        run_id: str | None,
+        role: str,
+        parts: list[dict[str, Any]],
+        model: str | None,
+        provider: str | None,
+    ) -> dict[str, Any]:
+        """Holds _lock, in a write transaction."""
+        now = utcnow()
+        row = (new_id(), session_id, run_id, role, json.dumps(parts), model, provider, now, now)
+        self._changed(f"INSERT INTO message ({_MESSAGE}) VALUES ({_MESSAGE_VALUES})", *row)
+        self._changed("UPDATE session SET updated_at = ? WHERE id = ?", now, session_id)
+        return self._message_dict(row)  # as stored, not read back
+
+    def update_message(
+        self, message: dict[str, Any], parts: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Store new ``parts`` for ``message`` (as created); return it as stored now.
+
+        Built from ``message`` rather than read back: the other fields never
+        change, and under a hundred streaming runs every statement costs a
+        wait for the GIL while the store lock is held."""
+        now, stored = utcnow(), json.dumps(parts)
         with self._use(write=True):
-            self._changed(
+            if not self._changed(
                 "UPDATE message SET parts = ?, updated_at = ? WHERE id = ?",
-                json.dumps(parts),
-                utcnow(),
-                message_id,
-            )
-            stored = self._message(message_id)
-            if stored is None:
-                raise NotFound(f"message {message_id} not found")
-            return stored
+                stored,
+                now,
+                message["id"],
+            ):
+                raise NotFound(f"message {message['id']} not found")
+        return {**message, "parts": json.loads(stored), "updated_at": now}
 
     def list_messages(self, session_id: str) -> list[dict[str, Any]]:
         with self._use():
@@ -666,8 +686,10 @@ class WorkspaceStore(_Store):
                     results.append((existing, None, False))
                     continue
                 session_id = prompt.session_id
+                new_session = None
                 if session_id is None:
-                    session_id = self._insert_session(prompt.title, now)
+                    new_session = self._insert_session(prompt.title, now)
+                    session_id = new_session[0]
                 else:
                     if self._one("SELECT 1 FROM session WHERE id = ?", session_id) is None:
                         results.append(NotFound(f"session {session_id} not found"))
@@ -681,19 +703,17 @@ class WorkspaceStore(_Store):
                             QueueFull(f"session {session_id} already has {max_queue} queued runs")
                         )
                         continue
-                self._changed(
-                    "INSERT INTO run (id, session_id, prompt, kind, model, status, created_at, "
-                    "prompt_tokens, completion_tokens, cache_read_tokens, cache_write_tokens) "
-                    "VALUES (?, ?, ?, ?, ?, 'queued', ?, 0, 0, 0, 0)",
-                    prompt.run_id,
-                    session_id,
-                    prompt.prompt,
-                    prompt.kind,
-                    prompt.model,
-                    now,
+                row = (
+                    *(prompt.run_id, session_id, prompt.kind, prompt.model, prompt.prompt),
+                    *("queued", None, None, None, now, None, None, 0, 0, 0, 0, None),
                 )
-                session = self._session(session_id) if prompt.session_id is None else None
-                results.append((self._run(prompt.run_id), session, True))
+                self._changed(f"INSERT INTO run ({_RUN}) VALUES ({_RUN_VALUES})", *row)
+                # Built as stored, not read back: a burst of prompts is one
+                # transaction, and each statement in it waits for the GIL.
+                session = None
+                if new_session is not None:
+                    session = self._session_dict(new_session, 0, {"queued": 1})
+                results.append((self._run_dict(row), session, True))
         return results
 
     def accept_run(
@@ -761,10 +781,23 @@ class WorkspaceStore(_Store):
         with self._use():
             return self._one(sql, *params)[0]
 
-    def start_run(self, run_id: str, default_model: str | None = None) -> dict[str, Any] | None:
-        """``queued`` -> ``running``; None if the run is no longer queued.
+    def start_run(
+        self,
+        run_id: str,
+        default_model: str | None = None,
+        describe: Callable[[str | None], tuple[str | None, str | None]] = lambda model: (
+            model,
+            None,
+        ),
+    ) -> RunStart | None:
+        """``queued`` -> ``running``, with the run's first records, in one
+        transaction; None if the run is no longer queued.
 
-        A run queued before runs had a model gets ``default_model``.
+        A ``prompt`` run gets its user message; every run gets its first,
+        empty assistant message, whose model and provider are
+        ``describe(run's model)``.  A run queued before runs had a model gets
+        ``default_model``.  One transaction, so that no crash or refused
+        write leaves a running run without the prompt it answers.
         """
         with self._use(write=True):
             updated = self._changed(
@@ -774,7 +807,18 @@ class WorkspaceStore(_Store):
                 default_model,
                 run_id,
             )
-            return self._run(run_id) if updated else None
+            if not updated:
+                return None
+            run = self._run(run_id)
+            session_id = run["session_id"]
+            user = None
+            if run["kind"] != "compact":
+                prompt = [{"type": "text", "text": run["prompt"]}]
+                user = self._insert_message(session_id, run_id, "user", prompt, None, None)
+            message = self._insert_message(
+                session_id, run_id, "assistant", [], *describe(run["model"])
+            )
+            return RunStart(run, user, message)
 
     def finish_run(
         self, run_id: str, status: str, *, only_from: str | None = None, **fields: Any

@@ -499,13 +499,15 @@ class Workspace:
                     self._cancel_queued(active.run_id)
                 return
             try:
-                run = self.store.start_run(active.run_id, self.models.default)
+                start = self.store.start_run(
+                    active.run_id, self.models.default, self.models.message_ids
+                )
             except StorageUnavailable:
                 self._requeue(active)
                 return
-            if run is None:  # cancelled while it waited for a worker
+            if start is None:  # cancelled while it waited for a worker
                 return
-            active.run = Run(self._env, run, active.token)
+            active.run = Run(self._env, start, active.token)
             active.started.set()
             active.run.execute()
             if active.run.owed is not None:

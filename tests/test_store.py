@@ -172,10 +172,13 @@ def test_messages_oldest_first_with_typed_parts_round_tripping(store):
     assert store.get_session(session["id"])["message_count"] == 3
 
     changed = [*PARTS[:1], {"type": "text", "text": " more"}]
-    updated = store.update_message(assistant["id"], changed)
+    updated = store.update_message(assistant, changed)
     assert updated["parts"] == changed
-    assert store.list_messages(session["id"])[1]["parts"] == changed
+    assert store.list_messages(session["id"])[1] == updated
     assert [m["id"] for m in store.run_messages("r1")] == [user["id"], assistant["id"], tool["id"]]
+    store.delete_session(session["id"])
+    with pytest.raises(NotFound):
+        store.update_message(assistant, PARTS)
 
 
 # -- runs ----------------------------------------------------------------------
@@ -247,7 +250,7 @@ def test_accept_run_is_all_or_nothing(store):
 def test_start_run_only_from_queued(store):
     session = store.create_session("s")
     queue_run(store, "r1", session["id"], "p")
-    started = store.start_run("r1")
+    started = store.start_run("r1").run
     assert started["status"] == "running" and started["started_at"] is not None
     assert store.start_run("r1") is None
     assert store.get_run("r1")["started_at"] == started["started_at"]
@@ -257,6 +260,50 @@ def test_start_run_only_from_queued(store):
     assert store.start_run("r2") is None
     assert store.get_run("r2")["status"] == "cancelled"
     assert store.start_run("missing") is None
+
+
+def test_what_a_write_returns_is_what_a_read_gives_back(store):
+    # Writes build their answers from what they stored instead of reading
+    # it back; the two must not drift apart.
+    session = store.create_session("s")
+    assert store.get_session(session["id"]) == session
+    run, new = store.accept_run("r1", "p", None, "title", 5, model="m")
+    assert store.get_run("r1") == run and store.get_session(new["id"]) == new
+    assert new["queued_runs"] == 1 and new["is_busy"]
+    message = store.create_message(session["id"], None, "user", PARTS, "m", "echo")
+    assert store.list_messages(session["id"]) == [message]
+    start = store.start_run("r1", None, lambda model: (model, None))
+    assert store.get_run("r1") == start.run
+    assert store.run_messages("r1") == [start.user_message, start.message]
+
+
+def test_start_run_writes_the_first_records_with_it(store):
+    session = store.create_session("s")
+    earlier = store.create_message(session["id"], None, "user", [{"type": "text", "text": "0"}])
+    queue_run(store, "r1", session["id"], "the prompt")
+
+    start = store.start_run("r1", "dflt", lambda model: (f"id-of-{model}", "prov"))
+
+    assert start.run["status"] == "running"
+    user, assistant = store.run_messages("r1")
+    assert start.user_message == user
+    assert user["role"] == "user" and user["parts"] == [{"type": "text", "text": "the prompt"}]
+    assert start.message == assistant
+    assert assistant["role"] == "assistant" and assistant["parts"] == []
+    assert start.run["model"] == "dflt"  # queued without one
+    assert (assistant["model"], assistant["provider"]) == ("id-of-dflt", "prov")
+    assert store.context(session["id"]) == (None, [earlier, user, assistant])
+
+
+def test_start_run_of_a_compaction_writes_no_user_message(store):
+    session = store.create_session("s")
+    store.accept_run("c1", "", session["id"], "unused", 10, model="big", kind="compact")
+
+    start = store.start_run("c1", "dflt", lambda model: (model, None))
+
+    assert start.user_message is None
+    assert [m["role"] for m in store.run_messages("c1")] == ["assistant"]
+    assert start.message["model"] == "big"
 
 
 def test_finish_run_is_idempotent(store):

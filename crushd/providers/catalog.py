@@ -130,6 +130,13 @@ class ModelCatalog:
     def spec(self, name: str) -> ModelSpec | None:
         return self._specs.get(name)
 
+    def message_ids(self, name: str | None) -> tuple[str | None, str | None]:
+        """What an assistant message of model ``name`` records: the
+        provider's model id and the provider, or just ``name`` for a model
+        that is not configured (any more)."""
+        spec = self._specs.get(name) if name is not None else None
+        return (spec.model, spec.provider) if spec is not None else (name, None)
+
     def describe(self) -> list[dict[str, Any]]:
         return [spec.describe(name == self.default) for name, spec in self._specs.items()]
 
