@@ -191,6 +191,46 @@ def test_flush_writes_what_is_pending_and_close_refuses_later_writes(env):
     assert stored_parts(env, writer)[0] == {"type": "text", "text": "ab"}
 
 
+def test_parts_built_from_many_fragments_hold_every_fragment_in_order(env):
+    writer = new_writer(env)
+    words = [f"w{i} " for i in range(1000)]
+    for word in words:
+        writer.delta("text", word)
+    writer.tool_call_start("c1", "edit")
+    for char in '{"path": "a"}':
+        writer.tool_call_input("c1", char)
+    writer.tool_call_start("c2", "view")
+    writer.tool_call_input("c1", "")  # a late fragment for an earlier call
+    writer.tool_call_input("c2", '{"path": "b"}')
+    writer.delta("reasoning", "hm")
+    writer.delta("reasoning", "m")
+    writer.delta("text", "end")
+    assert writer.text() == "".join(words) + "end"
+    calls = writer.finish_tool_calls()
+    assert [c["input"] for c in calls] == ['{"path": "a"}', '{"path": "b"}']
+    writer.add_finish("stop")
+    writer.close()
+    assert [(p["type"], p.get("text")) for p in stored_parts(env, writer)] == [
+        ("text", "".join(words)),
+        ("tool_call", None),
+        ("tool_call", None),
+        ("reasoning", "hmm"),
+        ("text", "end"),
+        ("finish", None),
+    ]
+
+
+def test_a_reset_drops_the_fragments_not_yet_joined(env):
+    writer = new_writer(env)
+    writer.delta("text", "first attempt ")
+    env.now = 0.05
+    writer.delta("text", "still pending")
+    assert writer.reset()
+    writer.delta("text", "second")
+    assert writer.text() == "second"
+    assert writer.flush()["parts"] == [{"type": "text", "text": "second"}]
+
+
 def test_unparsable_tool_arguments_are_stored_as_an_empty_object(env):
     writer = new_writer(env)
     writer.tool_call_start("c1", "bash")
