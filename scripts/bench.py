@@ -34,18 +34,24 @@
     ``opencode-linux-x64``, installed into a temporary directory), on the same
     fake in the same run, with the ratios.  Only when named: it needs npm.
 
-Usage: ``python scripts/bench.py [SCENARIO] [--quick]``.  Everything runs on loopback
+A single burst varies by a fifth from one run to the next on a small
+machine; ``--repeat N`` runs (h) and (i) N times (alternating the two
+servers) and reports the median of each figure.
+
+Usage: ``python scripts/bench.py [SCENARIO] [--quick] [--repeat N]``.  Everything runs on loopback
 against a real ``crushd serve`` (a) and (c), or waitress on a thread (b).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -735,9 +741,33 @@ def crushd_burst(root: Path, fake, runs: int, sequential: int) -> dict:
     return results
 
 
-def bench_burst(root: Path, quick: bool) -> dict:
+def medians(samples: list[dict]) -> dict:
+    """The median of every number across ``samples`` (dicts of one shape)."""
+    first = samples[0]
+    if len(samples) == 1:
+        return first
+    merged: dict = {}
+    for key, value in first.items():
+        values = [sample[key] for sample in samples]
+        if isinstance(value, dict):
+            merged[key] = medians(values)
+        elif (
+            isinstance(value, int | float) and not isinstance(value, bool) and len(set(values)) > 1
+        ):
+            merged[key] = round(statistics.median(values), 3)
+        else:
+            merged[key] = value
+    return merged
+
+
+def bench_burst(root: Path, quick: bool, repeat: int = 1) -> dict:
+    runs, sequential = (20, 5) if quick else (100, 20)
     with FakeModel() as fake:
-        return crushd_burst(root, fake, 20 if quick else 100, 5 if quick else 20)
+        samples = []
+        for i in range(repeat):
+            (root / str(i)).mkdir()
+            samples.append(crushd_burst(root / str(i), fake, runs, sequential))
+    return {**medians(samples), "repeat": repeat}
 
 
 OPENCODE_PACKAGE, OPENCODE_VERSION = "opencode-linux-x64", "1.18.34"
@@ -790,7 +820,7 @@ def install_opencode(root: Path) -> Path | str:
     return binary
 
 
-def opencode_burst(root: Path, binary: Path, fake, runs: int, sequential: int) -> dict:
+def opencode_burst(root: Path, fake, runs: int, sequential: int, *, binary: Path) -> dict:
     config = {
         "provider": {
             "fake": {
@@ -836,17 +866,24 @@ def opencode_burst(root: Path, binary: Path, fake, runs: int, sequential: int) -
             proc.wait(30)
 
 
-def bench_peer(root: Path, quick: bool) -> dict:
+def bench_peer(root: Path, quick: bool, repeat: int = 1) -> dict:
     """The burst and the sequential scenario against crushd and against
-    ``opencode serve``, both on the same fake model, in one run."""
+    ``opencode serve``, both on the same fake model, in one run (``repeat``
+    times, one server after the other, reporting medians)."""
     binary = install_opencode(root / "npm")
     if isinstance(binary, str):
         return {"skipped": binary}
     runs, sequential = (20, 5) if quick else (100, 20)
+    crushd_samples, opencode_samples = [], []
     with FakeModel() as fake:
-        (root / "crushd").mkdir()
-        crushd = crushd_burst(root / "crushd", fake, runs, sequential)
-        opencode = opencode_burst(root, binary, fake, runs, sequential)
+        for i in range(repeat):
+            for name, samples, burst in (
+                ("crushd", crushd_samples, crushd_burst),
+                ("opencode", opencode_samples, functools.partial(opencode_burst, binary=binary)),
+            ):
+                (root / f"{name}-{i}").mkdir()
+                samples.append(burst(root / f"{name}-{i}", fake, runs, sequential))
+    crushd, opencode = medians(crushd_samples), medians(opencode_samples)
 
     def ratio(path: tuple[str, ...]) -> float:
         a, b = crushd, opencode
@@ -856,6 +893,7 @@ def bench_peer(root: Path, quick: bool) -> dict:
 
     return {
         "opencode": f"{OPENCODE_PACKAGE}@{OPENCODE_VERSION}",
+        "repeat": repeat,
         "crushd": crushd,
         "opencode_serve": opencode,
         "crushd_over_opencode": {
@@ -879,6 +917,7 @@ BENCHES = {
     "burst": bench_burst,
     "peer": bench_peer,
 }
+REPEATABLE = {"burst", "peer"}
 
 
 def main() -> None:
@@ -886,8 +925,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller runs, for a smoke test")
     parser.add_argument("scenario", nargs="?", choices=list(BENCHES), help="run only this one")
     parser.add_argument("--only", choices=list(BENCHES), help="the same as SCENARIO")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="burst, peer: run N times and report medians",
+    )
     parser.add_argument("--fake-model", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     if args.fake_model:
         serve_fake_model()
         return
@@ -896,8 +944,9 @@ def main() -> None:
     for name, bench in BENCHES.items():
         if name != only and (only or name == "peer"):  # peer installs from npm: on request
             continue
+        extra = {"repeat": args.repeat} if name in REPEATABLE else {}
         with tempfile.TemporaryDirectory(prefix=f"crushd-bench-{name}-") as tmp:
-            results[name] = bench(Path(tmp), args.quick)
+            results[name] = bench(Path(tmp), args.quick, **extra)
     print(json.dumps(results, indent=2))
 
 
