@@ -280,8 +280,9 @@ class MessageWriter:
         self.parts: list[dict[str, Any]] = []  # guarded by _lock
         # Fragments still to be joined onto the last part's ``_tail_key``
         # field (its text, or a tool call's input).  Adding each delta to
-        # the string itself copies all of it every time: 50,000 deltas
-        # took 1.2 s of CPU that way.  Guarded by _lock.
+        # the string itself copied all of it every time: a 1 MB answer of
+        # 200,000 deltas took 25 s of CPU that way, 1.5 s this way.
+        # Guarded by _lock.
         self._tail: list[str] = []
         self._tail_key = ""
         self._dirty = False  # guarded by _lock

@@ -510,11 +510,6 @@ class WorkspaceStore(_Store):
             "updated_at": row[8],
         }
 
-    def _message(self, message_id: str) -> dict[str, Any] | None:
-        """Holds _lock."""
-        row = self._one(f"SELECT {_MESSAGE} FROM message WHERE id = ?", message_id)
-        return self._message_dict(row) if row else None
-
     def create_message(
         self,
         session_id: str,
@@ -546,11 +541,9 @@ class WorkspaceStore(_Store):
     def update_message(
         self, message: dict[str, Any], parts: list[dict[str, Any]]
     ) -> dict[str, Any]:
-        """Store new ``parts`` for ``message`` (as created); return it as stored now.
-
-        Built from ``message`` rather than read back: the other fields never
-        change, and under a hundred streaming runs every statement costs a
-        wait for the GIL while the store lock is held."""
+        """Store new ``parts`` for ``message`` (as created); return it as
+        stored now, built from ``message`` rather than read back: its other
+        fields never change."""
         now, stored = utcnow(), json.dumps(parts)
         with self._use(write=True):
             if not self._changed(
@@ -708,8 +701,7 @@ class WorkspaceStore(_Store):
                     *("queued", None, None, None, now, None, None, 0, 0, 0, 0, None),
                 )
                 self._changed(f"INSERT INTO run ({_RUN}) VALUES ({_RUN_VALUES})", *row)
-                # Built as stored, not read back: a burst of prompts is one
-                # transaction, and each statement in it waits for the GIL.
+                # Built as stored, not read back: four statements fewer.
                 session = None
                 if new_session is not None:
                     session = self._session_dict(new_session, 0, {"queued": 1})
@@ -785,17 +777,15 @@ class WorkspaceStore(_Store):
         self,
         run_id: str,
         default_model: str | None = None,
-        describe: Callable[[str | None], tuple[str | None, str | None]] = lambda model: (
-            model,
-            None,
-        ),
+        describe: Callable[[str | None], tuple[str | None, str | None]] | None = None,
     ) -> RunStart | None:
         """``queued`` -> ``running``, with the run's first records, in one
         transaction; None if the run is no longer queued.
 
         A ``prompt`` run gets its user message; every run gets its first,
         empty assistant message, whose model and provider are
-        ``describe(run's model)``.  A run queued before runs had a model gets
+        ``describe(run's model)`` (without ``describe``: the run's model and
+        no provider).  A run queued before runs had a model gets
         ``default_model``.  One transaction, so that no crash or refused
         write leaves a running run without the prompt it answers.
         """
@@ -815,9 +805,8 @@ class WorkspaceStore(_Store):
             if run["kind"] != "compact":
                 prompt = [{"type": "text", "text": run["prompt"]}]
                 user = self._insert_message(session_id, run_id, "user", prompt, None, None)
-            message = self._insert_message(
-                session_id, run_id, "assistant", [], *describe(run["model"])
-            )
+            ids = describe(run["model"]) if describe else (run["model"], None)
+            message = self._insert_message(session_id, run_id, "assistant", [], *ids)
             return RunStart(run, user, message)
 
     def finish_run(
