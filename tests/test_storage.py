@@ -277,3 +277,30 @@ def test_a_refused_write_surfaces_its_own_error_and_stores_nothing(tmp_path, cap
         store.close()
     events = [r.getMessage().split()[0] for r in caplog.records if "storage_" in r.getMessage()]
     assert events == ["event=storage_unavailable", "event=storage_recovered"]
+
+
+def test_a_run_whose_prompt_cannot_be_stored_does_not_start(tmp_path):
+    """The start and the prompt's message are one transaction: refused,
+    the run stays queued with no message; accepted later, it starts whole."""
+    store = WorkspaceStore(tmp_path / "workspace.db", "w")
+    try:
+        session = store.create_session("s")
+        # Three kilobytes each: the run's row changes in place, while a
+        # second message of that size needs a page the file may not grow by.
+        store.create_message(session["id"], None, "user", [{"type": "text", "text": "y" * 3000}])
+        store.accept_run("r1", "x" * 3000, session["id"], "t", 64)
+        store.db.execute_sql("VACUUM")  # no free pages left to take
+        (pages,) = store.db.execute_sql("PRAGMA page_count").fetchone()
+        store.db.execute_sql(f"PRAGMA max_page_count = {pages}")
+        with pytest.raises(StorageUnavailable, match="database or disk is full"):
+            store.start_run("r1")
+        assert store.get_run("r1")["status"] == "queued"
+        assert store.run_messages("r1") == []
+        store.db.execute_sql(f"PRAGMA max_page_count = {pages * 100}")
+        store.probe()
+        start = store.start_run("r1")
+        assert start.run["status"] == "running"
+        assert [m["role"] for m in store.run_messages("r1")] == ["user", "assistant"]
+        assert start.user_message["parts"] == [{"type": "text", "text": "x" * 3000}]
+    finally:
+        store.close()
