@@ -21,12 +21,13 @@ cleanup deadline either way.  A turn whose writes stay refused ends
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -49,11 +50,13 @@ from crushd.providers.base import (
     Retrying,
     StepFinish,
     StepRequest,
+    StreamEvent,
     TextDelta,
     ToolCallDelta,
     ToolCallStart,
     ToolSpec,
     Usage,
+    on_wait,
 )
 from crushd.providers.catalog import ModelCatalog, ModelSpec
 from crushd.providers.retry import NO_RETRIES, RetryPolicy, stream_with_retries
@@ -261,8 +264,10 @@ def seal_run_messages(
 class MessageWriter:
     """The parts of one streaming assistant message, persisted coalesced.
 
-    Deltas are published at once; the database sees at most one write per
-    ``interval`` plus a forced one at step end and on every exit path.
+    Deltas are published at once, or, inside :meth:`merging`, as soon as
+    the provider is about to wait for more; the database sees at most one
+    write per ``interval`` plus a forced one at step end and on every exit
+    path.  Nothing is stored before it is published.
     Thread-safe: the workspace may flush it from its shutdown thread.
     """
 
@@ -288,6 +293,12 @@ class MessageWriter:
         self._dirty = False  # guarded by _lock
         self._last_write = float("-inf")  # guarded by _lock
         self._closed = False  # guarded by _lock
+        # Inside merging(): the text read but not yet published, of kind
+        # _held_kind.  Guarded by _lock.
+        self._merging = False
+        self._held: list[str] = []
+        self._held_kind = ""
+        self._shown = False  # whether a delta of this attempt was published; under _lock
 
     @property
     def id(self) -> str:
@@ -304,12 +315,55 @@ class MessageWriter:
                 self.parts.append({"type": kind, "text": text})
             # Publish under the lock so the stored text and the published
             # deltas can never disagree about order.
-            self._env.hub.publish(
-                "message.delta",
-                self.message["session_id"],
-                {"message_id": self.id, "run_id": self.run_id, "kind": kind, "delta": text},
-            )
-            self._changed()
+            if self._merging:
+                self._held_kind = kind  # _settle() released other kinds
+                self._held.append(text)
+                self._dirty = True  # a coalesced write waits for the release
+            else:
+                self._publish_delta(kind, text)
+                self._changed()
+
+    @contextlib.contextmanager
+    def merging(self) -> Iterator[None]:
+        """Hold deltas back until the provider is about to wait for more.
+
+        For a provider that :attr:`~crushd.providers.base.Provider.announces_waits`:
+        the text of every chunk read at once is published as one delta.
+        """
+        with self._lock:
+            self._merging = True
+        try:
+            with on_wait(self.release):
+                yield
+        finally:
+            with self._lock:
+                self._merging = False
+                self._release()
+
+    def release(self) -> bool:
+        """Publish the deltas held back (see :meth:`merging`); return
+        whether the reader may now be paced: once some text was shown."""
+        with self._lock:
+            if self._release():
+                self._changed()
+            return self._shown
+
+    def _release(self) -> bool:
+        """Publish what is held; return whether there was anything.  Holds _lock."""
+        if not self._held:
+            return False
+        text, self._held = "".join(self._held), []
+        self._publish_delta(self._held_kind, text)
+        return True
+
+    def _publish_delta(self, kind: str, text: str) -> None:
+        """Holds _lock."""
+        self._shown = True
+        self._env.hub.publish(
+            "message.delta",
+            self.message["session_id"],
+            {"message_id": self.id, "run_id": self.run_id, "kind": kind, "delta": text},
+        )
 
     def tool_call_start(self, call_id: str, name: str) -> None:
         with self._lock:
@@ -358,6 +412,8 @@ class MessageWriter:
         what the next attempt streams.
         """
         with self._lock:
+            self._release()
+            self._shown = False  # the next attempt's first text is awaited again
             if not self.parts:
                 return False
             self.parts, self._tail = [], []
@@ -385,11 +441,18 @@ class MessageWriter:
     def _extend(self, key: str, fragment: str) -> None:
         """Add ``fragment`` to the last part's ``key``.  Holds _lock."""
         if key != self._tail_key:
-            self._settle()
+            self._join()
             self._tail_key = key
         self._tail.append(fragment)
 
     def _settle(self) -> None:
+        """Publish what is held and join the pending fragments: before
+        anything else changes or reads the parts, and before they are
+        written.  Holds _lock."""
+        self._release()
+        self._join()
+
+    def _join(self) -> None:
         """Join the pending fragments onto the last part.  Holds _lock."""
         if self._tail:
             self.parts[-1][self._tail_key] += "".join(self._tail)
@@ -662,25 +725,35 @@ class Run:
         towards the compaction threshold either."""
         writer = self.step.writer
         reason = "unknown"
-        for event in stream_with_retries(self.provider, request, self.token, self.env.retry):
-            if isinstance(event, TextDelta):
-                writer.delta(kind, event.text)
-            elif isinstance(event, ReasoningDelta):
-                writer.delta("reasoning", event.text)
-            elif isinstance(event, ToolCallStart):
-                if kind == "text":  # a summary offers no tools; a call is noise
-                    writer.tool_call_start(event.id, event.name)
-            elif isinstance(event, ToolCallDelta):
-                if kind == "text":
-                    writer.tool_call_input(event.id, event.input_delta)
-            elif isinstance(event, Usage):
-                self._usage.append((event, kind == "text"))
-                self._write_usage(required=False)
-            elif isinstance(event, StepFinish):
-                reason = event.reason
-            elif isinstance(event, Retrying):
-                reason = "unknown"
-                self._retrying(event)
+        merging = writer.merging() if self.provider.announces_waits else contextlib.nullcontext()
+        with merging:
+            for event in stream_with_retries(self.provider, request, self.token, self.env.retry):
+                reason = self._take(writer, event, kind, reason)
+        return reason
+
+    def _take(self, writer: MessageWriter, event: StreamEvent, kind: str, reason: str) -> str:
+        """Apply one stream event; return the step's finish reason so far."""
+        if isinstance(event, TextDelta):
+            writer.delta(kind, event.text)
+            return reason
+        if isinstance(event, ReasoningDelta):
+            writer.delta("reasoning", event.text)
+            return reason
+        writer.release()  # text read before this event is published before it
+        if isinstance(event, ToolCallStart):
+            if kind == "text":  # a summary offers no tools; a call is noise
+                writer.tool_call_start(event.id, event.name)
+        elif isinstance(event, ToolCallDelta):
+            if kind == "text":
+                writer.tool_call_input(event.id, event.input_delta)
+        elif isinstance(event, Usage):
+            self._usage.append((event, kind == "text"))
+            self._write_usage(required=False)
+        elif isinstance(event, StepFinish):
+            reason = event.reason
+        elif isinstance(event, Retrying):
+            reason = "unknown"
+            self._retrying(event)
         return reason
 
     def _history(self) -> list[dict[str, Any]]:

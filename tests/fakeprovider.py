@@ -130,6 +130,14 @@ class Pause:
 
 
 @dataclass(frozen=True)
+class Together:
+    """Text and reasoning chunks sent in one socket write, each still its own
+    event and HTTP chunk: how a busy server's chunks reach a client."""
+
+    steps: tuple[Text | Reasoning, ...]
+
+
+@dataclass(frozen=True)
 class Hang:
     """Send nothing more until the client goes away or the server stops.
     ``headers=False`` hangs before the response headers (must be the only step)."""
@@ -156,6 +164,7 @@ Step = (
     | HTTPError
     | StreamError
     | Pause
+    | Together
     | Hang
     | Drop
     | Close
@@ -456,14 +465,16 @@ class _Handler(BaseHTTPRequestHandler):
                 finished = True
             elif isinstance(step, Text | Reasoning | ToolCall):
                 self._write(encoder.delta(step))
+            elif isinstance(step, Together):
+                self._write([event for part in step.steps for event in encoder.delta(part)])
         if not finished:
             self._write(encoder.finish("tool_calls" if has_calls else "stop"))
         self._write(encoder.end())
         self._write_raw(b"0\r\n\r\n")
 
     def _write(self, events: list[bytes]) -> None:
-        for event in events:
-            self._write_raw(b"%x\r\n%s\r\n" % (len(event), event))
+        """One write (and flush) of ``events``, an HTTP chunk each."""
+        self._write_raw(b"".join(b"%x\r\n%s\r\n" % (len(event), event) for event in events))
 
     def _write_raw(self, data: bytes) -> None:
         self.wfile.write(data)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from conftest import AGENT_KEY_ENV, wait_for
-from fakeprovider import Drop, Hang, HTTPError, Pause, Text, ToolCall, Usage
+from fakeprovider import Drop, Hang, HTTPError, Pause, Reasoning, Text, Together, ToolCall, Usage
 from helpers import (
     api,
     assert_sealed,
@@ -395,6 +395,55 @@ def test_path_outside_the_workspace_asks_even_in_yolo(fake, agent, project, tmp_
         assert "top secret" in out["content"] and out["is_error"] is False
         events = run_events(live.url, wid, run["session_id"], run["id"])
     assert sum(e["type"] == "permission.requested" for e in events) == 1
+
+
+# ---------------------------------------------------------------- deltas
+
+
+def deltas_of(events: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    deltas = [e["payload"] for e in events if e["type"] == "message.delta"]
+    return [(d["kind"], d["delta"]) for d in deltas]
+
+
+@BOTH
+def test_chunks_read_together_are_published_as_one_delta(fake, agent, project, protocol):
+    fake.script(
+        [
+            Together((Reasoning("let me "), Reasoning("think"), Text("one "), Text("two "))),
+            Pause(0.3),
+            Together((Text("three "), Text("four"))),
+            Pause(0.3),
+            Text("."),
+        ]
+    )
+    live = agent(protocol)
+    with api(live.url) as http:
+        wid = register(http, project, yolo=True)
+        run = submit(http, wid, "count")
+        done = wait_terminal(http, wid, run["id"])
+        events = run_events(live.url, wid, run["session_id"], run["id"])
+        stored = messages(http, wid, run["session_id"])
+    assert done["status"] == "completed", done
+    # The order of kinds is kept; text read at once becomes one delta.
+    assert deltas_of(events) == [
+        ("reasoning", "let me think"),
+        ("text", "one two "),
+        ("text", "three four"),
+        ("text", "."),
+    ]
+    assert text_of(stored[1]["parts"]) == "one two three four." == done["text"]
+    (reasoning,) = parts(stored[1], "reasoning")
+    assert reasoning["text"] == "let me think"
+
+
+def test_the_echo_provider_still_streams_one_word_per_delta(live_factory, project):
+    live = live_factory(provider="echo", echo_delay=0.0)
+    with api(live.url) as http:
+        wid = register(http, project, yolo=True)
+        run = submit(http, wid, "one two three")
+        wait_terminal(http, wid, run["id"])
+        events = run_events(live.url, wid, run["session_id"], run["id"])
+    assert deltas_of(events) == [("text", "one "), ("text", "two "), ("text", "three")]
 
 
 # ---------------------------------------------------------------- cancellation

@@ -11,6 +11,7 @@ import pytest
 
 from crushd.cancel import Cancelled, CancelToken, CountdownLatch, Deadline
 from crushd.events import EventHub
+from crushd.providers.base import waiting
 from crushd.runs import MessageWriter
 from crushd.store import WorkspaceStore
 
@@ -229,6 +230,59 @@ def test_a_reset_drops_the_fragments_not_yet_joined(env):
     writer.delta("text", "second")
     assert writer.text() == "second"
     assert writer.flush()["parts"] == [{"type": "text", "text": "second"}]
+
+
+def published(sub) -> list[tuple[str, str | None]]:
+    """The events queued for ``sub`` so far: (type, delta)."""
+    events = []
+    while not sub.queue.empty():
+        event = sub.queue.get_nowait()
+        events.append((event.type, event.data["payload"].get("delta")))
+    return events
+
+
+def test_merging_publishes_what_was_read_together_when_the_provider_waits(env):
+    sub, _, _ = env.hub.subscribe(None, None)
+    writer = new_writer(env)
+    with writer.merging():
+        assert waiting() is False  # nothing shown yet: reads are not paced
+        writer.delta("reasoning", "hm")
+        writer.delta("text", "one ")  # another kind: what was held goes first
+        writer.delta("text", "two ")
+        assert published(sub) == [("message.delta", "hm")]
+        assert stored_parts(env, writer) == []  # stored only once published
+        assert waiting() is True
+        assert published(sub) == [("message.delta", "one two ")]
+        assert stored_parts(env, writer)[-1] == {"type": "text", "text": "one two "}
+        writer.delta("text", "three")
+        assert writer.text() == "one two three"  # a read publishes first
+        writer.delta("text", " four")
+        assert writer.reset()
+        assert published(sub) == [
+            ("message.delta", "three"),
+            ("message.delta", " four"),
+            ("message.reset", None),
+        ]
+        assert waiting() is False  # the next attempt's first text is awaited again
+        writer.delta("text", "again")
+    assert published(sub) == [("message.delta", "again")]  # the end releases it
+    assert waiting() is False  # the hook is gone with the block
+    assert writer.flush()["parts"] == [{"type": "text", "text": "again"}]
+
+
+def test_a_coalesced_write_while_merging_waits_for_the_release(env):
+    writer = new_writer(env)
+    with writer.merging():
+        env.now = 10.0
+        writer.delta("text", "held")
+        assert stored_parts(env, writer) == []
+        waiting()
+        assert stored_parts(env, writer) == [{"type": "text", "text": "held"}]
+        env.now = 10.1
+        writer.delta("text", " more")
+        waiting()  # within the interval: published, not written
+        assert stored_parts(env, writer) == [{"type": "text", "text": "held"}]
+    assert writer.flush()["parts"] == [{"type": "text", "text": "held more"}]
 
 
 def test_unparsable_tool_arguments_are_stored_as_an_empty_object(env):

@@ -19,6 +19,7 @@ from fakeprovider import (
     Reasoning,
     StreamError,
     Text,
+    Together,
     ToolCall,
     Usage,
 )
@@ -35,9 +36,11 @@ from crushd.providers import (
     ToolCallStart,
     ToolSpec,
     create_provider,
+    sse,
 )
 from crushd.providers import Usage as UsageEvent
 from crushd.providers.anthropic import AnthropicProvider
+from crushd.providers.base import on_wait
 from crushd.providers.echo import EchoProvider
 from crushd.providers.openai import OpenAIProvider
 from crushd.providers.sse import iter_sse
@@ -311,6 +314,117 @@ def test_no_script_is_an_error_not_a_hang(fake, kind):
     _, error = collect_until_error(make(kind, fake))
     assert isinstance(error, ProviderError)
     assert "no script queued" in error.details
+
+
+# ---------------------------------------------------------------- waits and pacing
+
+
+def stream_logging_waits(provider: Provider, shown: bool, token: CancelToken | None = None):
+    """The stream's events with ``"wait"`` where a read was announced; the
+    consumer lets reads be paced once it has a delta (when ``shown``)."""
+    log: list = []
+
+    def hook() -> bool:
+        log.append("wait")
+        return shown and any(isinstance(e, TextDelta) for e in log)
+
+    with on_wait(hook):
+        try:
+            for event in provider.stream(PROMPT, token or CancelToken()):
+                log.append(event)
+        finally:
+            provider.close()
+    return log
+
+
+@BOTH
+def test_a_wait_is_announced_before_every_read_and_only_then(fake, kind):
+    fake.script([Together((Text("one "), Text("two "))), Pause(0.3), Text("three")])
+    log = stream_logging_waits(make(kind, fake), shown=False)
+    texts = [
+        e.text if isinstance(e, TextDelta) else e
+        for e in log
+        if e == "wait" or isinstance(e, TextDelta)
+    ]
+    first = texts.index("one ")
+    # Chunks that came in one write are read at once; the pause is a read.
+    assert texts[first : first + 4] == ["one ", "two ", "wait", "three"]
+    assert texts[0] == "wait"
+
+
+@pytest.fixture
+def paced(monkeypatch):
+    """Pace every stream, even one alone, by ``seconds`` per read."""
+
+    def pace(seconds: float) -> None:
+        monkeypatch.setattr(sse, "PACE_FROM", 1)
+        monkeypatch.setattr(sse, "PACE_PER_STREAM", seconds)
+        monkeypatch.setattr(sse, "PACE_MAX", seconds)
+
+    return pace
+
+
+def trickle(count: int, gap: float) -> list:
+    steps: list = [Text("w0 ")]
+    for i in range(1, count):
+        steps += [Pause(gap), Text(f"w{i} ")]
+    return steps
+
+
+@BOTH
+def test_paced_reads_take_several_chunks_at_once(fake, kind, paced):
+    words = "".join(f"w{i} " for i in range(12))
+    fake.script(trickle(12, 0.03))
+    unpaced = stream_logging_waits(make(kind, fake), shown=True)  # one stream: no pacing
+    paced(0.15)
+    fake.script(trickle(12, 0.03))
+    started = time.monotonic()
+    log = stream_logging_waits(make(kind, fake), shown=True)
+    took = time.monotonic() - started
+    assert streamed_text(unpaced) == streamed_text(log) == words
+    # 12 chunks over 0.33 s: read one by one unpaced, a few at a time paced.
+    assert unpaced.count("wait") >= 10
+    assert log.count("wait") <= 6
+    assert took < 2.0
+
+
+@BOTH
+def test_no_pacing_before_the_consumer_has_shown_text(fake, kind, paced):
+    paced(1.0)
+    fake.script([Pause(0.1), Text("first"), Pause(0.1), Text(" second")])
+    started = time.monotonic()
+    log = stream_logging_waits(make(kind, fake), shown=False)
+    assert streamed_text(log) == "first second"
+    assert time.monotonic() - started < 0.9  # no read waited its second
+
+
+@BOTH
+def test_a_cancel_ends_a_paced_wait_at_once(fake, kind, paced):
+    paced(30.0)
+    fake.script([Text("first"), Pause(0.2), Text(" second")])
+    token = CancelToken()
+    log: list = []
+
+    def hook() -> bool:
+        if log:  # the first delta was shown: this read waits 30 s
+            threading.Timer(0.1, token.cancel).start()
+        return bool(log)
+
+    provider = make(kind, fake)
+    started = time.monotonic()
+    with on_wait(hook), pytest.raises(Cancelled):
+        for event in provider.stream(PROMPT, token):
+            if isinstance(event, TextDelta):
+                log.append(event)
+    provider.close()
+    assert time.monotonic() - started < 2.0
+    assert [e.text for e in log] == ["first"]
+
+
+def test_read_pace_grows_with_the_streams_in_flight():
+    assert sse.read_pace(1) == sse.read_pace(sse.PACE_FROM - 1) == 0.0
+    assert sse.read_pace(sse.PACE_FROM) == pytest.approx(sse.PACE_FROM * sse.PACE_PER_STREAM)
+    assert sse.read_pace(10_000) == sse.PACE_MAX
 
 
 @BOTH

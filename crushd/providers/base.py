@@ -8,8 +8,10 @@ events, tools, permissions and cleanup.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -118,12 +120,44 @@ class StepRequest:
     tools: list[ToolSpec] = field(default_factory=list)
 
 
+# The hook of the thread consuming a stream; see waiting().
+_before_wait: ContextVar[Callable[[], bool] | None] = ContextVar("before_wait", default=None)
+
+
+@contextlib.contextmanager
+def on_wait(hook: Callable[[], bool]) -> Iterator[None]:
+    """Call ``hook`` whenever a stream read on this thread is about to wait
+    for more bytes (see :func:`waiting`)."""
+    reset = _before_wait.set(hook)
+    try:
+        yield
+    finally:
+        _before_wait.reset(reset)
+
+
+def waiting() -> bool:
+    """Called by a provider that :attr:`Provider.announces_waits`, on the
+    reading thread, just before it may block for more of its stream.
+
+    A consumer that holds events back until then (the run joins text deltas
+    read together into one ``message.delta``) publishes them here, so what
+    it holds never waits on the network.  Returns whether the read may be
+    paced: only once the consumer has published some of the stream, so that
+    pacing never delays the first text a user waits for.
+    """
+    hook = _before_wait.get()
+    return hook() if hook is not None else False
+
+
 class Provider(ABC):
     """One configured model endpoint.  Instances are shared by all runs of a
     server and must be safe to use from several threads at once."""
 
     name: str = ""
     model: str = ""
+    # Whether stream() calls waiting() before every read that may block.
+    # Only then may the consumer hold events back until that call.
+    announces_waits: bool = False
 
     @abstractmethod
     def stream(self, request: StepRequest, token: CancelToken) -> Iterator[StreamEvent]:
