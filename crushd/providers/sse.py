@@ -49,8 +49,8 @@ MAX_ERROR_BODY = 64 * 1024  # bytes of an error response read for its message
 MAX_DETAILS = 2000  # characters of raw error text kept in ProviderError.details
 
 # Read pacing (see the module docstring).  On the 2-core machine of the
-# README's "Performance", 100 runs streaming at once spent 17 % less CPU and
-# the last one ended 15-20 % sooner; one run alone is never paced.
+# README's "Performance", with 100 runs streaming at once the daemon spent
+# 12-21 % less CPU and the last run ended 15-20 % sooner.
 PACE_FROM = 4  # streams in flight from which reads are paced
 PACE_PER_STREAM = 0.001  # seconds of wait per stream in flight
 PACE_MAX = 0.1  # seconds: the longest wait before one read
