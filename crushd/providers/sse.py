@@ -39,7 +39,7 @@ from typing import Any
 
 import httpx
 
-from crushd.cancel import Cancelled, CancelToken
+from crushd.cancel import Cancelled, CancelToken, CountdownLatch
 from crushd.providers.base import Provider, ProviderError, waiting
 from crushd.providers.retry import RETRYABLE_STATUSES, is_context_too_long, parse_retry_after
 
@@ -141,27 +141,8 @@ class HTTPProvider(Provider):
         self._client.close()
 
 
-class _InFlight:
-    """How many provider streams the process is reading.  Thread-safe."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._count = 0  # guarded by _lock
-
-    @property
-    def count(self) -> int:
-        return self._count  # one int read: no lock needed
-
-    def enter(self) -> None:
-        with self._lock:
-            self._count += 1
-
-    def leave(self) -> None:
-        with self._lock:
-            self._count -= 1
-
-
-IN_FLIGHT = _InFlight()
+# The provider streams the process is reading.
+IN_FLIGHT = CountdownLatch()
 
 
 def read_pace(streams: int) -> float:
@@ -271,7 +252,7 @@ def stream_events(
 
     handle = token.on_cancel(breaker.fire)
     received = False
-    IN_FLIGHT.enter()
+    IN_FLIGHT.count_up()
     try:
         with client.stream(
             "POST", url, json=body, headers=headers, extensions={"trace": trace}
@@ -289,7 +270,7 @@ def stream_events(
             raise Cancelled(token.reason or "cancelled") from None
         raise _transport_error(exc, url, received, client.timeout.read, provider) from exc
     finally:
-        IN_FLIGHT.leave()
+        IN_FLIGHT.count_down()
         token.remove_callback(handle)
 
 
