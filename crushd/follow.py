@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 
 import click
 
+from crushd.cancel import CancelToken
 from crushd.common import TERMINAL_STATUSES
 from crushd.terminal import Follower, fail
 
@@ -25,6 +26,9 @@ POLL_WAIT = 30.0
 #: Reconnects of a broken event stream before falling back to polling.
 RECONNECTS = 2
 
+#: The pause between polls the server answered at once (no long-poll slot).
+POLL_PAUSE = 1.0
+
 
 def follow_run(
     client: Any,
@@ -33,11 +37,18 @@ def follow_run(
     workspace_id: str,
     session_id: str | None,
     run_id: str,
+    token: CancelToken | None = None,
 ) -> dict[str, Any]:
     """Read events until the run ends; reconnect a broken stream with
-    ``since`` a few times, then fall back to long polls of the run."""
+    ``since`` a few times, then fall back to long polls of the run.
+
+    Cancelling ``token`` ends a pause between polls at once and raises
+    :class:`~crushd.cancel.Cancelled` (Ctrl-C interrupts everything else).
+    """
     from crushd.client import ClientError, StreamBroken
 
+    if token is None:
+        token = CancelToken(name="follow")
     reconnects = 0
     while stream is not None:
         try:
@@ -71,8 +82,9 @@ def follow_run(
         if run["status"] in TERMINAL_STATUSES:
             follower.finish(run)
             return run
-        if time.monotonic() - asked < 1:  # no long-poll slot was free: do not spin
-            time.sleep(1)
+        if time.monotonic() - asked < POLL_PAUSE:  # no long-poll slot was free: do not spin
+            token.wait(POLL_PAUSE)
+        token.raise_if_cancelled()
 
 
 def cancel_interrupted(client: Any, workspace_id: str, run_id: str) -> NoReturn:

@@ -10,6 +10,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,10 +18,11 @@ import pytest
 from conftest import wait_for
 from helpers import free_port
 
+from crushd.cancel import Cancelled, CancelToken
 from crushd.client import DEFAULT_URL, Client, StreamBroken, resolve_address, resolve_token
 from crushd.common import new_id
 from crushd.config import Config
-from crushd.follow import follow_run
+from crushd.follow import POLL_PAUSE, follow_run
 from crushd.terminal import Follower
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -320,6 +322,26 @@ def test_prompt_follows_through_a_broken_stream(live_factory, project, capsys, a
         follower.out.end_line()
     assert run["status"] == "completed"
     assert capsys.readouterr().out == prompt + "\n"
+
+
+def test_a_cancel_ends_the_pause_between_polls_at_once(live_factory, project):
+    """With no long-poll slot free the server answers at once; the follower
+    then pauses between polls, and a cancel ends that pause."""
+    live = live_factory(threads=4, echo_delay=1.0)
+    assert live.server.config.max_streams == 2
+    with Client(live.url) as client:
+        wid = client.register(project)["id"]
+        with client.events(wid), client.events(wid):  # both stream slots taken
+            run_id = new_id()
+            client.submit(wid, "one two three four five", None, run_id)
+            follower = Follower(wid, run_id, quiet=True)
+            token = CancelToken()
+            threading.Timer(0.5, token.cancel).start()
+            started = time.monotonic()
+            with pytest.raises(Cancelled):
+                follow_run(client, follower, None, wid, None, run_id, token)
+            assert time.monotonic() - started < 0.5 + POLL_PAUSE / 2
+            assert client.run(wid, run_id)["status"] == "running"  # it answered at once
 
 
 def test_follower_renders_text_reasoning_and_tool_activity(capsys):
