@@ -156,19 +156,17 @@ class _PacedReads:
     httpcore reads through a network stream's ``read(max_bytes, timeout)``,
     its documented interface, and calls it only when it has no buffered
     bytes left: just the moment to announce a wait.  httpx offers no way to
-    hand httpcore a network backend of our own, so ``trace`` wraps ``read``
-    on each stream object as it is connected (and again on the TLS stream
-    that replaces it).
+    hand httpcore a network backend of our own, so ``attach`` (called from
+    the request's trace hook) wraps ``read`` on each stream object as it is
+    connected, and again on the TLS stream that replaces it.
     """
 
     def __init__(self, token: CancelToken) -> None:
         self._token = token
 
-    def trace(self, name: str, info: dict[str, Any]) -> None:
-        if name in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
-            stream = info.get("return_value")
-            if stream is not None and callable(getattr(stream, "read", None)):
-                stream.read = self._wrap(stream.read)
+    def attach(self, stream: Any) -> None:
+        if stream is not None and callable(getattr(stream, "read", None)):
+            stream.read = self._wrap(stream.read)
 
     def _wrap(self, read: Callable[..., bytes]) -> Callable[..., bytes]:
         def paced_read(max_bytes: int, timeout: float | None = None) -> bytes:
@@ -191,10 +189,6 @@ class _SocketBreaker:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None  # guarded by _lock
         self._fired = False  # guarded by _lock
-
-    def trace(self, name: str, info: dict[str, Any]) -> None:
-        if name in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
-            self.attach(info.get("return_value"))
 
     def attach(self, stream: Any) -> None:
         sock = stream.get_extra_info("socket") if stream is not None else None
@@ -247,8 +241,12 @@ def stream_events(
     reads = _PacedReads(token)
 
     def trace(name: str, info: dict[str, Any]) -> None:
-        breaker.trace(name, info)
-        reads.trace(name, info)
+        # httpcore's hook: each connection (and the TLS stream that may
+        # replace it) as soon as it exists, even before the headers came.
+        if name in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            stream = info.get("return_value")
+            breaker.attach(stream)
+            reads.attach(stream)
 
     handle = token.on_cancel(breaker.fire)
     received = False
