@@ -349,8 +349,7 @@ class McpClient:
             ):
                 raise McpUnavailable(f"command not found: {config.command}")
             env = dict(config.env)
-            if self._run_dir is not None:
-                pidfile = self._run_dir / f"{safe_name(self.name)}.pid"
+            if (pidfile := self._pidfile) is not None:
                 pidfile.unlink(missing_ok=True)
                 env["CRUSHD_MCP_PIDFILE"] = str(pidfile)
             params = StdioServerParameters(
@@ -378,10 +377,13 @@ class McpClient:
             streamable_http_client(config.url, http_client=client)
         )
 
+    @property
+    def _pidfile(self) -> Path | None:
+        return self._run_dir / f"{safe_name(self.name)}.pid" if self._run_dir else None
+
     def _read_pgid(self) -> None:
-        if self._run_dir is None:
+        if (path := self._pidfile) is None:
             return
-        path = self._run_dir / f"{safe_name(self.name)}.pid"
         try:
             pgid = int(path.read_text())
         except (OSError, ValueError):  # the supervisor had not written it yet, or failed
@@ -398,6 +400,11 @@ class McpClient:
             pgid, self._pgid = self._pgid, None
         if pgid is not None and live_group_members(pgid):
             kill_group(pgid)
+        if (pidfile := self._pidfile) is not None:
+            # The group is gone: a file naming it would only keep the run
+            # directory alive after a kill -9 (each supervisor removes its
+            # own then, and the last one the directory).
+            pidfile.unlink(missing_ok=True)
 
     async def _shutdown(self) -> None:
         self._closed = True

@@ -10,7 +10,9 @@ a tiny supervisor, the leader of the server's process group:
 * it asks the kernel for SIGTERM when its parent dies (``PR_SET_PDEATHSIG``),
   and on that signal — its parent gone, so the signal is not the SDK's own
   SIGTERM to the group — it SIGKILLs the whole group, the server's own
-  children included.  That is what happens after ``kill -9`` of crushd;
+  children included.  That is what happens after ``kill -9`` of crushd.
+  It removes its pid file first, and the pid file's directory once that is
+  empty, since crushd is no longer there to do it;
 * the server itself gets ``PR_SET_PDEATHSIG(SIGKILL)`` towards the
   supervisor, so killing the supervisor alone cannot orphan it either;
 * both check after ``prctl`` that their parent is still the expected one, so
@@ -46,7 +48,18 @@ def _set_parent_death_signal(sig: int) -> None:
 
 def _kill_group(signum: int, frame: object) -> None:
     if os.getppid() != _parent:
+        if _pidfile:
+            _remove(_pidfile)
         os.killpg(os.getpgrp(), signal.SIGKILL)  # kills this process too
+
+
+def _remove(pidfile: str) -> None:
+    """The pid file, then its directory if no other supervisor's file is left."""
+    for remove, path in ((os.unlink, pidfile), (os.rmdir, os.path.dirname(pidfile))):
+        try:
+            remove(path)
+        except OSError:  # gone already, or still holding another server's file
+            return
 
 
 def _exec_server(command: list[str], supervisor: int) -> None:
@@ -61,7 +74,7 @@ def _exec_server(command: list[str], supervisor: int) -> None:
 
 
 def main(argv: list[str]) -> int:
-    global _parent
+    global _parent, _pidfile
     if len(argv) < 3 or argv[1] != "--":
         os.write(2, b"usage: mcp_child.py PARENT_PID -- COMMAND [ARG...]\n")
         return 2
@@ -73,9 +86,9 @@ def main(argv: list[str]) -> int:
         return 1
     if os.getpgrp() != os.getpid():
         os.setsid()
-    pidfile = os.environ.pop(PIDFILE_ENV, None)
-    if pidfile:
-        with open(pidfile, "w") as f:
+    _pidfile = os.environ.pop(PIDFILE_ENV, None)
+    if _pidfile:
+        with open(_pidfile, "w") as f:
             f.write(str(os.getpid()))
     supervisor = os.getpid()
     child = os.fork()
@@ -99,6 +112,7 @@ def main(argv: list[str]) -> int:
 
 
 _parent = 0
+_pidfile: str | None = None
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

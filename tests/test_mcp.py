@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -291,14 +292,21 @@ def test_a_call_past_its_timeout_is_an_error_result(open_mcp, tmp_path):
     assert ws.tools()["mcp_test_shout"].run({"text": "a"}, ctx(tmp_path)).content == "A"
 
 
-def test_a_crashed_server_is_restarted_at_the_next_call(open_mcp, tmp_path):
+def test_a_crashed_server_is_restarted_at_the_next_call(open_mcp, tmp_path, monkeypatch):
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     ws, events = open_mcp({"test": server_table(tmp_path)})
     settle(ws)
+    (pidfile,) = temp.glob("crushd-mcp-*/test.pid")
     tools = ws.tools()
     first_pid = tools["mcp_test_where"].run({}, ctx(tmp_path)).content.split()[1]
     out = tools["mcp_test_crash"].run({}, ctx(tmp_path))
     assert out.is_error and "restarted at the next call" in out.content
     wait_for(lambda: ws.entries()[0]["status"] == "failed", 5)
+    # Its group is gone, so is the file naming it (nothing stale is left
+    # to keep the run directory after a kill -9).
+    wait_for(lambda: not pidfile.exists(), 5)
     assert "restarts at the next call" in ws.entries()[0]["error"]
     assert "mcp_test_where" in ws.tools()  # still offered, so the model can call it
     again = ws.tools()["mcp_test_where"].run({}, ctx(tmp_path))
@@ -503,18 +511,26 @@ KILLED_HOST = textwrap.dedent(
 
 
 def test_no_server_outlives_its_host_after_kill_9(tmp_path):
+    temp = tmp_path / "tmp"  # the host's TMPDIR, where its run directory goes
+    temp.mkdir()
     host = subprocess.Popen(
         [sys.executable, "-c", KILLED_HOST, TEST_SERVER, EVERYTHING, TIME_SERVER],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "TMPDIR": str(temp)},
     )
     try:
         grandchild = int(host.stdout.readline())
         assert host.stdout.readline().strip() == str(["connected"] * 3)
         spawned = descendants(host.pid)
         assert grandchild in spawned and len(spawned) >= 7
+        (run_dir,) = temp.glob("crushd-mcp-*")
+        assert sorted(p.name for p in run_dir.iterdir()) == [
+            "everything.pid",
+            "group.pid",
+            "test.pid",
+        ]
         host.kill()
         host.wait(5)
         wait_for(
@@ -522,6 +538,8 @@ def test_no_server_outlives_its_host_after_kill_9(tmp_path):
             5,
             message=f"left after kill -9: {[p for p in spawned if alive(p)]}",
         )
+        # The supervisors, the last owners of the run directory, removed it.
+        wait_for(lambda: not run_dir.exists(), 5, message=f"left: {list(temp.rglob('*'))}")
     finally:
         host.kill()
         host.wait(5)
