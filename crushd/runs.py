@@ -525,6 +525,9 @@ class Run:
         self.spec: ModelSpec | None = None  # its configuration (prices, context window)
         self.system = ""  # the system prompt of every request, read as the run starts
         self.user_message = start.user_message
+        # The session's context and its size as the run started, for the
+        # first request; None once used, or once a compaction changed them.
+        self._start_context: RunStart | None = start
         # Reported, not stored yet; each with whether its prompt tokens are
         # the session's context (a summary's request does not count).
         self._usage: list[tuple[Usage, bool]] = []
@@ -759,7 +762,11 @@ class Run:
     def _history(self) -> list[dict[str, Any]]:
         """The messages of the next request: the summary in force (as the
         first user message), then only what came after it."""
-        summary, messages = self.env.store.context(self.session_id)
+        if self._start_context is not None:
+            summary, messages = self._start_context.context
+            self._start_context = None
+        else:
+            summary, messages = self.env.store.context(self.session_id)
         current = self.step.writer.id if self.step else None
         history = [m for m in messages if m["id"] != current]
         return [summary_message(summary), *history] if summary else history
@@ -767,7 +774,10 @@ class Run:
     def _over_threshold(self) -> bool:
         if not self.env.auto_compact or self.spec is None:
             return False
-        used = self.env.store.context_tokens(self.session_id)
+        if self._start_context is not None:
+            used = self._start_context.context_tokens
+        else:
+            used = self.env.store.context_tokens(self.session_id)
         return used > compaction_threshold(self.spec.context_window)
 
     def _compact(self, writer: MessageWriter, keep_from: str | None, why: str) -> str | None:
@@ -782,6 +792,7 @@ class Run:
         after it, with everything later.
         """
         env = self.env
+        self._start_context = None  # a summary in force changes both
         summary, messages = env.store.context(self.session_id, before=keep_from)
         request = compaction_request_messages(
             summary, [m for m in messages if m["id"] != writer.id]

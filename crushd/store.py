@@ -357,6 +357,10 @@ class RunStart:
     run: dict[str, Any]  # now ``running``
     user_message: dict[str, Any] | None  # None for a ``compact`` run
     message: dict[str, Any]  # the first assistant message, empty
+    # What the first model request is built from, read in the same
+    # transaction: :meth:`WorkspaceStore.context` and ``context_tokens``.
+    context: tuple[dict[str, Any] | None, list[dict[str, Any]]]
+    context_tokens: int
 
 
 class WorkspaceStore(_Store):
@@ -787,7 +791,9 @@ class WorkspaceStore(_Store):
         ``describe(run's model)`` (without ``describe``: the run's model and
         no provider).  A run queued before runs had a model gets
         ``default_model``.  One transaction, so that no crash or refused
-        write leaves a running run without the prompt it answers.
+        write leaves a running run without the prompt it answers; it also
+        reads the session's context and its size, which the run's first
+        request needs (one turn at the store lock instead of three).
         """
         with self._use(write=True):
             updated = self._changed(
@@ -807,7 +813,8 @@ class WorkspaceStore(_Store):
                 user = self._insert_message(session_id, run_id, "user", prompt, None, None)
             ids = describe(run["model"]) if describe else (run["model"], None)
             message = self._insert_message(session_id, run_id, "assistant", [], *ids)
-            return RunStart(run, user, message)
+            context = self.context(session_id)
+            return RunStart(run, user, message, context, self.context_tokens(session_id))
 
     def finish_run(
         self, run_id: str, status: str, *, only_from: str | None = None, **fields: Any

@@ -293,6 +293,15 @@ def test_start_run_writes_the_first_records_with_it(store):
     assert start.run["model"] == "dflt"  # queued without one
     assert (assistant["model"], assistant["provider"]) == ("id-of-dflt", "prov")
     assert store.context(session["id"]) == (None, [earlier, user, assistant])
+    # What the first request needs is read in the same transaction.
+    assert start.context == store.context(session["id"])
+    assert start.context_tokens == 0
+    store.add_usage("r1", session["id"], 1234, 5, context_tokens=1234)
+    store.finish_run("r1", "completed")
+    queue_run(store, "r2", session["id"], "next")
+    again = store.start_run("r2")
+    assert again.context_tokens == 1234
+    assert again.context == (None, [earlier, user, assistant, *store.run_messages("r2")])
 
 
 def test_start_run_of_a_compaction_writes_no_user_message(store):
