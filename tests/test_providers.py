@@ -445,6 +445,76 @@ def test_one_provider_serves_parallel_steps(fake, kind):
     assert results == ["ab"] * 4
 
 
+@BOTH
+def test_parallel_steps_each_have_a_client_that_later_steps_reuse(fake, kind):
+    """No request shares its client with another in flight (it would scan
+    their connections), and there are never more clients than requests
+    were in flight at once."""
+    fake.set_default([Text("a"), Pause(0.2), Text("b")])
+    provider = make(kind, fake)
+    in_flight = threading.Barrier(4, timeout=5)
+
+    def step() -> None:
+        for event in provider.stream(PROMPT, CancelToken()):
+            if isinstance(event, TextDelta) and event.text == "a":
+                in_flight.wait()  # all four streams are open now
+
+    try:
+        threads = [threading.Thread(target=step) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(5)
+        assert provider.clients.count == 4
+        for _ in range(3):
+            assert streamed_text(provider.stream(PROMPT, CancelToken())) == "ab"
+        assert provider.clients.count == 4
+    finally:
+        provider.close()
+
+
+def test_clients_are_lent_one_at_a_time_and_all_closed_at_the_end():
+    clients = sse.Clients(5, 5, None)
+    with clients.lease() as first, clients.lease() as second:
+        assert first is not second
+    with clients.lease() as again:
+        assert again in (first, second)
+    with clients.lease() as lent:
+        clients.close()  # a request still in flight is closed too
+        assert lent.is_closed
+    assert first.is_closed and second.is_closed
+    with pytest.raises(ProviderError, match="Model unavailable"), clients.lease():
+        pass
+    clients.close()  # idempotent
+
+
+def test_a_step_after_close_fails_with_a_clear_error(fake):
+    provider = make("openai", fake)
+    provider.close()
+    with pytest.raises(ProviderError) as info:
+        list(provider.stream(PROMPT, CancelToken()))
+    assert info.value.title == "Model unavailable"
+    assert not info.value.retryable
+    assert fake.requests == []
+
+
+def test_the_clients_share_one_cookie_jar(fake):
+    """A cookie a provider sets (a load balancer's, say) goes out on later
+    requests whichever client sends them, as with one shared client."""
+    fake.script([HTTPError(429, headers={"Set-Cookie": "route=node-2; Path=/"})])
+    fake.script([Text("ok")])
+    clients = sse.Clients(5, 5, None)
+    url = fake.openai_base_url + "/chat/completions"
+    try:
+        with clients.lease() as first, clients.lease() as second:
+            assert first.post(url, json={"stream": True}).status_code == 429
+            assert second.post(url, json={"stream": True}).status_code == 200
+    finally:
+        clients.close()
+    assert "cookie" not in fake.requests[0].headers
+    assert fake.requests[1].headers["cookie"] == "route=node-2"
+
+
 # ---------------------------------------------------------------- request shape
 
 HISTORY = StepRequest(

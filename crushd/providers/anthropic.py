@@ -88,7 +88,7 @@ class AnthropicProvider(sse.HTTPProvider):
         )
         state = _StepState()
         events = sse.stream_events(
-            self._client,
+            self.clients,
             self.url,
             headers=headers,
             body=self.build_body(request),

@@ -69,7 +69,7 @@ class OpenAIProvider(sse.HTTPProvider):
         logger.debug("event=provider_request provider=openai model=%s url=%s", self.model, self.url)
         state = _StepState()
         events = sse.stream_events(
-            self._client,
+            self.clients,
             self.url,
             headers=headers,
             body=self.build_body(request),

@@ -30,6 +30,8 @@ before every read).  The wait is on the token: a cancel ends it at once.
 
 from __future__ import annotations
 
+import contextlib
+import http.cookiejar
 import json
 import logging
 import socket
@@ -84,20 +86,76 @@ def iter_sse(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
             data.append(value)
 
 
-def make_client(
-    connect_timeout: float, idle_timeout: float, extra_headers: dict[str, str] | None
-) -> httpx.Client:
-    """An httpx client for streaming steps; thread-safe, keeps no idle connections.
+class Clients:
+    """httpx clients for streaming steps, one lent to each request.
+
+    Every request opens its own connection (no idle ones are kept), and a
+    client shared by a hundred streams at once scans all of their
+    connections under its pool lock when a request starts and again when
+    it ends: with one client per request in flight that scan has one
+    entry.  A client goes back to be lent again once its request is over,
+    so there are as many as streams were ever in flight at once.  They
+    share one TLS context (built once, not per client) and one cookie jar.
 
     httpx's read timeout bounds each socket read, so it is an idle timeout:
     a stream that sends no byte for ``idle_timeout`` seconds (headers
     included) fails with ``ReadTimeout`` and its connection is closed.
     """
-    return httpx.Client(
-        timeout=httpx.Timeout(idle_timeout, connect=connect_timeout),
-        limits=httpx.Limits(max_keepalive_connections=0),
-        headers=extra_headers or {},
-    )
+
+    def __init__(
+        self, connect_timeout: float, idle_timeout: float, extra_headers: dict[str, str] | None
+    ) -> None:
+        self.timeout = httpx.Timeout(idle_timeout, connect=connect_timeout)
+        self._headers = extra_headers or {}
+        self._ssl = httpx.create_ssl_context()
+        self._cookies = http.cookiejar.CookieJar()
+        self._lock = threading.Lock()
+        self._idle: list[httpx.Client] = []  # guarded by _lock
+        self._all: list[httpx.Client] = []  # guarded by _lock
+        self._closed = False  # guarded by _lock
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[httpx.Client]:
+        """A client for one request; ProviderError once :meth:`close` was called."""
+        with self._lock:
+            if self._closed:
+                raise ProviderError("Model unavailable", "the server is stopping")
+            client = self._idle.pop() if self._idle else None
+        if client is None:
+            client = httpx.Client(
+                timeout=self.timeout,
+                limits=httpx.Limits(max_keepalive_connections=0),
+                headers=self._headers,
+                cookies=self._cookies,
+                verify=self._ssl,
+            )
+            with self._lock:
+                closed = self._closed
+                if not closed:
+                    self._all.append(client)
+            if closed:
+                client.close()
+                raise ProviderError("Model unavailable", "the server is stopping")
+        try:
+            yield client
+        finally:
+            with self._lock:
+                if not self._closed:
+                    self._idle.append(client)
+
+    @property
+    def count(self) -> int:
+        """How many clients there are: the most requests ever in flight at once."""
+        with self._lock:
+            return len(self._all)
+
+    def close(self) -> None:
+        """Close every client, those lent out too; idempotent."""
+        with self._lock:
+            self._closed = True
+            clients, self._all, self._idle = self._all, [], []
+        for client in clients:
+            client.close()
 
 
 def decode_json(data: str) -> dict[str, Any]:
@@ -112,9 +170,9 @@ def decode_json(data: str) -> dict[str, Any]:
 
 
 class HTTPProvider(Provider):
-    """What both HTTP providers share: configuration and one pooled client.
+    """What both HTTP providers share: configuration and its clients.
 
-    Thread-safe: all runs share the ``httpx.Client``.
+    Thread-safe: all runs share its :class:`Clients`.
     """
 
     announces_waits = True  # stream_events() calls waiting() before each read
@@ -135,10 +193,10 @@ class HTTPProvider(Provider):
         self.max_tokens = max_tokens
         self._api_key = api_key
         self.idle_timeout = idle_timeout
-        self._client = make_client(connect_timeout, idle_timeout, extra_headers)
+        self.clients = Clients(connect_timeout, idle_timeout, extra_headers)
 
     def close(self) -> None:
-        self._client.close()
+        self.clients.close()
 
 
 # The provider streams the process is reading.
@@ -218,7 +276,7 @@ def _shutdown(sock: socket.socket) -> None:
 
 
 def stream_events(
-    client: httpx.Client,
+    clients: Clients,
     url: str,
     *,
     headers: dict[str, str],
@@ -229,7 +287,7 @@ def stream_events(
     """POST ``body`` to ``url`` and yield the SSE ``(event, data)`` pairs of the reply.
 
     Blocks while reading; safe to run on several threads at once with one
-    ``client``.  Raises :class:`Cancelled` within about a second of ``token``
+    ``clients``.  Raises :class:`Cancelled` within about a second of ``token``
     being cancelled, whatever the server does, and :class:`ProviderError` for
     an HTTP status >= 400, an unreachable server, a timeout or a broken
     stream, classified for :mod:`crushd.providers.retry`.  A stream that
@@ -252,9 +310,12 @@ def stream_events(
     received = False
     IN_FLIGHT.count_up()
     try:
-        with client.stream(
-            "POST", url, json=body, headers=headers, extensions={"trace": trace}
-        ) as response:
+        with (
+            clients.lease() as client,
+            client.stream(
+                "POST", url, json=body, headers=headers, extensions={"trace": trace}
+            ) as response,
+        ):
             breaker.attach(response.extensions.get("network_stream"))
             if response.status_code >= 400:
                 raise _http_error(response, provider)
@@ -266,7 +327,7 @@ def stream_events(
     except httpx.HTTPError as exc:
         if token.cancelled:
             raise Cancelled(token.reason or "cancelled") from None
-        raise _transport_error(exc, url, received, client.timeout.read, provider) from exc
+        raise _transport_error(exc, url, received, clients.timeout.read, provider) from exc
     finally:
         IN_FLIGHT.count_down()
         token.remove_callback(handle)
