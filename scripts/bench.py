@@ -33,6 +33,9 @@
 (i) ``peer``: (h) against crushd and against ``opencode serve`` (npm
     ``opencode-linux-x64``, installed into a temporary directory), on the same
     fake in the same run, with the ratios.  Only when named: it needs npm.
+(j) ``provider``: the CPU time of one provider request, from its start to
+    its first text delta (the requesting thread's own), with 0 to 400 other
+    streams of the same provider in flight, against the fake model server.
 
 A single burst varies by a fifth from one run to the next on a small
 machine; ``--repeat N`` runs (h) and (i) N times (alternating the two
@@ -45,6 +48,7 @@ against a real ``crushd serve`` (a) and (c), or waitress on a thread (b).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -906,6 +910,65 @@ def bench_peer(root: Path, quick: bool, repeat: int = 1) -> dict:
     }
 
 
+# ------------------------------------------------------ provider requests
+
+
+def bench_provider(root: Path, quick: bool) -> dict:
+    """(j): CPU of the requesting thread per provider request, by the number
+    of the provider's other streams in flight (they wait, sending nothing)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from fakeprovider import FakeProvider, Pause, Text
+
+    from crushd.cancel import CancelToken
+    from crushd.providers.base import StepRequest, TextDelta
+    from crushd.providers.openai import OpenAIProvider
+
+    levels, samples = ((0, 50), 10) if quick else ((0, 100, 200, 400), 50)
+    request = StepRequest("be brief", [{"role": "user", "parts": [{"type": "text", "text": "hi"}]}])
+    background: list[tuple[CancelToken, threading.Thread]] = []
+    streaming = threading.Semaphore(0)
+
+    def hold(token: CancelToken) -> None:
+        with contextlib.suppress(Exception):  # ends with the cancel below
+            for event in provider.stream(request, token):
+                if isinstance(event, TextDelta) and event.text == "a":
+                    streaming.release()
+
+    def cpu_to_first_delta() -> float:
+        token = CancelToken()
+        started = time.thread_time()
+        events = provider.stream(request, token)
+        try:
+            next(e for e in events if isinstance(e, TextDelta))
+            return (time.thread_time() - started) * 1000
+        finally:
+            token.cancel("measured")
+            events.close()
+
+    results = {}
+    with FakeProvider() as fake:
+        fake.set_default([Text("a"), Pause(600), Text("b")])
+        provider = OpenAIProvider("bench", fake.openai_base_url, "key")
+        try:
+            for level in levels:
+                while len(background) < level:
+                    token = CancelToken()
+                    thread = threading.Thread(target=hold, args=(token,))
+                    thread.start()
+                    background.append((token, thread))
+                    if not streaming.acquire(timeout=30):
+                        raise RuntimeError("a background stream did not start")
+                cpu = [cpu_to_first_delta() for _ in range(samples)]
+                results[str(level)] = round(statistics.median(cpu), 3)
+        finally:
+            for token, _ in background:
+                token.cancel("done")
+            for _, thread in background:
+                thread.join(30)
+            provider.close()
+    return {"cpu_ms_by_streams_in_flight": results, "samples": samples}
+
+
 BENCHES = {
     "submit": bench_submit,
     "stream": bench_stream,
@@ -916,6 +979,7 @@ BENCHES = {
     "retry": bench_retry,
     "burst": bench_burst,
     "peer": bench_peer,
+    "provider": bench_provider,
 }
 REPEATABLE = {"burst", "peer"}
 
