@@ -98,6 +98,11 @@ StreamEvent = (
 )
 
 
+def stopping() -> ProviderError:
+    """What a model request gets once the server closed its model clients."""
+    return ProviderError("Model unavailable", "the server is stopping")
+
+
 @dataclass(frozen=True)
 class ToolSpec:
     name: str

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from crushd.providers import PROVIDERS, create_provider
-from crushd.providers.base import Provider, ProviderError, Usage
+from crushd.providers.base import Provider, ProviderError, Usage, stopping
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class ModelCatalog:
         """
         with self._lock:
             if self._closed:
-                raise ProviderError("Model unavailable", "the server is stopping")
+                raise stopping()
             provider = self._providers.get(name)
             if provider is not None:
                 return provider

@@ -42,7 +42,7 @@ from typing import Any
 import httpx
 
 from crushd.cancel import Cancelled, CancelToken, CountdownLatch
-from crushd.providers.base import Provider, ProviderError, waiting
+from crushd.providers.base import Provider, ProviderError, stopping, waiting
 from crushd.providers.retry import RETRYABLE_STATUSES, is_context_too_long, parse_retry_after
 
 logger = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class Clients:
         """A client for one request; ProviderError once :meth:`close` was called."""
         with self._lock:
             if self._closed:
-                raise ProviderError("Model unavailable", "the server is stopping")
+                raise stopping()
             client = self._idle.pop() if self._idle else None
         if client is None:
             client = httpx.Client(
@@ -135,7 +135,7 @@ class Clients:
                     self._all.append(client)
             if closed:
                 client.close()
-                raise ProviderError("Model unavailable", "the server is stopping")
+                raise stopping()
         try:
             yield client
         finally:
