@@ -67,6 +67,13 @@ from pathlib import Path
 import httpx
 
 LISTENING = re.compile(r"event=listening addresses=(\S+)")
+TESTS = Path(__file__).resolve().parent.parent / "tests"
+
+
+def import_tests() -> None:
+    """Make ``tests/`` importable: the fake model server lives there."""
+    if str(TESTS) not in sys.path:
+        sys.path.insert(0, str(TESTS))
 
 
 class Daemon:
@@ -431,7 +438,7 @@ def bench_stalled(root: Path, quick: bool) -> dict:
 
 
 def bench_retry(root: Path, quick: bool) -> dict:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import_tests()
     from fakeprovider import FakeProvider, Hang, HTTPError, Text
 
     rounds = 2 if quick else 5
@@ -514,7 +521,7 @@ BURST_WORDS, BURST_WORD_GAP_S = 22, 0.02
 def serve_fake_model() -> None:
     """``--fake-model``: serve the burst's model until stdin closes; every
     request streams 22 words 20 ms apart.  Prints the OpenAI base URL."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import_tests()
     from fakeprovider import FakeProvider, Finish, Pause, Text, Usage
 
     steps: list = []
@@ -916,7 +923,7 @@ def bench_peer(root: Path, quick: bool, repeat: int = 1) -> dict:
 def bench_provider(root: Path, quick: bool) -> dict:
     """(j): CPU of the requesting thread per provider request, by the number
     of the provider's other streams in flight (they wait, sending nothing)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import_tests()
     from fakeprovider import FakeProvider, Pause, Text
 
     from crushd.cancel import CancelToken
