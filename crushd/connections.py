@@ -114,8 +114,20 @@ class GuardedChannel(HTTPChannel):
             return "reader_stalled"
         return None
 
+    def _may_be_overdue(self) -> bool:
+        """Whether :meth:`overdue` has anything to check: request headers
+        still arriving, output waiting, or a wait it must forget.  waitress
+        asks every channel on every turn of its loop, and most are idle
+        keep-alive connections; for those this is all it costs."""
+        request = self.request
+        return bool(
+            self.total_outbufs_len
+            or self._waiting_since is not None
+            or (request is not None and not request.headers_finished)
+        )
+
     def readable(self) -> bool:
-        if not self._cut:
+        if not self._cut and self._may_be_overdue():
             reason = self.overdue(time.monotonic())
             if reason is not None:
                 self._cut = True
