@@ -36,6 +36,11 @@
 (j) ``provider``: the CPU time of one provider request, from its start to
     its first text delta (the requesting thread's own), with 0 to 400 other
     streams of the same provider in flight, against the fake model server.
+(k) ``floor``: (h)'s burst on the bare stack, without crushd: 100 POSTs at
+    once to a Flask app on waitress that only answers 202, and 100 streaming
+    requests at once with httpx (a client and a thread each) to the fake
+    model; latency and CPU per request of each, and the first-text p50 they
+    leave possible when prompts are accepted before runs start.
 
 A single burst varies by a fifth from one run to the next on a small
 machine; ``--repeat N`` runs (h) and (i) N times (alternating the two
@@ -385,6 +390,12 @@ def rss_kb(pid: int, field: str = "VmRSS") -> int:
     return 0
 
 
+def cpu_s(pid: int) -> float:
+    """User plus system CPU seconds the process ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def bench_stalled(root: Path, quick: bool) -> dict:
     readers_count = 5 if quick else 20
     daemon = Daemon(root, "--echo-delay", "0", "--threads", "64")
@@ -663,8 +674,9 @@ def run_scenarios(target, runs: int, sequential: int) -> dict:
     """After one warm-up prompt: one run alone, ``sequential`` prompts one
     after another, then ``runs`` prompts submitted at once (a new session
     each); ``target`` speaks one server's API (``submit(connection) ->
-    session id``, ``subscriber()``).  Every burst connection is open before
-    the burst starts."""
+    session id``, ``subscriber()``, ``pid``).  Every burst connection is
+    open before the burst starts.  ``server_cpu_s`` is the CPU the server
+    process used from the burst's start until its last run was done."""
     subscriber = target.subscriber()
     connections: list[Connection] = []
     try:
@@ -692,10 +704,12 @@ def run_scenarios(target, runs: int, sequential: int) -> dict:
             session = target.submit(connection)
             return session, began, time.perf_counter() - began
 
+        cpu_before = cpu_s(target.pid)
         with ThreadPoolExecutor(runs) as pool:
             burst = list(pool.map(one, connections[1:]))
         start = min(began for _, began, _ in burst)
         subscriber.wait_done([s for s, _, _ in burst], 300)
+        server_cpu = cpu_s(target.pid) - cpu_before
     finally:
         for connection in connections:
             connection.close()
@@ -714,13 +728,14 @@ def run_scenarios(target, runs: int, sequential: int) -> dict:
             "first_delta": spread([subscriber.first_delta[s] - b for s, b, _ in burst]),
             "last_done_s": round(last_done, 3),
             "last_done_over_alone": round(last_done / alone_s, 2),
+            "server_cpu_s": round(server_cpu, 2),
         },
     }
 
 
 class CrushdTarget:
-    def __init__(self, url: str, workspace: str) -> None:
-        self.url, self.workspace = url, workspace
+    def __init__(self, url: str, workspace: str, pid: int) -> None:
+        self.url, self.workspace, self.pid = url, workspace, pid
 
     def submit(self, http: Connection) -> str:
         status, run = http.post(f"/v1/workspaces/{self.workspace}/agent", {"prompt": "hi"})
@@ -746,7 +761,9 @@ def crushd_burst(root: Path, fake, runs: int, sequential: int) -> dict:
     try:
         with httpx.Client(base_url=daemon.url, timeout=60) as http:
             workspace = make_workspaces(http, root, 1)[0]
-        results = run_scenarios(CrushdTarget(daemon.url, workspace), runs, sequential)
+        results = run_scenarios(
+            CrushdTarget(daemon.url, workspace, daemon.proc.pid), runs, sequential
+        )
     finally:
         daemon.stop()
     return results
@@ -789,8 +806,8 @@ class OpencodeTarget:
     ``POST /session/{id}/prompt_async`` (both are counted as its accept);
     ``GET /event`` streams ``message.part.delta`` and ``session.idle``."""
 
-    def __init__(self, url: str) -> None:
-        self.url = url
+    def __init__(self, url: str, pid: int) -> None:
+        self.url, self.pid = url, pid
 
     def submit(self, http: Connection) -> str:
         status, session = http.post("/session", {})
@@ -871,7 +888,7 @@ def opencode_burst(root: Path, fake, runs: int, sequential: int, *, binary: Path
                 if time.monotonic() > deadline or proc.poll() is not None:
                     raise RuntimeError(log_path.read_text(errors="replace"))
                 time.sleep(0.05)
-            return run_scenarios(OpencodeTarget(match.group(1)), runs, sequential)
+            return run_scenarios(OpencodeTarget(match.group(1), proc.pid), runs, sequential)
         finally:
             proc.terminate()
             proc.wait(30)
@@ -914,6 +931,137 @@ def bench_peer(root: Path, quick: bool, repeat: int = 1) -> dict:
             "sequential_accept_p50": ratio(("sequential", "accept", "p50_ms")),
             "sequential_first_delta_p50": ratio(("sequential", "first_delta", "p50_ms")),
         },
+    }
+
+
+# ------------------------------------------------------------ the stack's floor
+
+BARE_RUN = {
+    "id": "3f0c8a52-6c1e-4d47-9d0e-5d1f7b2a9c11",
+    "workspace_id": "9b1d2c3e-4f5a-4b6c-8d7e-0f1a2b3c4d5e",
+    "session_id": "a7e6d5c4-b3a2-4918-8776-655443322110",
+    "kind": "prompt",
+    "model": "bench",
+    "status": "queued",
+    "error": None,
+    "message_id": None,
+    "text": "",
+    "created_at": "2026-12-07T06:00:00.000000Z",
+    "started_at": None,
+    "finished_at": None,
+    "usage": {"prompt_tokens": 0, "completion_tokens": 0, "cost_usd": None},
+}
+
+
+def serve_bare_app() -> None:
+    """``--bare-app``: Flask on waitress (64 threads, as the burst's crushd)
+    answering ``POST /agent`` with a run-shaped 202 and doing nothing else:
+    what one accept costs this stack before crushd's own work.  Prints its URL;
+    runs until terminated."""
+    from flask import Flask, request
+    from waitress.server import create_server
+
+    app = Flask("bare")
+
+    @app.post("/agent")
+    def agent() -> tuple[dict, int]:
+        return {**BARE_RUN, "prompt": request.get_json(force=True)["prompt"]}, 202
+
+    server = create_server(app, host="127.0.0.1", port=0, threads=64, connection_limit=1000)
+    print(f"http://127.0.0.1:{server.effective_port}", flush=True)
+    server.run()
+
+
+def bare_accepts(runs: int) -> dict:
+    """``runs`` POSTs at once to the bare app: latency, and its CPU per accept."""
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--bare-app"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        url = proc.stdout.readline().strip()
+        connections = [Connection(url) for _ in range(runs)]
+        connections[0].post("/agent", {"prompt": "warm"})
+        barrier = threading.Barrier(runs)
+
+        def one(connection: Connection) -> tuple[float, float]:
+            barrier.wait()
+            began = time.perf_counter()
+            status, _ = connection.post("/agent", {"prompt": "hi"})
+            if status != 202:
+                raise RuntimeError(f"bare app: {status}")
+            return began, time.perf_counter()
+
+        cpu_before = cpu_s(proc.pid)
+        with ThreadPoolExecutor(runs) as pool:
+            times = list(pool.map(one, connections))
+        cpu = cpu_s(proc.pid) - cpu_before
+        for connection in connections:
+            connection.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    start = min(began for began, _ in times)
+    return {
+        "accept": spread([done - began for began, done in times]),
+        "all_accepted_ms": ms(max(done for _, done in times) - start),
+        "server_cpu_ms_per_accept": round(cpu * 1000 / runs, 2),
+    }
+
+
+def bare_streams(base_url: str, runs: int) -> dict:
+    """``runs`` streaming requests at once with httpx, one client and thread
+    each (as crushd's runs), to the fake model: time to the first text, and
+    this process's CPU per request."""
+    clients = [
+        httpx.Client(timeout=30, limits=httpx.Limits(max_keepalive_connections=0))
+        for _ in range(runs)
+    ]
+    body = {"model": "bench", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    barrier = threading.Barrier(runs + 1)
+    firsts: list[float] = []
+
+    def one(client: httpx.Client) -> None:
+        barrier.wait()
+        with client.stream("POST", base_url + "/chat/completions", json=body) as reply:
+            for line in reply.iter_lines():
+                if line.startswith("data:") and "word0" in line:
+                    firsts.append(time.perf_counter())
+                    return
+
+    threads = [threading.Thread(target=one, args=(client,)) for client in clients]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    start, cpu_before = time.perf_counter(), time.process_time()
+    for thread in threads:
+        thread.join(60)
+    cpu = time.process_time() - cpu_before
+    for client in clients:
+        client.close()
+    if len(firsts) != runs:
+        raise RuntimeError(f"{runs - len(firsts)} bare streams showed no text")
+    return {
+        "first_text": spread([first - start for first in firsts]),
+        "cpu_ms_per_request": round(cpu * 1000 / runs, 2),
+    }
+
+
+def bench_floor(root: Path, quick: bool) -> dict:
+    """(k): what the burst costs the stack crushd is built on, with none of
+    crushd's work: Flask on waitress accepting, httpx streaming.  Accepted
+    first, then streamed (as crushd does), the first text p50 can come no
+    sooner than ``first_delta_p50_floor_ms``."""
+    runs = 20 if quick else 100
+    accepts = bare_accepts(runs)
+    with FakeModel() as fake:
+        streams = bare_streams(fake.openai_base_url, runs)
+    return {
+        "prompts": runs,
+        "flask_waitress": accepts,
+        "httpx": streams,
+        "first_delta_p50_floor_ms": round(
+            accepts["all_accepted_ms"] + streams["first_text"]["p50_ms"], 1
+        ),
     }
 
 
@@ -987,6 +1135,7 @@ BENCHES = {
     "burst": bench_burst,
     "peer": bench_peer,
     "provider": bench_provider,
+    "floor": bench_floor,
 }
 REPEATABLE = {"burst", "peer"}
 
@@ -1004,11 +1153,15 @@ def main() -> None:
         help="burst, peer: run N times and report medians",
     )
     parser.add_argument("--fake-model", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--bare-app", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
     if args.fake_model:
         serve_fake_model()
+        return
+    if args.bare_app:
+        serve_bare_app()
         return
     only = args.scenario or args.only
     results = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
