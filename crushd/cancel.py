@@ -151,20 +151,8 @@ class CountdownLatch:
             if self._count == 0:
                 self._cond.notify_all()
 
-    def wait(self, timeout: float | None = None, unless: CancelToken | None = None) -> bool:
-        """Block until the count is zero or ``timeout`` passes, or until
-        ``unless`` is cancelled; return True if the count is zero."""
-        if unless is None:
-            with self._cond:
-                return self._cond.wait_for(lambda: self._count == 0, timeout)
-        handle = unless.on_cancel(self._wake)
-        try:
-            with self._cond:
-                self._cond.wait_for(lambda: self._count == 0 or unless.cancelled, timeout)
-                return self._count == 0
-        finally:
-            unless.remove_callback(handle)
-
-    def _wake(self) -> None:
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the count is zero or ``timeout`` passes; return True
+        if the count is zero."""
         with self._cond:
-            self._cond.notify_all()
+            return self._cond.wait_for(lambda: self._count == 0, timeout)

@@ -58,6 +58,7 @@ from crushd.errors import (
     WorkspaceClosing,
 )
 from crushd.events import EventHub
+from crushd.gate import StartGate
 from crushd.mcp import McpLoop, WorkspaceMcp
 from crushd.permissions import PermissionBroker
 from crushd.providers.catalog import ModelCatalog
@@ -80,16 +81,12 @@ KEEPER_BUDGET = 2.0
 #: after the shutdown timeout, before it logs them and closes the database.
 JOIN_TIMEOUT = 1.0
 
-#: The prompts being accepted in this process, by any workspace.  A run
-#: about to start waits while there are any, up to START_YIELD seconds:
-#: starting it and accepting them both need the process's one GIL, and a
-#: client is waiting for its 202 (a burst of 100 prompts: accept p99 305
-#: -> 154 ms, README "Performance").  It waits for the count to reach zero,
-#: not only for the prompts in flight when it came: in a burst most are
-#: still queued in waitress then, and that variant lost the gain.  Only
-#: submissions that never pause make every start wait the whole bound.
-ACCEPTING = CountdownLatch()
-START_YIELD = 0.2
+#: The prompts being accepted in this process, by any workspace, and the
+#: runs held while there are any (crushd.gate).  A run is held until the
+#: count reaches zero, not only until the prompts in flight when it came are
+#: accepted: in a burst most are still queued in waitress then, and that
+#: variant lost the gain.
+ACCEPTING = StartGate()
 
 
 def close_budget(config: Config, drain_timeout: float, shutdown_timeout: float) -> float:
@@ -338,11 +335,8 @@ class Workspace:
         resubmission of an existing ``run_id``.  Never blocks on the model.
         Raises InvalidRequest for an unknown model, before storing anything.
         """
-        ACCEPTING.count_up()
-        try:
+        with ACCEPTING.accept():
             return self._submit(prompt, session_id, run_id, model, kind)
-        finally:
-            ACCEPTING.count_down()
 
     def _submit(
         self, prompt: str, session_id: str | None, run_id: str | None, model: str | None, kind: str
@@ -489,19 +483,31 @@ class Workspace:
         return active
 
     def _launch(self, *runs: ActiveRun | None) -> None:
-        """Hand dispatched runs to the executor.  Never under _lock: the
-        executor may start a thread, and that waits for the new thread to
-        get the GIL, which with a hundred runs streaming takes milliseconds
-        that every other taker of the lock would wait too.
+        """Hand dispatched runs to the executor once no prompt is being
+        accepted (:data:`ACCEPTING`).  Never under _lock: the executor may
+        start a thread, and that waits for the new thread to get the GIL,
+        which with a hundred runs streaming takes milliseconds that every
+        other taker of the lock would wait too."""
+        ACCEPTING.hold(self._launch_held, [active for active in runs if active is not None])
 
-        Dispatched runs are counted in the latch, so a closing workspace
+    def _launch_held(self, runs: list[ActiveRun]) -> None:
+        """:data:`ACCEPTING` hands runs back here, often on the thread of an
+        accept whose 202 is not sent yet: several are started from one
+        executor task, so that accept starts one thread, not one a run."""
+        if len(runs) == 1:
+            self._submit_runs(runs)
+            return
+        try:
+            self._executor.submit(self._submit_runs, runs)
+        except RuntimeError:  # the executor is shut down
+            self._submit_runs(runs)
+
+    def _submit_runs(self, runs: list[ActiveRun]) -> None:
+        """Dispatched runs are counted in the latch, so a closing workspace
         waits for them before it shuts the executor down; one that still
         comes too late (after a close gave up waiting) runs its cancelled
-        path here, on the caller's thread.
-        """
+        path here, on the caller's thread."""
         for active in runs:
-            if active is None:
-                continue
             try:
                 active.future = self._executor.submit(self._execute, active)
             except RuntimeError:  # the executor is shut down: the token is cancelled
@@ -512,7 +518,6 @@ class Workspace:
         owed = False
         active.thread = threading.current_thread().name
         try:
-            ACCEPTING.wait(START_YIELD, unless=active.token)  # prompts go first
             if active.token.cancelled:
                 with self._lock:
                     keep = self._keep_queued and not active.user_cancelled
@@ -843,7 +848,10 @@ class Workspace:
         if drain_timeout > 0 and self._latch.count:
             self._drain(drain_timeout, skip_drain)
         # 2. Cancel the workspace token; every run token descends from it.
+        #    Runs held while prompts are being accepted go to the executor
+        #    now, to end through their cancelled path.
         self._token.cancel("workspace closing")
+        ACCEPTING.release(self._launch_held)
         # 3. Queued runs that never started become cancelled (not on a server stop),
         #    each once its submitter has announced it.
         if not keep_queued:

@@ -315,15 +315,14 @@ def test_prompts_at_once_are_all_stored_and_run_in_order(live_factory, project):
 
 
 def test_a_run_starts_once_no_prompt_is_being_accepted(live, project, monkeypatch):
-    """Accepting prompts goes first: a run waits to start while a prompt
-    (of any workspace) is being accepted, up to START_YIELD; a cancel ends
-    that wait at once."""
-    monkeypatch.setattr(workspace_module, "START_YIELD", 30.0)
+    """Accepting prompts goes first: a run is held while a prompt (of any
+    workspace) is being accepted, up to the gate's bound; a cancel ends it
+    at once."""
     accepting = workspace_module.ACCEPTING
+    monkeypatch.setattr(accepting, "bound", 30.0)
     with httpx.Client(base_url=live.url, timeout=30) as http:
         wid = register(http, project)
-        accepting.count_up()  # another submitter still in the middle of its accept
-        try:
+        with accepting.accept():  # another submitter still in the middle of its accept
             waiting = prompt(http, wid, "waits").json()
             cancelled = prompt(http, wid, "cancelled while it waits").json()
             time.sleep(0.5)
@@ -332,18 +331,13 @@ def test_a_run_starts_once_no_prompt_is_being_accepted(live, project, monkeypatc
             http.post(f"/v1/workspaces/{wid}/runs/{cancelled['id']}/cancel")
             done = wait_terminal(http, wid, cancelled["id"], timeout=5)
             assert done["status"] == "cancelled" and done["started_at"] is None
-        finally:
-            accepting.count_down()
         assert wait_terminal(http, wid, waiting["id"], timeout=10)["status"] == "completed"
         assert {m["run_id"] for m in messages(http, wid, cancelled["session_id"])} == set()
-        # The wait is bounded: a run starts after START_YIELD whatever comes.
-        monkeypatch.setattr(workspace_module, "START_YIELD", 0.2)
-        accepting.count_up()
-        try:
+        # The hold is bounded: a run starts after the bound whatever comes.
+        monkeypatch.setattr(accepting, "bound", 0.2)
+        with accepting.accept():
             bounded = prompt(http, wid, "bounded").json()
             assert wait_terminal(http, wid, bounded["id"], timeout=10)["status"] == "completed"
-        finally:
-            accepting.count_down()
 
 
 def test_a_close_during_a_burst_ends_every_accepted_prompt(tmp_path, project):
