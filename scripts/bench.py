@@ -210,9 +210,9 @@ def bench_stream(root: Path, quick: bool) -> dict:
     writes: dict[str, int] = {}
     original = WorkspaceStore.update_message
 
-    def counting(self, message_id, parts):
-        writes[message_id] = writes.get(message_id, 0) + 1
-        return original(self, message_id, parts)
+    def counting(self, message, parts):
+        writes[message["id"]] = writes.get(message["id"], 0) + 1
+        return original(self, message, parts)
 
     WorkspaceStore.update_message = counting
     config = Config.from_mapping(
