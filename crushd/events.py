@@ -33,6 +33,9 @@ SEQ_RESERVE_BLOCK = 10_000
 SUBSCRIBER_QUEUE = 10_000
 # At most this many queued events are joined into one write of a stream.
 SSE_BATCH = 256
+# After a write of several events (events come faster than one at a time),
+# a stream waits this long for more before its next write.
+SSE_GATHER = 0.005
 
 _CLOSE = object()
 
@@ -51,6 +54,7 @@ class Subscriber:
         self.session_id = session_id
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=SUBSCRIBER_QUEUE)
         self.dropped = False  # set by the hub when the queue overflowed
+        self.ended = threading.Event()  # set by the hub when it closes or drops it
 
     def wants(self, event: Event) -> bool:
         return self.session_id is None or event.session_id in (None, self.session_id)
@@ -118,6 +122,7 @@ class EventHub:
                     sub.queue.put_nowait(event)
                 except queue.Full:
                     sub.dropped = True
+                    sub.ended.set()
                     self._subscribers.discard(sub)
                     logger.warning(
                         "event=subscriber_dropped workspace=%s reason=queue_full", self.workspace_id
@@ -176,6 +181,7 @@ class EventHub:
             self._closed = True
             subscribers, self._subscribers = self._subscribers, set()
         for sub in subscribers:
+            sub.ended.set()
             try:
                 sub.queue.put_nowait(_CLOSE)
             except queue.Full:
@@ -235,6 +241,12 @@ def sse_stream(
                 yield b"".join(frames)
             if item is _CLOSE:
                 return
+            # Events come faster than one a wake-up: let the next ones
+            # gather, so that publishing them wakes nobody, instead of
+            # waking this thread for each.  Not after a full batch: more are
+            # waiting then, and a fast stream must not be slowed.
+            if 1 < len(frames) < SSE_BATCH:
+                sub.ended.wait(SSE_GATHER)  # closed or dropped: the queue says which
     finally:
         hub.unsubscribe(sub)
         on_close()
