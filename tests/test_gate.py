@@ -31,8 +31,8 @@ def test_with_nothing_being_accepted_runs_launch_at_once_in_order():
     assert launches.threads == [threading.current_thread().name] * 2
 
 
-def test_runs_are_held_until_the_last_accept_ends_then_launched_together():
-    gate, launches = StartGate(bound=30), Launches()
+def test_runs_are_held_until_the_accepts_end_then_launched_together():
+    gate, launches = StartGate(bound=30, quiet=0.05), Launches()
     with gate.accept():
         with gate.accept():
             gate.hold(launches, ["a"])
@@ -42,8 +42,35 @@ def test_runs_are_held_until_the_last_accept_ends_then_launched_together():
         gate.hold(launches, ["d"])
         assert launches.items == []
     assert gate.accepting == 0
+    assert launches.done.wait(5)
     assert launches.items == ["a", "b", "c", "d"]
-    assert len(launches.threads) == 1  # one hand-back for all of them
+    assert launches.threads == ["crushd-start-gate"]  # one hand-back for all of them
+
+
+def test_a_lone_held_run_goes_as_soon_as_its_accept_ends():
+    """One prompt at a time: its run is not kept waiting for quiet."""
+    gate, launches = StartGate(bound=30, quiet=30), Launches()
+    with gate.accept():
+        gate.hold(launches, ["a"])
+        assert launches.items == []
+    assert launches.items == ["a"]
+    assert launches.threads == [threading.current_thread().name]
+
+
+def test_several_held_runs_wait_until_the_accepts_have_been_quiet():
+    """In a burst the count of accepts touches zero between two requests;
+    the runs held by then stay held while the next accept follows."""
+    gate, launches = StartGate(bound=30, quiet=0.3), Launches()
+    with gate.accept():
+        gate.hold(launches, ["a", "b"])
+    time.sleep(0.05)  # the next request of the burst reaches its accept
+    with gate.accept():
+        assert launches.items == []
+        gate.hold(launches, ["c"])
+    ended = time.monotonic()
+    assert launches.done.wait(5)
+    assert time.monotonic() - ended >= 0.25
+    assert launches.items == ["a", "b", "c"]
 
 
 def test_a_run_is_held_for_at_most_the_bound_while_accepts_go_on():
@@ -91,8 +118,10 @@ def test_a_failing_launch_is_logged_and_the_others_still_launch(caplog):
     def broken(items: list[str]) -> None:
         raise RuntimeError("broken owner")
 
-    with caplog.at_level(logging.ERROR, logger="crushd.gate"), gate.accept():
-        gate.hold(broken, ["a"])
-        gate.hold(launches, ["b"])
+    with caplog.at_level(logging.ERROR, logger="crushd.gate"):
+        with gate.accept():
+            gate.hold(broken, ["a"])
+            gate.hold(launches, ["b"])
+        assert launches.done.wait(5)
     assert launches.items == ["b"]
     assert "event=launch_failed" in caplog.text
