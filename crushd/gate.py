@@ -2,7 +2,8 @@
 
 Accepting a prompt and starting a run compete for the process's one GIL,
 and a client is waiting for its 202.  So a run dispatched while prompts are
-being accepted, in any workspace, is held until none are, for at most
+being accepted, in any workspace, is held until none are (and, when several
+runs are held, until none has been for :data:`QUIET`), for at most
 :attr:`StartGate.bound` seconds, and only then handed to its executor.
 
 Holding it *before* it has a thread matters as much as the wait: a run that
@@ -91,9 +92,9 @@ class StartGate:
             self._launch(due)
 
     def hold(self, launch: Launch, items: list[Any]) -> None:
-        """Hand ``items`` to ``launch`` once no prompt is being accepted: at
-        once, on this thread, when none is (after whatever was held before
-        them for the same ``launch``)."""
+        """Hand ``items`` to ``launch`` once the accepts allow it (see the
+        class): at once, on this thread, when they already do, after
+        whatever was held before them for the same ``launch``."""
         if not items:
             return
         with self._lock:

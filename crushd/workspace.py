@@ -83,9 +83,9 @@ JOIN_TIMEOUT = 1.0
 
 #: The prompts being accepted in this process, by any workspace, and the
 #: runs held while there are any (crushd.gate).  A run is held until the
-#: count reaches zero, not only until the prompts in flight when it came are
-#: accepted: in a burst most are still queued in waitress then, and that
-#: variant lost the gain.
+#: count reaches zero (and stays there a moment), not only until the prompts
+#: in flight when it came are accepted: in a burst most are still queued in
+#: waitress then, and that variant lost the gain.
 ACCEPTING = StartGate()
 
 
@@ -491,9 +491,10 @@ class Workspace:
         ACCEPTING.hold(self._launch_held, [active for active in runs if active is not None])
 
     def _launch_held(self, runs: list[ActiveRun]) -> None:
-        """:data:`ACCEPTING` hands runs back here, often on the thread of an
-        accept whose 202 is not sent yet: several are started from one
-        executor task, so that accept starts one thread, not one a run."""
+        """:data:`ACCEPTING` hands runs back here: a lone run on the thread
+        of an accept whose 202 is not sent yet, several on the gate's timer
+        or a closing thread.  Several are started from one executor task, so
+        that the thread handing them back starts one thread, not one a run."""
         if len(runs) == 1:
             self._submit_runs(runs)
             return
