@@ -87,9 +87,7 @@ class StartGate:
                     self._quiet_since = self._clock()
                 due = self._take_due()
                 timer = self._arm()
-            if timer is not None:
-                timer.start()
-            self._launch(due)
+            self._go(timer, due)
 
     def hold(self, launch: Launch, items: list[Any]) -> None:
         """Hand ``items`` to ``launch`` once the accepts allow it (see the
@@ -102,19 +100,14 @@ class StartGate:
             self._held.setdefault(launch, []).extend((by, item) for item in items)
             due = self._take_due()
             timer = self._arm()
-        if timer is not None:
-            timer.start()
-        self._launch(due)
+        self._go(timer, due)
 
     def release(self, launch: Launch) -> None:
         """Hand what is held for ``launch`` to it now (its owner is closing)."""
         with self._lock:
             held = self._held.pop(launch, [])
             timer = self._arm()
-        if timer is not None:
-            timer.start()
-        if held:
-            self._launch({launch: [item for _, item in held]})
+        self._go(timer, {launch: [item for _, item in held]} if held else {})
 
     def _release_at(self) -> float:
         """When everything held may go, as far as the accepts say: never
@@ -170,6 +163,11 @@ class StartGate:
             self._timer = None
             due = self._take_due()
             timer = self._arm()
+        self._go(timer, due)
+
+    def _go(self, timer: threading.Timer | None, due: dict[Launch, list[Any]]) -> None:
+        """After a decision taken under _lock, with the lock let go: start
+        the timer :meth:`_arm` returned, then hand back what is due."""
         if timer is not None:
             timer.start()
         self._launch(due)
