@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ from crushd.providers import PROVIDERS
 from crushd.providers.catalog import DEFAULT_CONTEXT_WINDOW, PRICE_FIELDS, ModelSpec
 from crushd.providers.retry import RetryPolicy
 from crushd.tools.sandbox import MODES as SANDBOX_MODES
+
+DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 
 #: Top-level keys (and flags) that define a model of their own.
 MODEL_FLAGS = ("provider", "model", "base_url", "api_key_env")
@@ -65,7 +68,13 @@ class Config:
     sandbox: str = "workspace-write"  # how bash runs where bwrap works; see sandbox_settings
     network: bool = True
     sandbox_read: list[str] = field(default_factory=list)
-    # [workspaces."<path>"] tables: sandbox, network, sandbox_read for one workspace.
+    # Paths hidden from sandboxed commands and refused by the file tools, on
+    # top of crushd's own (its data directory, token, config file, socket).
+    sandbox_hide: list[str] = field(default_factory=list)
+    # Names (or NAME* prefixes) of crushd's environment variables that bash
+    # sees besides BASH_ENV_ALLOWED; nothing else of the environment reaches it.
+    sandbox_env: list[str] = field(default_factory=list)
+    # [workspaces."<path>"] tables: the sandbox keys above for one workspace.
     workspaces: dict[str, dict[str, Any]] = field(default_factory=dict)
     # The TOML file this configuration was read from, set by load(): kept out
     # of the bash sandbox's sight, as it may hold the token.
@@ -77,6 +86,9 @@ class Config:
     stall_timeout: float = 30.0
     event_buffer: int = 10_000
     max_instructions_bytes: int = DEFAULT_MAX_INSTRUCTIONS_BYTES  # instruction files, together
+    #: Bytes one assistant message may stream (text, reasoning, tool input)
+    #: before its step is ended with finish reason ``max_bytes``.
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     auto_compact: bool = True  # False: only POST .../compact compacts a session
     #: The user's own instruction file; None means ``$XDG_CONFIG_HOME/crushd/AGENTS.md``
     #: as the environment says when the config is built.
@@ -208,7 +220,15 @@ class Config:
     def validate(self) -> None:
         if self.provider not in PROVIDERS:
             raise ConfigError(f"unknown provider {self.provider!r} ({', '.join(PROVIDERS)})")
-        for name in ("threads", "workers", "max_queue", "max_steps", "max_body", "event_buffer"):
+        for name in (
+            "threads",
+            "workers",
+            "max_queue",
+            "max_steps",
+            "max_body",
+            "event_buffer",
+            "max_message_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
         if self.max_retries < 0:
@@ -259,11 +279,13 @@ class Config:
                 f"default_model {self.default_model!r} is not a configured model "
                 f"(configured: {', '.join(self.models)})"
             )
-        _check_sandbox("", self.sandbox, self.network, self.sandbox_read)
+        _check_sandbox(
+            "", self.sandbox, self.network, self.sandbox_read, self.sandbox_hide, self.sandbox_env
+        )
         for path, table in self.workspaces.items():
             where = f"workspaces.{path!r}: "
             if not isinstance(table, dict):
-                raise ConfigError(f"{where}must be a table of sandbox, network, sandbox_read")
+                raise ConfigError(f"{where}must be a table of {', '.join(WORKSPACE_KEYS)}")
             unknown = sorted(set(table) - set(WORKSPACE_KEYS))
             if unknown:
                 raise ConfigError(
@@ -277,13 +299,15 @@ class Config:
                 table.get("sandbox", self.sandbox),
                 table.get("network", self.network),
                 table.get("sandbox_read", []),
+                table.get("sandbox_hide", []),
+                table.get("sandbox_env", []),
             )
 
     def sandbox_settings(self, workspace: str | os.PathLike[str]) -> SandboxSettings:
         """The sandbox of the workspace at ``workspace``: the top-level
-        ``sandbox``/``network``/``sandbox_read``, overridden by its
-        ``[workspaces."<path>"]`` table (whose ``sandbox_read`` adds to the
-        top-level list).  Paths compare after resolving symbolic links."""
+        ``sandbox``/``network``/``sandbox_*`` keys, overridden by its
+        ``[workspaces."<path>"]`` table (whose lists add to the top-level
+        ones).  Paths compare after resolving symbolic links."""
         real = os.path.realpath(workspace)
         table: dict[str, Any] = {}
         for path, candidate in self.workspaces.items():
@@ -293,10 +317,13 @@ class Config:
             mode=table.get("sandbox", self.sandbox),
             network=table.get("network", self.network),
             read=tuple([*self.sandbox_read, *table.get("sandbox_read", [])]),
+            hide=tuple([*self.sandbox_hide, *table.get("sandbox_hide", [])]),
+            env=tuple([*self.sandbox_env, *table.get("sandbox_env", [])]),
         )
 
 
-WORKSPACE_KEYS = ("sandbox", "network", "sandbox_read")
+WORKSPACE_KEYS = ("sandbox", "network", "sandbox_read", "sandbox_hide", "sandbox_env")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\*?")
 
 
 @dataclass(frozen=True)
@@ -304,20 +331,32 @@ class SandboxSettings:
     mode: str  # one of SANDBOX_MODES
     network: bool
     read: tuple[str, ...]
+    hide: tuple[str, ...] = ()
+    env: tuple[str, ...] = ()
 
 
-def _check_sandbox(where: str, mode: Any, network: Any, read: Any) -> None:
+def _check_sandbox(
+    where: str, mode: Any, network: Any, read: Any, hide: Any = (), env: Any = ()
+) -> None:
     if mode not in SANDBOX_MODES:
         raise ConfigError(f"{where}sandbox must be one of {', '.join(SANDBOX_MODES)}, not {mode!r}")
     if not isinstance(network, bool):
         raise ConfigError(f"{where}network must be true or false, not {network!r}")
-    if not isinstance(read, list) or not all(isinstance(p, str) for p in read):
-        raise ConfigError(f"{where}sandbox_read must be a list of paths")
-    for path in read:
-        if not path or "\0" in path or not os.path.isabs(os.path.expanduser(path)):
+    for key, paths in (("sandbox_read", read), ("sandbox_hide", hide)):
+        if not isinstance(paths, list | tuple) or not all(isinstance(p, str) for p in paths):
+            raise ConfigError(f"{where}{key} must be a list of paths")
+        for path in paths:
+            if not path or "\0" in path or not os.path.isabs(os.path.expanduser(path)):
+                raise ConfigError(
+                    f"{where}{key} entries must be absolute paths (or start with ~), not {path!r}"
+                )
+    if not isinstance(env, list | tuple) or not all(isinstance(n, str) for n in env):
+        raise ConfigError(f"{where}sandbox_env must be a list of variable names")
+    for name in env:
+        if not _ENV_NAME.fullmatch(name):
             raise ConfigError(
-                f"{where}sandbox_read entries must be absolute paths (or start with ~), "
-                f"not {path!r}"
+                f"{where}sandbox_env entries must be variable names (or a NAME* prefix), "
+                f"not {name!r}"
             )
 
 
@@ -402,6 +441,21 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         "sandbox_read",
         "A hidden path (e.g. in a home directory) sandboxed bash may read (repeatable).",
     ),
+    Option(
+        "sandbox_hide",
+        "A path sandboxed bash cannot see and the file tools refuse (repeatable).",
+    ),
+    Option(
+        "sandbox_env",
+        "An environment variable (or NAME* prefix) bash sees besides PATH, HOME, LANG, "
+        "LC_*, TERM, TZ, USER and SHELL (repeatable).",
+        metavar="NAME",
+    ),
+    Option(
+        "max_message_bytes",
+        "Bytes one assistant message may stream before its step ends (finish reason max_bytes).",
+        default_text="1 MiB",
+    ),
     Option("log_level", "Log level.", choices=LOG_LEVELS),
 )
 
@@ -416,9 +470,9 @@ def _from_env(env: dict[str, str]) -> dict[str, Any]:
         if name == "models":  # tables come only from the file
             continue
         name = SINGULAR_KEYS.get(name, name)
-        if name in ("allow_roots", "sandbox_read"):
+        if name in ("allow_roots", "sandbox_read", "sandbox_hide"):
             values[name] = [p for p in value.split(os.pathsep) if p]
-        elif name in ("allowed_tools", "allow_origins", "allow_hosts"):
+        elif name in ("allowed_tools", "allow_origins", "allow_hosts", "sandbox_env"):
             values[name] = [t.strip() for t in value.split(",") if t.strip()]
         elif name in names and name != "mcp":  # servers are TOML tables only
             values[name] = value

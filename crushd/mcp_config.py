@@ -25,7 +25,13 @@ _KEYS = {
     "disabled_tools",
     "timeout",
     "enabled",
+    "cwd",
+    "sandbox",
 }
+#: ``cwd = "workspace"`` runs a local server in the workspace; without it,
+#: in an empty directory of its own, so files the model wrote there (a
+#: ``json/__init__.py``, ``node_modules/.bin``) are not what it runs.
+WORKSPACE_CWD = "workspace"
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -49,6 +55,8 @@ class McpServerConfig:
     disabled_tools: frozenset[str] = frozenset()
     timeout: float = DEFAULT_TIMEOUT
     enabled: bool = True
+    cwd: str | None = None  # "workspace", an absolute directory, or None: a private one
+    sandbox: bool = True  # a local server runs in the workspace's bash sandbox
 
     @property
     def prefix(self) -> str:
@@ -127,20 +135,27 @@ def _parse_table(name: str, table: Any) -> McpServerConfig:
         for key in ("url", "headers"):
             if key in table:
                 raise McpConfigError(f"{where}: {key} is for remote servers (url = ...)")
+        cwd = table.get("cwd")
+        if cwd is not None and not (
+            isinstance(cwd, str) and (cwd == WORKSPACE_CWD or cwd.startswith("/"))
+        ):
+            raise McpConfigError(
+                f'{where}: cwd must be "{WORKSPACE_CWD}" or an absolute directory, not {cwd!r}'
+            )
     else:
         if not isinstance(url, str) or not re.match(r"https?://[^/\s]+", url):
             raise McpConfigError(f"{where}: url must be an http:// or https:// URL, not {url!r}")
         if transport == "stdio":
             raise McpConfigError(f"{where}: a url server speaks http or sse, not stdio")
-        for key in ("args", "env"):
+        for key in ("args", "env", "cwd", "sandbox"):
             if key in table:
                 raise McpConfigError(f"{where}: {key} is for local servers (command = ...)")
     timeout = table.get("timeout", DEFAULT_TIMEOUT)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
         raise McpConfigError(f"{where}: timeout must be a positive number of seconds")
-    enabled = table.get("enabled", True)
-    if not isinstance(enabled, bool):
-        raise McpConfigError(f"{where}: enabled must be true or false")
+    for key in ("enabled", "sandbox"):
+        if not isinstance(table.get(key, True), bool):
+            raise McpConfigError(f"{where}: {key} must be true or false")
     return McpServerConfig(
         name=name,
         transport=transport,
@@ -154,7 +169,9 @@ def _parse_table(name: str, table: Any) -> McpServerConfig:
             _strings(where, "disabled_tools", table.get("disabled_tools", []))
         ),
         timeout=float(timeout),
-        enabled=enabled,
+        enabled=table.get("enabled", True),
+        cwd=table.get("cwd"),
+        sandbox=table.get("sandbox", True),
     )
 
 

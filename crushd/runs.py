@@ -108,6 +108,9 @@ class RunEnv:
     cleanup_timeout: float = 5.0
     bash_timeout: float = 120.0
     sandbox: Sandbox | None = None  # how bash commands are confined; None: not at all
+    hidden: tuple[str, ...] = ()  # real paths no tool may touch (ToolContext.hidden)
+    tool_env: dict[str, str] | None = None  # the environment of commands (ToolContext.env)
+    max_message_bytes: int = 1024 * 1024  # streamed bytes one assistant message may hold
     allowed_tools: frozenset[str] = frozenset()
     on_completed: Callable[[dict[str, Any]], None] = lambda run: None
     clock: Callable[[], float] = time.monotonic
@@ -535,7 +538,12 @@ class Run:
         # deadline; the workspace calls settle() to write them later.
         self.owed: Callable[[], dict[str, Any] | None] | None = None
         self.tools_ctx = ToolContext(
-            root=env.root, token=token, bash_timeout=env.bash_timeout, sandbox=env.sandbox
+            root=env.root,
+            token=token,
+            bash_timeout=env.bash_timeout,
+            sandbox=env.sandbox,
+            hidden=env.hidden,
+            env=env.tool_env,
         )
         self.tools: dict[str, Tool] = {**env.extra_tools(), **env.tools}
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from crushd import __version__
-from crushd.config import Config
+from crushd.config import Config, SandboxSettings
 from crushd.errors import (
     AlreadyRunning,
     InvalidRequest,
@@ -42,7 +42,7 @@ from crushd.signals import Signals
 from crushd.stopping import StopController
 from crushd.store import RegistryStore
 from crushd.tools import Tool, default_tools
-from crushd.tools.sandbox import Bubblewrap, Sandbox, detect, sandbox_for
+from crushd.tools.sandbox import Bubblewrap, Sandbox, command_env, detect, sandbox_for
 from crushd.workspace import Workspace, close_budget
 
 logger = logging.getLogger(__name__)
@@ -259,6 +259,8 @@ class Server:
 
     def _open(self, record: dict[str, Any]) -> Workspace:
         tools = dict(self._tools) if self._tools is not None else default_tools()
+        settings = self.config.sandbox_settings(record["path"])
+        hidden = self._hidden(settings)
         workspace = Workspace(
             record,
             self.data_dir,
@@ -268,7 +270,9 @@ class Server:
             self.signals,
             self.clock,
             mcp_loop=self.mcp_loop,
-            sandbox=self._sandbox_for(record["path"]),
+            sandbox=self._sandbox_for(record["path"], settings, hidden),
+            hidden=hidden,
+            tool_env=command_env(settings.env),
         )
         with self._lock:
             self._workspaces[workspace.id] = workspace
@@ -276,14 +280,27 @@ class Server:
         logger.info("event=workspace_opened workspace=%s path=%s", workspace.id, workspace.path)
         return workspace
 
-    def _sandbox_for(self, path: str) -> Sandbox | None:
+    def _hidden(self, settings: SandboxSettings) -> tuple[str, ...]:
+        """What no tool of the workspace may see: crushd's own data, token,
+        config file and socket, and the workspace's ``sandbox_hide`` paths,
+        resolved."""
+        paths = [
+            str(self.data_dir),
+            self.config.token_file,
+            self.config.source_file,
+            self.config.unix_socket,
+            *settings.hide,
+        ]
+        return tuple(dict.fromkeys(os.path.realpath(os.path.expanduser(p)) for p in paths if p))
+
+    def _sandbox_for(
+        self, path: str, settings: SandboxSettings, hidden: tuple[str, ...]
+    ) -> Sandbox | None:
         """How bash runs in the workspace at ``path``: None when unsandboxed.
-        What crushd itself keeps secret (its data, the token, the config
-        file, the unix socket, the model keys) stays out of the sandbox."""
+        What crushd itself keeps secret (``hidden``, the model keys) stays
+        out of the sandbox."""
         if self.bubblewrap is None:
             return None
-        settings = self.config.sandbox_settings(path)
-        masked = [self.config.token_file, self.config.source_file, self.config.unix_socket]
         keys = [facts.api_key_env for facts in PROVIDERS.values()]
         for spec in self.config.models.values():
             keys.append(spec.api_key_env or PROVIDERS[spec.provider].api_key_env)
@@ -293,8 +310,8 @@ class Server:
             settings.mode,
             settings.network,
             read=settings.read,
-            private=[str(self.data_dir)],
-            masked=[m for m in masked if m],
+            private=hidden,
+            masked=hidden,
             unset_env=[k for k in keys if k],
         )
 

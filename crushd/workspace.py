@@ -153,6 +153,8 @@ class Workspace:
         clock: Callable[[], float] = time.monotonic,
         mcp_loop: McpLoop | None = None,
         sandbox: Sandbox | None = None,
+        hidden: tuple[str, ...] = (),
+        tool_env: dict[str, str] | None = None,
     ) -> None:
         self.id: str = record["id"]
         self.path = Path(record["path"])
@@ -229,6 +231,9 @@ class Workspace:
             cleanup_timeout=config.cleanup_timeout,
             bash_timeout=config.bash_timeout,
             sandbox=sandbox,
+            hidden=hidden,
+            tool_env=tool_env,
+            max_message_bytes=config.max_message_bytes,
             allowed_tools=frozenset(config.allowed_tools),
             on_completed=self._run_completed,
             clock=clock,

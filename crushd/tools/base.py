@@ -34,13 +34,20 @@ class ToolResult:
 @dataclass
 class ToolContext:
     """What a tool call may use.  ``root`` is the resolved workspace path;
-    ``sandbox`` is how ``bash`` commands are confined (None: not at all)."""
+    ``sandbox`` is how ``bash`` commands are confined (None: not at all).
+    ``hidden`` lists real paths (files or directories, with everything below
+    them) that no tool may read or write, whatever the permissions say:
+    crushd's data directory, token, config file and socket, and the
+    ``sandbox_hide`` paths — what the sandbox hides from ``bash``.
+    ``env`` is the environment a command started for the model gets."""
 
     root: Path
     token: CancelToken
     bash_timeout: float = 120.0
     max_output: int = DEFAULT_MAX_OUTPUT
     sandbox: Sandbox | None = None
+    hidden: tuple[str, ...] = ()
+    env: dict[str, str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -35,6 +35,7 @@ from typing import Any
 from crushd.cancel import Cancelled, CancelToken, Deadline
 from crushd.tools.base import PermissionAsk, Tool, ToolContext, ToolError, ToolResult
 from crushd.tools.common import check_params
+from crushd.tools.sandbox import command_env
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +169,7 @@ class BashTool(Tool):
             proc = subprocess.Popen(
                 argv,
                 cwd=ctx.root,
+                env=ctx.env if ctx.env is not None else command_env(),
                 start_new_session=True,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,

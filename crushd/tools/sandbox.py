@@ -33,7 +33,7 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +43,9 @@ MODES = ("workspace-write", "read-only", "off")
 PROBE_TIMEOUT = 10.0  # seconds for the startup check of bwrap
 HOME_ROOTS = ("/root", "/home", "/run/user")
 SECRET_ENV = ("CRUSHD_TOKEN", "CRUSHD_TOKEN_FILE", "CRUSHD_CONFIG")  # plus the model keys
+#: The only variables of crushd's environment a command sees, with the
+#: workspace's ``sandbox_env`` names; ``NAME*`` is a prefix.
+BASE_ENV = ("PATH", "HOME", "LANG", "LC_*", "TERM", "TZ", "USER", "SHELL")
 
 _EROFS = re.compile(r"read-only file system", re.IGNORECASE)
 _MISSING = re.compile(r"no such file or directory|permission denied", re.IGNORECASE)
@@ -124,6 +127,24 @@ def _base_args(network: bool) -> list[str]:
     return args
 
 
+def command_env(
+    names: Iterable[str] = (), environ: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The environment of a command started for the model: the variables of
+    ``environ`` (default ``os.environ``) named by :data:`BASE_ENV` or
+    ``names``, never crushd's own (:data:`SECRET_ENV`).  An allowlist, so a
+    secret crushd was started with (``AWS_SECRET_ACCESS_KEY``,
+    ``GITHUB_TOKEN``) reaches no command unless the user names it."""
+    environ = os.environ if environ is None else environ
+    exact = {n for n in (*BASE_ENV, *names) if not n.endswith("*")}
+    prefixes = tuple(n[:-1] for n in (*BASE_ENV, *names) if n.endswith("*"))
+    return {
+        key: value
+        for key, value in environ.items()
+        if (key in exact or key.startswith(prefixes)) and key not in SECRET_ENV
+    }
+
+
 def _real(path: str | os.PathLike[str]) -> str:
     return os.path.realpath(os.path.expanduser(path))
 
@@ -200,8 +221,12 @@ class Sandbox:
                 args += [bind, path, path]
             else:
                 args += ["--ro-bind-try", path, path]
-        for path in self.masked:
-            if os.path.exists(path) and self._kind(path, mounts) == "host":
+        for path in self.masked:  # a hidden directory got its tmpfs above
+            if (
+                os.path.lexists(path)
+                and not os.path.isdir(path)
+                and self._kind(path, mounts) == "host"
+            ):
                 args += ["--ro-bind", "/dev/null", path]
         for path, kind in mounts:
             if kind == "hidden":
