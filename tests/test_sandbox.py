@@ -4,6 +4,8 @@ still leave no process behind."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import os
 import shutil
@@ -232,9 +234,27 @@ def test_network_false_cannot_reach_a_loopback_listener(bwrap, root, listener):
     assert "it has no network (network = false)" in result.content
 
 
-def test_network_true_reaches_a_loopback_listener(bwrap, root, listener):
-    result = bash(make_ctx(bwrap, root, network=True), CONNECT.format(port=listener))
-    assert result == ToolResult("connected")
+def test_network_true_has_a_network_but_not_the_hosts_loopback(bwrap, root, listener):
+    """crushd's API listens on the host's loopback: a sandbox with the
+    network on reaches neither it nor it through the slirp gateway."""
+    assert bwrap.slirp4netns, "slirp4netns must be installed for these tests"
+    ctx = make_ctx(bwrap, root, network=True)
+    for host in ("127.0.0.1", "10.0.2.2"):
+        result = bash(ctx, CONNECT.replace("127.0.0.1", host).format(port=listener))
+        assert result.is_error and "connected" not in result.content, host
+    # It is online all the same: a tap device with a default route via slirp4netns.
+    routes = bash(ctx, "cat /proc/net/route; cat /etc/resolv.conf")
+    assert "tap0\t00000000\t0202000A" in routes.content
+    assert "nameserver 10.0.2.3" in routes.content
+
+
+def test_network_true_without_slirp4netns_has_no_network(bwrap, root, listener):
+    """Where slirp4netns is missing the network stays off rather than shared
+    with the host, and the refusal says why."""
+    ctx = make_ctx(dataclasses.replace(bwrap, slirp4netns=None), root, network=True)
+    result = bash(ctx, CONNECT.format(port=listener))
+    assert result.is_error and "connected" not in result.content
+    assert "it has no network (slirp4netns is not installed)" in result.content
 
 
 # -- processes -------------------------------------------------------------------

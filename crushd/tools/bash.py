@@ -162,21 +162,23 @@ class BashTool(Tool):
         timeout = min(float(checked.get("timeout", ctx.bash_timeout)), MAX_TIMEOUT)
         sandbox = None if checked.get("unsandboxed") else ctx.sandbox
         argv = ["/bin/bash", "-c", command]
-        if sandbox is not None:
-            argv = sandbox.argv(argv)
         ctx.token.raise_if_cancelled()
+        popen: dict[str, Any] = {
+            "cwd": ctx.root,
+            "env": ctx.env if ctx.env is not None else command_env(),
+            "start_new_session": True,
+            "stdin": subprocess.DEVNULL,
+            "stdout": subprocess.PIPE,
+            "stderr": subprocess.STDOUT,
+        }
+        network = None
         try:
-            proc = subprocess.Popen(
-                argv,
-                cwd=ctx.root,
-                env=ctx.env if ctx.env is not None else command_env(),
-                start_new_session=True,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-            )
+            if sandbox is not None:
+                proc, network = sandbox.popen(argv, **popen)
+            else:
+                proc = subprocess.Popen(argv, **popen)
         except OSError as exc:
-            raise ToolError(f"bash: cannot start {argv[0]} in {ctx.root}: {exc}") from exc
+            raise ToolError(f"bash: cannot start the command in {ctx.root}: {exc}") from exc
         pgid = proc.pid  # start_new_session makes the shell its group's leader
         assert proc.stdout is not None
         output = BoundedOutput(ctx.max_output)
@@ -188,6 +190,8 @@ class BashTool(Tool):
             settle = SANDBOX_SETTLE if sandbox is not None and outcome is _Outcome.EXITED else 0
             _stop_group(proc, pgid, settle)
             proc.stdout.close()
+            if network is not None:
+                network.close()
         if outcome is _Outcome.CANCELLED:
             raise Cancelled(ctx.token.reason or "cancelled")
         text = output.text().rstrip("\n") or "(no output)"

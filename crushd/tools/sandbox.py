@@ -17,13 +17,22 @@ mounts cover earlier ones):
 A workspace below ``/tmp`` would otherwise sit in the private ``/tmp`` with
 writable empty directories around it; the first directory below ``/tmp`` on
 its way is hidden like a home, so its siblings are neither visible nor
-writable.  ``--unshare-net`` leaves only a loopback of the sandbox's own when
-``network = false``.  ``--die-with-parent`` plus the pid namespace mean the
-whole tree dies with the ``bwrap`` process, which is the leader of the
-process group the bash tool kills: no ``setsid`` escapes it.
+writable.  ``--die-with-parent`` plus the pid namespace mean the whole tree
+dies with the ``bwrap`` process, which is the leader of the process group
+the bash tool kills: no ``setsid`` escapes it.
 
-:func:`detect` finds out once per server whether ``bwrap`` can create its
-namespaces here (it cannot inside some containers) and logs once if not.
+What the sandbox's processes may do, for any uid crushd runs as: nothing
+that needs a capability.  They run in a user namespace of their own with
+every capability dropped (:data:`ISOLATION_LEVELS`), so root inside cannot
+``umount`` or remount a bind, nor make a namespace of its own.  And they
+cannot reach crushd's API: the sandbox always has a network namespace of
+its own — only a loopback of its own with ``network = false``, and with
+``network = true`` a slirp4netns network that leads everywhere but to the
+host's loopback (:mod:`crushd.netns`); the unix socket is covered by
+``/dev/null``.
+
+:func:`detect` finds out once per server how far ``bwrap`` can isolate here
+(it cannot at all inside some containers) and logs once if not.
 """
 
 from __future__ import annotations
@@ -36,6 +45,9 @@ import subprocess
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from crushd import netns
 
 logger = logging.getLogger(__name__)
 
@@ -57,59 +69,125 @@ _NO_NETWORK = re.compile(
 )
 
 
+#: What the sandbox's processes may not do, strongest first: the first set
+#: of ``bwrap`` flags that works here is used.  A user namespace of its own
+#: with every capability dropped is what makes the sandbox hold against a
+#: command run as root: bwrap run by uid 0 otherwise keeps the caller's
+#: capabilities, and ``umount``/``mount -o remount`` undo every bind.
+#: ``--disable-userns`` (bwrap 0.8) stops the command from making a user
+#: namespace of its own, where it would get capabilities back;
+#: ``--new-session`` keeps it off crushd's terminal.  Without user
+#: namespaces (some containers) root can still drop its capabilities.
+ISOLATION_LEVELS: tuple[tuple[str, ...], ...] = (
+    ("--unshare-user", "--disable-userns", "--cap-drop", "ALL", "--new-session"),
+    ("--unshare-user", "--cap-drop", "ALL", "--new-session"),
+    ("--cap-drop", "ALL", "--new-session"),
+)
+
+
 @dataclass(frozen=True)
 class Bubblewrap:
     """Whether ``bwrap`` works on this machine: ``executable`` is its path
-    when it does, else None and ``reason`` says why."""
+    when it does, else None and ``reason`` says why.  ``isolation`` is the
+    set of :data:`ISOLATION_LEVELS` flags that works here; ``slirp4netns``
+    the program that gives a sandbox with ``network = true`` a network of
+    its own (None: not found, so such a sandbox gets no network at all)."""
 
     executable: str | None
     reason: str = ""
+    isolation: tuple[str, ...] = ISOLATION_LEVELS[0]
+    slirp4netns: str | None = None
 
     @property
     def available(self) -> bool:
         return self.executable is not None
 
+    def describe(self) -> dict[str, Any] | None:
+        """What is in force, for the health check; None when unavailable."""
+        if self.executable is None:
+            return None
+        return {
+            "user_namespace": "--unshare-user" in self.isolation,
+            "capabilities": "none",
+            "nested_user_namespaces": "--disable-userns" not in self.isolation,
+            "new_session": "--new-session" in self.isolation,
+            # How a workspace with network = true reaches the network: through
+            # slirp4netns, without the host's loopback (crushd's API), or not at all.
+            "network": "slirp4netns" if self.slirp4netns else "none",
+        }
+
 
 def detect(path: str | None = None) -> Bubblewrap:
-    """Find ``bwrap`` on ``path`` (default ``$PATH``) and check that it can
-    build a sandbox here.  Blocks up to :data:`PROBE_TIMEOUT`; logs once
-    (a warning) when the sandbox is unavailable."""
+    """Find ``bwrap`` (and ``slirp4netns``) on ``path`` (default ``$PATH``)
+    and check that bwrap can build a sandbox here whose processes hold no
+    capability.  Blocks up to :data:`PROBE_TIMEOUT` per level tried; logs
+    once (a warning) when the sandbox is unavailable or has no network."""
     executable = shutil.which("bwrap", path=path)
     if executable is None:
         found = Bubblewrap(None, "bwrap not found on PATH (install the bubblewrap package)")
     else:
-        found = _probe(executable)
+        found = _probe(executable, shutil.which("slirp4netns", path=path))
     if found.available:
-        logger.info("event=sandbox_ready bwrap=%s", found.executable)
+        logger.info(
+            "event=sandbox_ready bwrap=%s isolation=%r slirp4netns=%s",
+            found.executable,
+            " ".join(found.isolation),
+            found.slirp4netns,
+        )
+        if found.slirp4netns is None:
+            logger.warning(
+                "event=sandbox_network_off reason=%r",
+                "slirp4netns not found on PATH (install the slirp4netns package): sandboxed "
+                "commands get no network, even where network = true",
+            )
     else:
         logger.warning("event=sandbox_unavailable reason=%r bash=unsandboxed", found.reason)
     return found
 
 
-def _probe(executable: str) -> Bubblewrap:
-    # Without --unshare-net: where only the network namespace is refused (Ubuntu
-    # 24.04's AppArmor default), network = true still works, and network = false
-    # fails closed with bwrap's own message on every command.
-    argv = [executable, *_base_args(network=True), "--", "/bin/true"]
-    try:
-        done = subprocess.run(
-            argv,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=PROBE_TIMEOUT,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return Bubblewrap(None, f"{executable} did not run: {exc}")
-    if done.returncode != 0:
-        message = done.stderr.decode(errors="replace").strip().splitlines()
-        detail = message[-1] if message else f"exit code {done.returncode}"
-        return Bubblewrap(None, f"{executable} cannot create a sandbox here: {detail}")
-    return Bubblewrap(executable)
+def _probe(executable: str, slirp4netns: str | None) -> Bubblewrap:
+    """Try the isolation levels in order; the first under which a sandboxed
+    process has no effective capability wins."""
+    reason = ""
+    for isolation in ISOLATION_LEVELS:
+        # Without --unshare-net: where only the network namespace is refused
+        # (Ubuntu 24.04's AppArmor default), network = false then fails closed
+        # with bwrap's own message on every command.
+        argv = [
+            executable,
+            *_base_args(isolation, network=True),
+            "--",
+            "/bin/cat",
+            "/proc/self/status",
+        ]
+        try:
+            done = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=PROBE_TIMEOUT,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return Bubblewrap(None, f"{executable} did not run: {exc}")
+        if done.returncode != 0:
+            message = done.stderr.decode(errors="replace").strip().splitlines()
+            detail = message[-1] if message else f"exit code {done.returncode}"
+            reason = f"{executable} cannot create a sandbox here: {detail}"
+            continue
+        caps = re.search(rb"^CapEff:\s*([0-9a-f]+)", done.stdout, re.MULTILINE)
+        if caps is None or int(caps.group(1), 16) != 0:
+            reason = f"{executable} leaves the sandbox capabilities here ({' '.join(isolation)})"
+            continue
+        return Bubblewrap(executable, isolation=isolation, slirp4netns=slirp4netns)
+    return Bubblewrap(None, reason)
 
 
-def _base_args(network: bool) -> list[str]:
+def _base_args(isolation: tuple[str, ...], network: bool) -> list[str]:
+    """``network``: share the host's network namespace (only the probe
+    does; a sandbox always has a namespace of its own)."""
     args = [
+        *isolation,
         "--die-with-parent",
         "--unshare-pid",
         "--ro-bind",
@@ -176,6 +254,28 @@ class Sandbox:
     private: tuple[str, ...] = ()  # always hidden: crushd's data directory
     masked: tuple[str, ...] = ()  # files covered by /dev/null: token, config, socket
     unset_env: tuple[str, ...] = SECRET_ENV
+    isolation: tuple[str, ...] = ISOLATION_LEVELS[0]  # see Bubblewrap.isolation
+    slirp4netns: str | None = None  # None: network = true gets no network either
+
+    @property
+    def online(self) -> bool:
+        """Whether commands reach the network (never the host's loopback)."""
+        return self.network and self.slirp4netns is not None
+
+    def popen(
+        self, command: list[str], **popen: Any
+    ) -> tuple[subprocess.Popen[bytes], netns.Network | None]:
+        """Start ``command`` sandboxed; ``popen`` goes to :class:`subprocess.Popen`
+        (``cwd``, ``env``, pipes, ``start_new_session``).  Returns the bwrap
+        process and, when :attr:`online`, the network serving it, which the
+        caller closes once the process has ended.  Blocks while the network
+        is set up (a few ms); raises OSError when nothing could be started."""
+        argv = self.argv(command)
+        if not self.online:
+            return subprocess.Popen(argv, **popen), None
+        assert self.slirp4netns is not None
+        own_userns = "--unshare-user" in self.isolation
+        return netns.spawn(argv, self.slirp4netns, own_userns, **popen)
 
     def _mounts(self) -> list[tuple[str, str]]:
         """``(path, kind)`` in mount order; ``kind`` is ``host`` (the host's
@@ -208,11 +308,13 @@ class Sandbox:
         """Directories covered by an empty, read-only tmpfs."""
         return sorted({path for path, kind in self._mounts() if kind == "hidden"})
 
-    def argv(self, command: list[str]) -> list[str]:
-        """The ``bwrap`` command line that runs ``command`` sandboxed, in the
-        workspace.  Reads the file system (which hidden paths exist)."""
+    def argv(self, command: list[str], chdir: str | None = None) -> list[str]:
+        """The ``bwrap`` command line that runs ``command`` sandboxed, in
+        ``chdir`` (default the workspace).  Reads the file system (which
+        hidden paths exist).  The sandbox always has a network namespace of
+        its own: only :meth:`popen` connects it, when :attr:`online`."""
         mounts = self._mounts()
-        args = [self.executable, *_base_args(self.network)]
+        args = [self.executable, *_base_args(self.isolation, network=False)]
         for path, kind in mounts[2:]:
             if kind == "hidden":
                 args += ["--tmpfs", path]
@@ -223,7 +325,7 @@ class Sandbox:
                 args += ["--ro-bind-try", path, path]
         for path in self.masked:  # a hidden directory got its tmpfs above
             if (
-                os.path.lexists(path)
+                os.path.exists(path)
                 and not os.path.isdir(path)
                 and self._kind(path, mounts) == "host"
             ):
@@ -241,7 +343,7 @@ class Sandbox:
             "XDG_CACHE_HOME",
             "/tmp/.cache",
             "--chdir",
-            self.root,
+            chdir or self.root,
             "--",
             *command,
         ]
@@ -262,8 +364,9 @@ class Sandbox:
                 "it hides home directories, crushd's data and the surroundings of a "
                 f"workspace in /tmp ({', '.join(self.hidden())})"
             )
-        if not self.network and _NO_NETWORK.search(output):
-            reasons.append("it has no network (network = false)")
+        if not self.online and _NO_NETWORK.search(output):
+            why = "network = false" if not self.network else "slirp4netns is not installed"
+            reasons.append(f"it has no network ({why})")
         if not reasons:
             return ""
         other_way = (
@@ -313,6 +416,8 @@ def sandbox_for(
     if home != "/" and not any(_inside(home, h) for h in homes):
         homes.append(home)
     return Sandbox(
+        isolation=bubblewrap.isolation,
+        slirp4netns=bubblewrap.slirp4netns,
         executable=bubblewrap.executable,
         root=_real(root),
         mode=mode,
