@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -51,11 +52,12 @@ from pathlib import Path
 from typing import Any
 
 from crushd.cancel import Cancelled, CancelToken
-from crushd.mcp_config import McpServerConfig, safe_name
+from crushd.mcp_config import WORKSPACE_CWD, McpServerConfig, safe_name
 from crushd.tools.base import Tool, ToolResult
 from crushd.tools.bash import live_group_members
 from crushd.tools.common import truncate
 from crushd.tools.mcp import McpTool, result_text
+from crushd.tools.sandbox import Sandbox
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +129,22 @@ class McpLoop:
 # -- one server --------------------------------------------------------------
 
 
+def installation_of(executable: str) -> tuple[str, ...]:
+    """The directories a server's program is installed in, which its
+    sandbox must show even where it hides them (a virtualenv, or the Python
+    it was made from, in a home directory): a virtualenv's root and its base
+    Python's prefix, else the program's own directory."""
+    venv = os.path.dirname(os.path.dirname(os.path.abspath(executable)))
+    try:
+        with open(os.path.join(venv, "pyvenv.cfg"), encoding="utf-8") as f:
+            pairs = [line.partition("=") for line in f]
+    except OSError:  # not a virtualenv
+        return (os.path.dirname(os.path.realpath(executable)),)
+    home = next((v.strip() for k, eq, v in pairs if eq and k.strip() == "home"), "")
+    base = [os.path.dirname(os.path.realpath(home))] if home else []
+    return tuple(dict.fromkeys([venv, os.path.realpath(venv), *base]))
+
+
 class McpUnavailable(Exception):
     """The server cannot take calls now; the message says why."""
 
@@ -144,9 +162,13 @@ class McpClient:
         run_dir: Path | None = None,
         workspace_id: str = "",
         retry_interval: float = RETRY_INTERVAL,
+        sandbox: Sandbox | None = None,
     ) -> None:
         self.config = config
         self._root = root
+        # How a local server is confined: the workspace's bash sandbox,
+        # unless its table says sandbox = false.  None: unsandboxed.
+        self._sandbox = sandbox if config.sandbox else None
         self._loop = loop
         self._on_status = on_status
         self._run_dir = run_dir
@@ -344,9 +366,12 @@ class McpClient:
 
             assert config.command is not None
             env_path = config.env.get("PATH", os.environ.get("PATH", os.defpath))
-            if shutil.which(config.command, path=env_path) is None and not (
-                os.sep in config.command and os.access(self._root / config.command, os.X_OK)
-            ):
+            cwd = self._cwd()
+            executable = shutil.which(config.command, path=env_path)
+            if executable is None and os.sep in config.command:
+                candidate = os.path.join(cwd, config.command)
+                executable = candidate if os.access(candidate, os.X_OK) else None
+            if executable is None:
                 raise McpUnavailable(f"command not found: {config.command}")
             env = dict(config.env)
             if (pidfile := self._pidfile) is not None:
@@ -354,9 +379,9 @@ class McpClient:
                 env["CRUSHD_MCP_PIDFILE"] = str(pidfile)
             params = StdioServerParameters(
                 command=sys.executable,
-                args=["-I", str(_CHILD), str(os.getpid()), "--", config.command, *config.args],
+                args=["-I", str(_CHILD), str(os.getpid()), *self._launch(executable)],
                 env=env,
-                cwd=str(self._root),
+                cwd=cwd,
             )
             with stderr.pipe() as errlog:
                 streams = await stack.enter_async_context(stdio_client(params, errlog=errlog))
@@ -376,6 +401,42 @@ class McpClient:
         return await stack.enter_async_context(
             streamable_http_client(config.url, http_client=client)
         )
+
+    def _cwd(self) -> str:
+        """Where a local server starts: the workspace only when its table
+        says ``cwd = "workspace"``.  By default ``/``, where nothing the
+        model writes can be: run in the workspace, ``python3 -m json.tool``
+        would import a ``json/__init__.py`` the model wrote, and ``npx`` or
+        ``./server`` run what it put there — outside the sandbox, at the
+        next start."""
+        if self.config.cwd == WORKSPACE_CWD:
+            return str(self._root)
+        return self.config.cwd or "/"
+
+    def _launch(self, executable: str) -> list[str]:
+        """The supervisor's arguments after its parent pid: the server's
+        command line, in the sandbox when there is one."""
+        config = self.config
+        assert config.command is not None
+        command = [config.command, *config.args]
+        sandbox = self._sandbox
+        if sandbox is None:
+            return ["--", *command]
+        # Inside, the private /tmp is the empty directory to start in.
+        chdir = self._cwd() if config.cwd else "/tmp"
+        # What the user's own table names must work: the program's
+        # installation, and files or directories given by absolute path.
+        named = [a for a in config.args if os.path.isabs(a) and os.path.exists(a)]
+        shown = [p for p in (*installation_of(executable), *named) if p not in sandbox.read]
+        if shown:
+            sandbox = dataclasses.replace(sandbox, read=(*sandbox.read, *shown))
+        network: list[str] = []
+        if sandbox.online:
+            assert sandbox.slirp4netns is not None
+            network = ["--slirp4netns", sandbox.slirp4netns]
+            if "--unshare-user" in sandbox.isolation:
+                network.append("--own-userns")
+        return [*network, "--", *sandbox.argv(command, chdir=chdir)]
 
     @property
     def _pidfile(self) -> Path | None:
@@ -593,6 +654,7 @@ class WorkspaceMcp:
         publish: Callable[[dict[str, Any]], None] = lambda entry: None,
         workspace_id: str = "",
         retry_interval: float = RETRY_INTERVAL,
+        sandbox: Sandbox | None = None,
     ) -> None:
         self._publish = publish
         self._workspace_id = workspace_id
@@ -603,7 +665,9 @@ class WorkspaceMcp:
         self._run_dir = tempfile.TemporaryDirectory(prefix="crushd-mcp-") if local else None
         run_dir = Path(self._run_dir.name) if self._run_dir else None
         self.clients = [
-            McpClient(c, root, loop, self._status_changed, run_dir, workspace_id, retry_interval)
+            McpClient(
+                c, root, loop, self._status_changed, run_dir, workspace_id, retry_interval, sandbox
+            )
             for c in configs.values()
         ]
 

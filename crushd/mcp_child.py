@@ -1,6 +1,7 @@
 """Launch an MCP server so that it cannot outlive crushd.
 
     python -I /path/to/mcp_child.py PARENT_PID -- COMMAND [ARG...]
+    python -I /path/to/mcp_child.py PARENT_PID --slirp4netns PATH [--own-userns] -- BWRAP [ARG...]
 
 The MCP SDK spawns a stdio server itself (``anyio.open_process`` with
 ``start_new_session=True``) and offers no ``preexec_fn``, so crushd spawns
@@ -21,8 +22,15 @@ a tiny supervisor, the leader of the server's process group:
   and closes its own copies, ignores the SDK's SIGTERM to the group (the
   server gets it too) and exits with the server's status once it ends.
 
+A sandboxed server's COMMAND is a ``bwrap`` command line.  With
+``--slirp4netns`` the sandbox gets its network from that program
+(:mod:`crushd.netns`, imported from the package this file belongs to):
+the supervisor starts bwrap itself, connects its network, and stops the
+network once the server has ended; bwrap's ``--die-with-parent`` takes the
+place of the server's death signal, slirp4netns's exit fd that of its own.
+
 Only the standard library is used, and crushd runs the file with ``-I``, so a
-``crushd`` directory in the workspace (the server's cwd) cannot shadow it.
+``crushd`` directory in the server's cwd cannot shadow it.
 ``CRUSHD_MCP_PIDFILE``, when set, names a file that receives the supervisor's
 pid (the group id crushd kills if the SDK's own shutdown overruns); the
 variable is removed before the server starts.
@@ -73,13 +81,45 @@ def _exec_server(command: list[str], supervisor: int) -> None:
     os._exit(127)
 
 
+def _options(argv: list[str]) -> tuple[int, str | None, bool, list[str]] | None:
+    """``(parent pid, slirp4netns, own user namespace, command)``, or None."""
+    if "--" not in argv or len(argv) < 3:
+        return None
+    split = argv.index("--")
+    options, command = argv[1:split], argv[split + 1 :]
+    slirp4netns = None
+    own_userns = "--own-userns" in options
+    if own_userns:
+        options.remove("--own-userns")
+    if options[:1] == ["--slirp4netns"] and len(options) == 2:
+        slirp4netns, options = options[1], []
+    if options or not command or not argv[0].isdigit():
+        return None
+    return int(argv[0]), slirp4netns, own_userns, command
+
+
+def _start_networked(command: list[str], slirp4netns: str, own_userns: bool) -> int:
+    """Start the bwrap command line with a network of its own; its pid.
+    The process stays referenced, so nothing but :func:`main` reaps it."""
+    global _network, _server
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from crushd import netns
+
+    try:
+        _server, _network = netns.spawn(command, slirp4netns, own_userns)
+    except OSError as exc:
+        os.write(2, f"crushd: cannot start the sandbox: {exc}\n".encode())
+        os._exit(127)
+    return _server.pid
+
+
 def main(argv: list[str]) -> int:
     global _parent, _pidfile
-    if len(argv) < 3 or argv[1] != "--":
-        os.write(2, b"usage: mcp_child.py PARENT_PID -- COMMAND [ARG...]\n")
+    parsed = _options(argv)
+    if parsed is None:
+        os.write(2, b"usage: mcp_child.py PARENT_PID [--slirp4netns PATH] -- COMMAND [ARG...]\n")
         return 2
-    _parent = int(argv[0])
-    command = argv[2:]
+    _parent, slirp4netns, own_userns, command = parsed
     signal.signal(signal.SIGTERM, _kill_group)
     _set_parent_death_signal(signal.SIGTERM)
     if os.getppid() != _parent:  # crushd died before the request took effect
@@ -91,10 +131,13 @@ def main(argv: list[str]) -> int:
         with open(_pidfile, "w") as f:
             f.write(str(os.getpid()))
     supervisor = os.getpid()
-    child = os.fork()
-    if child == 0:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        _exec_server(command, supervisor)
+    if slirp4netns is not None:
+        child = _start_networked(command, slirp4netns, own_userns)
+    else:
+        child = os.fork()
+        if child == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            _exec_server(command, supervisor)
     # The server holds the pipes now; our copies would keep them open after it exits.
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
@@ -107,12 +150,16 @@ def main(argv: list[str]) -> int:
             continue
         except ChildProcessError:
             return 1
+        if _network is not None:
+            _network.close()
         code = os.waitstatus_to_exitcode(status)
         return code if code >= 0 else 128 - code
 
 
 _parent = 0
 _pidfile: str | None = None
+_network = None  # the sandbox's crushd.netns.Network, when it has one
+_server = None  # the bwrap process started with it
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -39,6 +39,7 @@ from typing import Any
 #: How long the sandbox may take to say which process it is, and
 #: slirp4netns to configure its network.
 SETUP_TIMEOUT = 10.0
+LOOPBACK_POLL = 0.0005  # seconds between looks at the sandbox's loopback
 STOP_TIMEOUT = 2.0  # seconds slirp4netns gets to exit after its exit fd closes
 #: What the sandbox's /etc/resolv.conf says: slirp4netns's DNS forwarder.
 RESOLV_CONF = b"nameserver 10.0.2.3\n"
@@ -126,6 +127,7 @@ def spawn(
         pid = _read_json(info_r, deadline).get("child-pid")
         if not isinstance(pid, int):
             raise NetworkError("the sandbox did not say which process it is")
+        _wait_for_loopback(pid, deadline)
         network = _start_slirp(slirp4netns, pid, own_userns, deadline)
         os.write(block_w, b"1")  # the network is up: let the command run
         return proc, network
@@ -139,6 +141,28 @@ def spawn(
         for fd in (info_r, info_w, block_r, block_w, resolv_r):
             if fd >= 0:
                 os.close(fd)
+
+
+def _wait_for_loopback(pid: int, deadline: float) -> None:
+    """Wait until the sandbox has set up its own loopback.
+
+    bwrap adds ``127.0.0.1`` to ``lo`` and brings it up after it has said
+    which process it is; slirp4netns brings ``lo`` up too, which makes the
+    kernel add that address first, and bwrap then fails
+    (``loopback: Failed RTM_NEWADDR``).  The address's local route shows in
+    the namespace's ``fib_trie`` once ``lo`` is up with it.
+    """
+    path = f"/proc/{pid}/net/fib_trie"
+    while True:
+        try:
+            with open(path, "rb") as f:
+                if b"127.0.0.1" in f.read():
+                    return
+        except OSError as exc:  # the sandbox already exited
+            raise NetworkError(f"the sandbox exited while it started: {exc}") from exc
+        if time.monotonic() >= deadline:
+            raise NetworkError("the sandbox did not set up its loopback in time")
+        select.select([], [], [], LOOPBACK_POLL)
 
 
 def _owner_of_netns(pid: int) -> int:

@@ -185,6 +185,7 @@ class Workspace:
             mcp_loop or McpLoop(),
             publish=lambda entry: self.hub.publish("mcp.status", None, entry),
             workspace_id=self.id,
+            sandbox=sandbox,
         )
         # Guards the flags, queues and maps below; first in the lock order.
         self._lock = threading.Lock()

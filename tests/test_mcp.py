@@ -224,7 +224,7 @@ def test_real_stdio_servers_list_tools_and_answer(open_mcp, tmp_path):
     bad = tools["mcp_time_get_current_time"].run({"timezone": "Mars/Olympus"}, ctx(tmp_path))
     assert bad.is_error and "Mars/Olympus" in bad.content
     where = tools["mcp_test_where"].run({}, ctx(tmp_path))
-    assert where.content.split()[0] == str(tmp_path)  # cwd is the workspace
+    assert where.content.split()[0] == "/"  # not the workspace: see the cwd tests
     long = tools["mcp_test_shout"].run(
         {"text": "x" * 500}, ToolContext(tmp_path, CancelToken(), max_output=100)
     )

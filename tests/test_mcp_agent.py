@@ -36,6 +36,9 @@ from helpers import (
 )
 
 KEY_ENV = AGENT_KEY_ENV
+#: What a sandboxed "bash -c 'mcp-server-time'" needs to see wherever the
+#: virtualenv and its Python are (the sandbox hides homes and /tmp).
+PYTHON_DIRS = sorted({sys.prefix, sys.base_prefix})
 
 
 @pytest.fixture
@@ -43,6 +46,7 @@ def agent(agent):
     """The shared live-crushd starter with these MCP server tables."""
 
     def start(mcp: dict, **overrides):
+        overrides.setdefault("sandbox_read", PYTHON_DIRS)
         return agent(mcp=mcp, **overrides)
 
     return start
@@ -133,7 +137,9 @@ def test_a_real_server_tool_asks_then_answers_the_model(fake, agent, project):
     assert "Asia/Tokyo" in tool_message_of(fake.requests[2])[1]["content"]
 
 
-def test_denied_error_and_timeout_results_reach_the_model(fake, agent, project, tmp_path):
+def test_denied_error_and_timeout_results_reach_the_model(fake, agent, project):
+    marks = project / "marks"  # in the workspace: all a sandboxed server may write
+    marks.mkdir()
     live = agent(
         {
             "time": {"command": TIME_SERVER},
@@ -141,7 +147,7 @@ def test_denied_error_and_timeout_results_reach_the_model(fake, agent, project, 
                 "command": sys.executable,
                 "args": [TEST_SERVER],
                 "timeout": 0.5,
-                "env": {"MCP_TEST_MARKS": str(tmp_path)},
+                "env": {"MCP_TEST_MARKS": str(marks)},
             },
         }
     )
@@ -159,7 +165,7 @@ def test_denied_error_and_timeout_results_reach_the_model(fake, agent, project, 
         (timed_out,) = parts(stored[2], "tool_result")
         assert timed_out["is_error"] is True
         assert timed_out["content"] == "MCP server test: hang timed out after 0.5 s"
-        assert (tmp_path / "cancelled.mark").exists()  # the server was told
+        assert (marks / "cancelled.mark").exists()  # the server was told
         (bad_zone,) = parts(stored[4], "tool_result")
         assert bad_zone["is_error"] is True and "Nowhere/Void" in bad_zone["content"]
 
@@ -279,6 +285,8 @@ def daemon_config(tmp_path: Path) -> Path:
     config = tmp_path / "crushd.toml"
     config.write_text(
         f"""
+sandbox_read = {json.dumps(PYTHON_DIRS)}
+
 [mcp.test]
 command = {json.dumps(sys.executable)}
 args = [{json.dumps(TEST_SERVER)}]
