@@ -447,6 +447,7 @@ class Server:
             "active_runs": sum(w.active_run_count() for w in workspaces),
             "uptime_s": round(self.clock() - self.started, 3),
             "sandbox": "bwrap" if self.bubblewrap and self.bubblewrap.available else "unavailable",
+            "sandbox_isolation": self.bubblewrap.describe() if self.bubblewrap else None,
             "storage": "ok" if all(w.storage_available for w in workspaces) else "unavailable",
         }
 
