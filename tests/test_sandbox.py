@@ -5,7 +5,6 @@ still leave no process behind."""
 from __future__ import annotations
 
 import dataclasses
-
 import logging
 import os
 import shutil
@@ -38,7 +37,7 @@ from crushd.cancel import Cancelled, CancelToken
 from crushd.config import Config, ConfigError, SandboxSettings
 from crushd.tools import ToolContext, ToolResult
 from crushd.tools.bash import BashTool
-from crushd.tools.sandbox import Bubblewrap, detect, sandbox_for
+from crushd.tools.sandbox import Bubblewrap, command_env, detect, sandbox_for
 
 REFUSED = "[sandbox: this command ran in crushd's sandbox and may have been refused"
 
@@ -554,6 +553,11 @@ def test_sandbox_settings_from_every_layer(tmp_path):
         ('[workspaces."/srv/p"]\nnetwork = "no"\n', "network must be true or false"),
         ('[workspaces."/srv/p"]\nsandbox = "none"\n', "sandbox must be one of"),
         ('[workspaces."/srv/p"]\nsandbox_read = "/x"\n', "sandbox_read must be a list"),
+        ('sandbox_hide = ["secrets"]\n', "sandbox_hide entries must be absolute paths"),
+        ('[workspaces."/srv/p"]\nsandbox_hide = "/x"\n', "sandbox_hide must be a list"),
+        ('sandbox_env = ["GOOD", "BAD-NAME"]\n', "sandbox_env entries must be variable names"),
+        ('sandbox_env = ["A*B"]\n', "not 'A*B'"),
+        ("max_message_bytes = 0\n", "max_message_bytes must be at least 1"),
         ('workspaces = "all"\n', "workspaces: cannot use 'all' (expected a table)"),
         ('source_file = "/x"\n', "unknown configuration key 'source_file'"),
     ],
@@ -564,6 +568,40 @@ def test_bad_sandbox_settings_are_clear_config_errors(tmp_path, text, message):
     with pytest.raises(ConfigError) as caught:
         Config.load(env={}, config_file=str(path))
     assert message in caught.value.message
+
+
+def test_hide_and_env_lists_add_up_from_every_layer(tmp_path):
+    path = tmp_path / "crushd.toml"
+    path.write_text(
+        'sandbox_hide = ["/srv/secrets"]\nsandbox_env = ["GOPATH"]\n'
+        f'[workspaces."{tmp_path}"]\nsandbox_hide = ["~/.aws"]\nsandbox_env = ["CARGO_*"]\n'
+    )
+    config = Config.load(env={"CRUSHD_SANDBOX_ENV": "A, B"}, config_file=str(path))
+    settings = config.sandbox_settings(tmp_path)
+    assert settings.hide == ("/srv/secrets", "~/.aws")
+    assert settings.env == ("GOPATH", "CARGO_*")
+    assert config.sandbox_settings("/elsewhere").env == ("GOPATH",)
+    from_env = Config.load(env={"CRUSHD_SANDBOX_ENV": "A, B", "CRUSHD_SANDBOX_HIDE": "/a:/b"})
+    assert from_env.sandbox_env == ["A", "B"] and from_env.sandbox_hide == ["/a", "/b"]
+
+
+def test_command_env_is_an_allowlist():
+    environ = {
+        "PATH": "/bin",
+        "HOME": "/h",
+        "LC_ALL": "C",
+        "LANGUAGE": "en",  # not LANG, not LC_*
+        "AWS_SECRET_ACCESS_KEY": "s",
+        "CARGO_HOME": "/c",
+        "CRUSHD_TOKEN": "t",
+    }
+    assert command_env(environ=environ) == {"PATH": "/bin", "HOME": "/h", "LC_ALL": "C"}
+    assert command_env(["CARGO_*", "CRUSHD_TOKEN"], environ) == {
+        "PATH": "/bin",
+        "HOME": "/h",
+        "LC_ALL": "C",
+        "CARGO_HOME": "/c",
+    }
 
 
 def test_crushd_serve_sandbox_flags_reach_the_config(tmp_path):
