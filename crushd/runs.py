@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import threading
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from crushd.cancel import Cancelled, CancelToken, Deadline
-from crushd.common import utcnow
+from crushd.common import load_json, utcnow
 from crushd.context import (
     DEFAULT_MAX_INSTRUCTIONS_BYTES,
     compaction_request_messages,
@@ -149,9 +148,12 @@ def tool_result_part(call: dict[str, Any], content: str, is_error: bool) -> dict
 
 
 def _closed_input(text: str) -> str:
+    """A tool call's ``input`` as stored once the call is finished: the
+    model's text if it is JSON that is safe to handle again (it is sent back
+    to the model), else ``"{}"``."""
     try:
-        json.loads(text)
-    except (TypeError, ValueError):
+        load_json(text)
+    except ValueError:
         return "{}"
     return text if text.strip() else "{}"
 
@@ -504,6 +506,20 @@ class MessageWriter:
 
 
 # -- the run ---------------------------------------------------------------
+
+
+def _arguments(call: dict[str, Any]) -> dict[str, Any]:
+    """A tool call's arguments as the model sent them, or ToolError: the
+    model's text is untrusted, and whatever is wrong with it (not JSON,
+    nested too deep, not an object) is the call's error result, never the
+    run's crash."""
+    try:
+        params = load_json(call.get("raw_input", call["input"]) or "{}")
+    except ValueError as exc:
+        raise ToolError(f"invalid tool arguments: {exc}") from None
+    if not isinstance(params, dict):
+        raise ToolError("tool arguments must be a JSON object")
+    return params
 
 
 @dataclass
@@ -905,12 +921,7 @@ class Run:
             try:
                 if tool is None:
                     raise ToolError(f"unknown tool {call['name']!r}")
-                try:
-                    params = json.loads(call.get("raw_input", call["input"]) or "{}")
-                except ValueError as exc:
-                    raise ToolError(f"invalid tool arguments: not valid JSON ({exc})") from None
-                if not isinstance(params, dict):
-                    raise ToolError("tool arguments must be a JSON object")
+                params = _arguments(call)
                 outside = [
                     p for p in tool.paths(params, self.tools_ctx) if not is_inside(p, self.env.root)
                 ]

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from crushd.cancel import CancelToken
+from crushd.common import load_json
 from crushd.providers import PROVIDERS, sse
 from crushd.providers.base import (
     ProviderError,
@@ -227,8 +228,10 @@ def _tool(spec: ToolSpec) -> dict[str, Any]:
 
 
 def _parse_input(text: str | None) -> dict[str, Any]:
+    """A stored call's arguments as the API's ``input`` object; ``{}`` for
+    anything else (the run reported such a call as invalid already)."""
     try:
-        value = json.loads(text or "{}")
+        value = load_json(text or "{}")
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}

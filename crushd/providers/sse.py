@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import http.cookiejar
-import json
 import logging
 import socket
 import threading
@@ -42,6 +41,7 @@ from typing import Any
 import httpx
 
 from crushd.cancel import Cancelled, CancelToken, CountdownLatch
+from crushd.common import MAX_JSON_DEPTH, load_json
 from crushd.providers.base import Provider, ProviderError, stopping, waiting
 from crushd.providers.retry import RETRYABLE_STATUSES, is_context_too_long, parse_retry_after
 
@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 MAX_ERROR_BODY = 64 * 1024  # bytes of an error response read for its message
 MAX_DETAILS = 2000  # characters of raw error text kept in ProviderError.details
+# How deep one event may nest: a tool's arguments (MAX_JSON_DEPTH, checked
+# again where they are used) plus the protocol's own objects around them.
+EVENT_DEPTH = MAX_JSON_DEPTH + 4
 
 # Read pacing (see the module docstring).  On the 2-core machine of the
 # README's "Performance", with 100 runs streaming at once the daemon spent
@@ -159,11 +162,12 @@ class Clients:
 
 
 def decode_json(data: str) -> dict[str, Any]:
-    """One event's ``data`` as a JSON object, or ProviderError."""
+    """One event's ``data`` as a JSON object, or ProviderError (also for
+    one nested too deep to be handled safely, see :func:`crushd.common.load_json`)."""
     try:
-        value = json.loads(data)
-    except ValueError:
-        raise ProviderError("Provider sent invalid data", data[:200]) from None
+        value = load_json(data, EVENT_DEPTH)
+    except ValueError as exc:
+        raise ProviderError("Provider sent invalid data", f"{exc}: {data[:200]}") from None
     if not isinstance(value, dict):
         raise ProviderError("Provider sent invalid data", data[:200])
     return value
@@ -404,8 +408,8 @@ def error_message(text: str) -> str:
     compatible servers), ``{"error": "..."}`` (Ollama) and ``{"message": ...}``.
     """
     try:
-        body = json.loads(text)
-    except ValueError:
+        body = load_json(text)
+    except ValueError:  # not JSON (an HTML error page, say), or absurdly nested
         return text.strip()[:MAX_DETAILS]
     if isinstance(body, dict):
         error = body.get("error")
