@@ -76,6 +76,7 @@ WRITE_INTERVAL = 0.2  # seconds between coalesced writes of one streaming messag
 STORE_RETRY_FIRST = 0.05
 STORE_RETRY_MAX = 1.0
 STORAGE_TITLE = "Storage unavailable"
+CLOSE_FAILED_TITLE = "Closing records failed"
 
 T = TypeVar("T")
 
@@ -483,6 +484,13 @@ class MessageWriter:
             stored = self._write() if self._dirty else None
             self._closed = True
             return stored
+
+    def abandon(self) -> None:
+        """Refuse later writes without writing: after closing records that
+        raised, the sealing code works from what is stored, and a late
+        coalesced write must not undo it."""
+        with self._lock:
+            self._closed = True
 
     def _write(self, required: bool = True) -> dict[str, Any] | None:
         """Store the parts.  A write that is not ``required`` (the coalesced
@@ -988,7 +996,9 @@ class Run:
         ``run.completed``.  Runs even though the token is cancelled.
 
         Writes the database refuses are retried until the deadline; after
-        it the records are left in :attr:`owed` and None is returned.
+        it the records are left in :attr:`owed` and None is returned.  Any
+        other error in them (a bug, a record they cannot handle) falls back
+        to :meth:`_close_anyway`: the run still ends ``failed``.
         """
         deadline = Deadline(self.env.cleanup_timeout)
         status = outcome.status
@@ -1015,12 +1025,74 @@ class Run:
                 # Wakes up as soon as another write gets through.
                 self.env.store.wait_available(min(delay, deadline.remaining()))
                 delay = min(delay * 2, STORE_RETRY_MAX)
-            except Exception:  # the database is gone (closed) or broken
+            except Exception as exc:  # thread boundary: a bug, or the database closed
                 logger.exception("event=run_cleanup_failed run=%s status=%s", self.id, status)
-                return None
+                return self._close_anyway(exc, deadline)
         if deadline.expired:
             logger.warning("event=run_cleanup_slow run=%s", self.id)
         return self._completed(terminal)
+
+    def _close_anyway(self, error: Exception, deadline: Deadline) -> dict[str, Any] | None:
+        """The closing records raised ``error``: write the least that still
+        ends the run — each write on its own, so one that raises does not
+        stop the others — and publish ``run.completed``.
+
+        A run whose final writes crashed once stayed ``running`` for good: no
+        cancel reached it, its session could not be deleted, and every
+        start sealed it again and crashed the same way.  So it becomes
+        ``failed`` with ``error`` saying why, whatever else could not be
+        sealed.  Returns the terminal run; None if even that write raised
+        (logged; a refused one is owed, like any closing record).
+        """
+        if self.env.store.closed:  # the workspace closed under a stuck run: nothing can be written
+            return None
+        outcome = Outcome.failed(
+            CLOSE_FAILED_TITLE, f"the run's closing records could not be written: {error!r}"
+        )
+        text, message_id = "", None
+        with lock_budget(max(deadline.remaining(), 1.0)):
+            if self.step is not None:
+                writer, step = self.step.writer, self.step
+                message_id = writer.id
+                self._attempt("message", writer.close)
+                writer.abandon()
+                self._attempt("results", lambda: self._write_results(step, outcome.result_text))
+                text = (
+                    self._attempt(
+                        "text", lambda: writer.text("summary" if self.compact else "text")
+                    )
+                    or ""
+                )
+            self._attempt(
+                "seal", lambda: seal_run_messages(self.env, self.id, self.session_id, outcome)
+            )
+
+            def finish() -> dict[str, Any] | None:
+                return self.env.store.finish_run(
+                    self.id, "failed", error=outcome.error, text=text, message_id=message_id
+                )
+
+            try:
+                terminal = finish()
+            except StorageUnavailable as exc:
+                logger.warning(
+                    "event=run_records_owed run=%s status=failed error=%r", self.id, exc.message
+                )
+                self.owed = finish
+                return None
+            except Exception:  # thread boundary: nothing is left to try
+                logger.exception("event=run_close_failed run=%s", self.id)
+                return None
+        logger.warning("event=run_closed_anyway run=%s error=%r", self.id, outcome.error)
+        return self._completed(terminal)
+
+    def _attempt(self, what: str, write: Callable[[], T]) -> T | None:
+        """One write of :meth:`_close_anyway`; what raises is logged and skipped."""
+        try:
+            return write()
+        except Exception:  # thread boundary: the next write may still get through
+            logger.exception("event=run_close_step_failed run=%s step=%s", self.id, what)
+            return None
 
     def settle(self, budget: float) -> dict[str, Any] | None:
         """Write the owed closing records and publish ``run.completed``.

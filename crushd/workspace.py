@@ -290,27 +290,26 @@ class Workspace:
 
     def start(self) -> None:
         """Finish what a previous process left and start dispatching: runs
-        found ``running`` become ``interrupted``; ``queued`` runs are queued
-        again in their order.  Call once, after construction; blocks while
-        it recovers; the MCP servers start in the background."""
+        found ``running`` become ``interrupted`` (``failed`` if their records
+        cannot be sealed); ``queued`` runs are queued again in their order.
+        Call once, after construction; blocks while it recovers; the MCP
+        servers start in the background."""
         self._keeper = threading.Thread(
             target=self._keep_storage, name=f"crushd-storage-{self.id[:8]}"
         )
         self._keeper.start()
         self.mcp.start()
         for run in self.store.list_runs(status="running", limit=1_000_000, oldest_first=True):
-            outcome = Outcome.interrupted()
-            last = seal_run_messages(self._env, run["id"], run["session_id"], outcome)
-            terminal = self.store.finish_run(
-                run["id"],
-                outcome.status,
-                error=outcome.error,
-                text=text_of(last["parts"]) if last else "",
-                message_id=last["id"] if last else None,
-            )
-            if terminal is not None:
-                self.hub.publish("run.completed", run["session_id"], terminal)
-                logger.info("event=run_interrupted workspace=%s run=%s", self.id, run["id"])
+            try:
+                self._interrupt(run)
+            except Exception as exc:  # one bad record must not stop the daemon
+                logger.exception(
+                    "event=run_recovery_failed workspace=%s run=%s error=%r",
+                    self.id,
+                    run["id"],
+                    exc,
+                )
+                self._fail_unsealed(run, exc)
         queued = self.store.list_runs(status="queued", limit=1_000_000, oldest_first=True)
         with self._lock:
             for run in queued:
@@ -319,6 +318,39 @@ class Workspace:
         self._launch(*starting)
         if queued:
             logger.info("event=queue_restored workspace=%s runs=%d", self.id, len(queued))
+
+    def _interrupt(self, run: dict[str, Any]) -> None:
+        """Seal a run a previous process left ``running`` and make it
+        ``interrupted``; publishes ``run.completed``."""
+        outcome = Outcome.interrupted()
+        last = seal_run_messages(self._env, run["id"], run["session_id"], outcome)
+        terminal = self.store.finish_run(
+            run["id"],
+            outcome.status,
+            error=outcome.error,
+            text=text_of(last["parts"]) if last else "",
+            message_id=last["id"] if last else None,
+        )
+        if terminal is not None:
+            self.hub.publish("run.completed", run["session_id"], terminal)
+            logger.info("event=run_interrupted workspace=%s run=%s", self.id, run["id"])
+
+    def _fail_unsealed(self, run: dict[str, Any], error: Exception) -> None:
+        """A run left ``running`` whose records could not be sealed: it
+        becomes ``failed`` anyway, so a record no code can handle never
+        makes every start crash (it once did, for good); the start goes on."""
+        try:
+            terminal = self.store.finish_run(
+                run["id"],
+                "failed",
+                error=f"recovery could not seal this run's records: {error!r}",
+            )
+            if terminal is not None:
+                self.hub.publish("run.completed", run["session_id"], terminal)
+        except Exception:  # the next start tries again; this one goes on
+            logger.exception(
+                "event=run_recovery_unfinished workspace=%s run=%s", self.id, run["id"]
+            )
 
     # -- prompts -------------------------------------------------------------
 
