@@ -21,6 +21,7 @@ cleanup deadline either way.  A turn whose writes stay refused ends
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import functools
 import logging
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from crushd.cancel import Cancelled, CancelToken, Deadline
 from crushd.common import load_json, utcnow
+from crushd.config import DEFAULT_MAX_MESSAGE_BYTES
 from crushd.context import (
     DEFAULT_MAX_INSTRUCTIONS_BYTES,
     compaction_request_messages,
@@ -76,6 +78,7 @@ WRITE_INTERVAL = 0.2  # seconds between coalesced writes of one streaming messag
 STORE_RETRY_FIRST = 0.05
 STORE_RETRY_MAX = 1.0
 STORAGE_TITLE = "Storage unavailable"
+TOO_LONG_TITLE = "Message too long"
 CLOSE_FAILED_TITLE = "Closing records failed"
 
 T = TypeVar("T")
@@ -110,7 +113,8 @@ class RunEnv:
     sandbox: Sandbox | None = None  # how bash commands are confined; None: not at all
     hidden: tuple[str, ...] = ()  # real paths no tool may touch (ToolContext.hidden)
     tool_env: dict[str, str] | None = None  # the environment of commands (ToolContext.env)
-    max_message_bytes: int = 1024 * 1024  # streamed bytes one assistant message may hold
+    # UTF-8 bytes one assistant message may stream (MessageWriter.max_bytes).
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     allowed_tools: frozenset[str] = frozenset()
     on_completed: Callable[[dict[str, Any]], None] = lambda run: None
     clock: Callable[[], float] = time.monotonic
@@ -157,6 +161,22 @@ def _closed_input(text: str) -> str:
     except ValueError:
         return "{}"
     return text if text.strip() else "{}"
+
+
+def utf8_size(text: str) -> int:
+    """The length of ``text`` in UTF-8 bytes; O(1) for ASCII (most deltas).
+    Lone surrogates (JSON can carry them) count as the 3 bytes they take."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def utf8_prefix(text: str, size: int) -> str:
+    """The longest prefix of ``text`` whose UTF-8 form fits in ``size`` bytes:
+    cut at a character boundary, never inside one."""
+    if text.isascii():
+        return text[:size]
+    data = text.encode("utf-8", "surrogatepass")[:size]
+    # Not final: a character cut in two is held back, not replaced.
+    return codecs.getincrementaldecoder("utf-8")("surrogatepass").decode(data, final=False)
 
 
 @dataclass(frozen=True)
@@ -275,15 +295,33 @@ class MessageWriter:
     write per ``interval`` plus a forced one at step end and on every exit
     path.  Nothing is stored before it is published.
     Thread-safe: the workspace may flush it from its shutdown thread.
+
+    The message holds at most ``max_bytes`` UTF-8 bytes of what the model
+    streams (text, reasoning, summary, tool calls): a model that streams
+    forever once grew one message to 128 MB, and the daemon to 1.36 GB, in
+    20 s.  The delta that does not fit is cut at a character boundary, and
+    what is published is what is stored; from then on :attr:`full` is true
+    and the writer takes nothing more.  The reader must then stop reading.
     """
 
     def __init__(
-        self, env: RunEnv, message: dict[str, Any], run_id: str, interval: float = WRITE_INTERVAL
+        self,
+        env: RunEnv,
+        message: dict[str, Any],
+        run_id: str,
+        interval: float = WRITE_INTERVAL,
+        max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self._env = env
         self.message = message
         self.run_id = run_id
         self._interval = interval
+        self.max_bytes = max_bytes
+        # What the model streamed into the parts, in UTF-8 bytes: a running
+        # count, so the check per delta costs O(1).  Guarded by _lock.
+        self._bytes = 0
+        # Set (once, by the thread that streams) when a delta did not fit.
+        self.full = False
         # Guards the parts and the write state; held while a delta is
         # published and while the parts are written, so after Workspace._lock
         # and before EventHub._lock and the store's lock.
@@ -314,6 +352,9 @@ class MessageWriter:
         if not text:
             return
         with self._lock:
+            text = self._fit(text)
+            if not text:
+                return
             if self.parts and self.parts[-1]["type"] == kind:
                 self._extend("text", text)
             else:
@@ -371,8 +412,27 @@ class MessageWriter:
             {"message_id": self.id, "run_id": self.run_id, "kind": kind, "delta": text},
         )
 
+    def _fit(self, text: str) -> str:
+        """What of ``text`` the message still has room for; sets :attr:`full`
+        when that is not all of it.  Holds _lock."""
+        if self.full:
+            return ""
+        size = utf8_size(text)
+        room = self.max_bytes - self._bytes
+        if size > room:
+            self.full = True
+            text = utf8_prefix(text, room)
+            size = utf8_size(text)
+        self._bytes += size
+        return text
+
     def tool_call_start(self, call_id: str, name: str) -> None:
+        """A call whose name and id do not fit is not recorded (the message is full)."""
         with self._lock:
+            if self.full or utf8_size(call_id) + utf8_size(name) > self.max_bytes - self._bytes:
+                self.full = True
+                return
+            self._bytes += utf8_size(call_id) + utf8_size(name)
             self._settle()
             self.parts.append(
                 {"type": "tool_call", "id": call_id, "name": name, "input": "", "finished": False}
@@ -381,6 +441,9 @@ class MessageWriter:
 
     def tool_call_input(self, call_id: str, fragment: str) -> None:
         with self._lock:
+            fragment = self._fit(fragment)
+            if not fragment:
+                return
             for part in reversed(self.parts):
                 if part["type"] == "tool_call" and part["id"] == call_id:
                     if part is self.parts[-1]:
@@ -420,6 +483,7 @@ class MessageWriter:
         with self._lock:
             self._release()
             self._shown = False  # the next attempt's first text is awaited again
+            self._bytes, self.full = 0, False
             if not self.parts:
                 return False
             self.parts, self._tail = [], []
@@ -689,7 +753,9 @@ class Run:
 
     def _open_step(self, message: dict[str, Any]) -> None:
         self.publish("message.created", message)
-        self.step = _Step(MessageWriter(self.env, message, self.id))
+        self.step = _Step(
+            MessageWriter(self.env, message, self.id, max_bytes=self.env.max_message_bytes)
+        )
 
     def _model_ids(self) -> tuple[str | None, str | None]:
         """The provider's model id and the provider's name, for messages."""
@@ -731,6 +797,9 @@ class Run:
                 reason = self._stream(StepRequest(self.system, self._history(), specs))
             self.token.raise_if_cancelled()
             step.calls = step.writer.finish_tool_calls()
+            if step.writer.full:
+                self._cut_short(step)
+                return None
             if not step.calls:
                 step.writer.add_finish(reason if reason != "tool_use" else "unknown")
                 # The answer is complete in memory; a refused write here is
@@ -761,10 +830,46 @@ class Run:
         writer = self.step.writer
         reason = "unknown"
         merging = writer.merging() if self.provider.announces_waits else contextlib.nullcontext()
-        with merging:
-            for event in stream_with_retries(self.provider, request, self.token, self.env.retry):
+        events = stream_with_retries(self.provider, request, self.token, self.env.retry)
+        # Closing the generator closes the provider's HTTP response (its
+        # ``finally``), so a message that is full stops the stream itself.
+        with merging, contextlib.closing(events):
+            for event in events:
                 reason = self._take(writer, event, kind, reason)
+                if writer.full:
+                    logger.warning(
+                        "event=message_too_long run=%s message=%s max_bytes=%d",
+                        self.id,
+                        writer.id,
+                        writer.max_bytes,
+                    )
+                    return "max_bytes"
         return reason
+
+    def _cut_short(self, step: _Step) -> None:
+        """End a step whose message reached ``max_message_bytes``: its tool
+        calls are not run (their input was cut, or came after the cut), the
+        message gets a ``max_bytes`` finish, and the turn ends there, as
+        after ``max_tokens``.  The closing records write the results."""
+        limit = step.writer.max_bytes
+        for call in step.calls:
+            step.results[call["id"]] = tool_result_part(
+                call,
+                f"Not run: the message reached its limit of {limit} bytes "
+                "(--max-message-bytes) and this call's input was cut",
+                True,
+            )
+        self._finish_too_long(step.writer)
+        self._flush_step(required=False)
+
+    @staticmethod
+    def _finish_too_long(writer: MessageWriter) -> None:
+        writer.add_finish(
+            "max_bytes",
+            TOO_LONG_TITLE,
+            f"the model's output was cut at the limit of {writer.max_bytes} bytes "
+            "one message may hold (--max-message-bytes)",
+        )
 
     def _take(self, writer: MessageWriter, event: StreamEvent, kind: str, reason: str) -> str:
         """Apply one stream event; return the step's finish reason so far."""
@@ -845,7 +950,12 @@ class Run:
         text = self.step.writer.text("summary")
         if not text.strip():
             raise ProviderError("Compaction failed", "the model answered with an empty summary")
-        self.step.writer.add_finish(reason if reason in ("end_turn", "max_tokens") else "end_turn")
+        if reason == "max_bytes":  # a summary cut short is still a summary, as after max_tokens
+            self._finish_too_long(self.step.writer)
+        else:
+            self.step.writer.add_finish(
+                reason if reason in ("end_turn", "max_tokens") else "end_turn"
+            )
         self._flush_step()
         message_id = self.step.writer.id
         self._stored(lambda: env.store.set_summary(self.session_id, message_id, keep_from))

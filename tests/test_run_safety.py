@@ -1,6 +1,6 @@
 """What a malicious model must not do to the daemon: crash a run with a tool
 call it cannot parse, leave a run ``running`` for good, stop the daemon from
-starting.
+starting, or grow one message (and the daemon's memory) without bound.
 
 Each hole was found against a real ``crushd serve``; the tests plant the
 attack through the fake model server, over a real socket, and check the
@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import json
 import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import fakeprovider
 import pytest
 from conftest import wait_for
-from fakeprovider import FakeProvider, Text, ToolCall
+from fakeprovider import FakeProvider, Hang, Text, ToolCall, Usage
 from helpers import (
     api,
     assert_sealed,
@@ -32,17 +36,94 @@ from helpers import (
 
 import crushd.store
 from crushd.common import MAX_JSON_DEPTH, json_depth, load_json, text_of
+from crushd.events import EventHub
 from crushd.providers import sse
+from crushd.runs import MessageWriter, utf8_prefix, utf8_size
 from crushd.store import WorkspaceStore
 
+BOTH = pytest.mark.parametrize("protocol", ["openai", "anthropic"])
 #: About 2 KB of arguments nested a thousand deep: json.loads raises
 #: RecursionError for it, which once crashed the run and every start after.
 NESTED = '{"a":' * 1000 + "1" + "}" * 1000
+SMALL_CAP = 64 * 1024
+
+
+# ---------------------------------------------------------------- an endless model
+
+
+@dataclass(frozen=True)
+class Forever:
+    """Stream ``text`` as fast as the client reads it, for up to ``seconds``,
+    then finish normally: a model that does not stop on its own."""
+
+    text: str
+    seconds: float = 10.0
+
+
+class _EndlessHandler(fakeprovider._Handler):
+    """The fake's handler, plus :class:`Forever` as a script's only step."""
+
+    def _play(self, protocol: str, number: int, body: dict[str, Any], steps: list[Any]) -> None:
+        if not (steps and isinstance(steps[0], Forever)):
+            super()._play(protocol, number, body, steps)
+            return
+        forever = steps[0]
+        encoder: Any
+        if protocol == "openai":
+            encoder = fakeprovider._OpenAIEncoder(body, Usage(0, 0), number)
+        else:
+            encoder = fakeprovider._AnthropicEncoder(body, Usage(0, 0), number)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self._write(encoder.start())
+        self._write(encoder.delta(Text(forever.text)))  # opens Anthropic's text block
+        steady = encoder.delta(Text(forever.text)) * 64
+        batch = b"".join(b"%x\r\n%s\r\n" % (len(event), event) for event in steady)
+        deadline = time.monotonic() + forever.seconds
+        # A client that hangs up makes a write raise OSError: the handler ends.
+        while time.monotonic() < deadline and not self.server.fake.stopping.is_set():
+            self._write_raw(batch)
+        self._write(encoder.finish("stop"))
+        self._write(encoder.end())
+        self._write_raw(b"0\r\n\r\n")
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch):
+    """The fake model server (this module's own, for :class:`Forever`)."""
+    monkeypatch.setattr(fakeprovider, "_Handler", _EndlessHandler)
+    with FakeProvider() as server:
+        yield server
 
 
 def openai_daemon(daemon_factory, fake: FakeProvider, *extra: str):
     args = ("--provider", "openai", "--base-url", fake.openai_base_url, "--model", "m", *extra)
     return daemon_factory(*args, env={"OPENAI_API_KEY": "sk-safety-test"})
+
+
+def deltas_of(events: list[dict[str, Any]], message_id: str) -> str:
+    """The message's deltas as published, after its last ``message.reset``."""
+    text: list[str] = []
+    for event in events:
+        payload = event["payload"] or {}
+        if payload.get("message_id") != message_id:
+            continue
+        if event["type"] == "message.reset":
+            text = []
+        elif event["type"] == "message.delta":
+            text.append(payload["delta"])
+    return "".join(text)
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
 
 
 # ---------------------------------------------------------------- JSON from outside
@@ -220,3 +301,160 @@ def test_a_run_whose_terminal_write_always_raises_frees_its_session(
         after = submit(http, wid, "next", session_id=run["session_id"])
         assert wait_terminal(http, wid, after["id"])["status"] == "completed"
         assert http.get(f"/v1/workspaces/{wid}/runs/doomed").json()["status"] == "running"
+
+
+# ---------------------------------------------------------------- message size
+
+
+def test_utf8_size_and_prefix_cut_at_character_boundaries():
+    text = "aé€😀\ud800b"  # 1, 2, 3, 4 and 3 (a lone surrogate) bytes, then 1
+    assert utf8_size(text) == 14 and utf8_size("plain") == 5
+    assert [utf8_prefix(text, n) for n in (0, 1, 2, 3, 5, 6, 9, 10, 13, 14)] == [
+        "",
+        "a",
+        "a",
+        "aé",
+        "aé",
+        "aé€",
+        "aé€",
+        "aé€😀",
+        "aé€😀\ud800",
+        text,
+    ]
+
+
+@dataclass
+class _Env:
+    store: WorkspaceStore
+    hub: EventHub
+    clock: Any = time.monotonic
+
+
+def test_the_writer_takes_at_most_max_bytes_and_publishes_what_it_stores(tmp_path: Path):
+    store = WorkspaceStore(tmp_path / "workspace.db", "w1")
+    hub = EventHub("w1")
+    try:
+        sub, _, _ = hub.subscribe(None, None)
+        session = store.create_session("s")
+        message = store.create_message(session["id"], None, "assistant", [])
+        writer = MessageWriter(_Env(store, hub), message, "r1", max_bytes=20)  # type: ignore[arg-type]
+        writer.delta("reasoning", "think ")  # 6
+        writer.delta("text", "héllo ")  # 7
+        assert not writer.full
+        writer.delta("text", "wörld€!")  # 10 bytes, 7 fit: the € would be cut in two
+        assert writer.full
+        writer.delta("text", "more")  # nothing more is taken
+        writer.tool_call_start("c1", "bash")
+        stored = writer.close()
+        assert stored is not None
+        assert stored["parts"] == [
+            {"type": "reasoning", "text": "think "},
+            {"type": "text", "text": "héllo wörld"},
+        ]
+        published = []
+        while not sub.queue.empty():
+            event = sub.queue.get_nowait()
+            if event.type == "message.delta":
+                published.append(event.data["payload"]["delta"])
+        assert published == ["think ", "héllo ", "wörld"]
+        # A retry's reset starts the count again.
+        writer2 = MessageWriter(_Env(store, hub), message, "r1", max_bytes=8)  # type: ignore[arg-type]
+        writer2.delta("text", "12345678")
+        assert not writer2.full
+        writer2.tool_call_start("c", "x")  # 2 bytes more do not fit
+        assert writer2.full and writer2.finish_tool_calls() == []
+        writer2.reset()
+        assert not writer2.full
+        writer2.tool_call_start("c", "x")
+        writer2.tool_call_input("c", '{"a": 1}')  # 8 bytes; 6 fit
+        assert writer2.full
+        (call,) = writer2.finish_tool_calls()
+        assert call["raw_input"] == '{"a": ' and call["input"] == "{}"
+        hub.unsubscribe(sub)
+    finally:
+        hub.close()
+        store.close()
+
+
+@BOTH
+def test_an_endless_stream_ends_the_step_at_max_message_bytes(fake, agent, project, protocol):
+    live = agent(protocol, max_message_bytes=SMALL_CAP)
+    fake.script([Forever("chunk of text, wörds & € signs; " * 8)])
+    with api(live.url) as http:
+        wid = register(http, project)
+        started = time.monotonic()
+        run = submit(http, wid, "never stop")
+        sid = run["session_id"]
+        done = wait_terminal(http, wid, run["id"])
+        assert time.monotonic() - started < 5  # not the fake's 10 s: the stream was cut
+        assert done["status"] == "completed" and done["error"] is None, done
+        stored = messages(http, wid, sid)
+        assert [m["role"] for m in stored] == ["user", "assistant"]
+        finish = finish_of(stored[1])
+        assert finish["reason"] == "max_bytes" and finish["message"] == "Message too long"
+        assert str(SMALL_CAP) in finish["details"] and "--max-message-bytes" in finish["details"]
+        text = text_of(stored[1]["parts"])
+        assert SMALL_CAP - 4 < utf8_size(text) <= SMALL_CAP
+        assert done["text"] == text
+        events = run_events(live.url, wid, sid, run["id"])
+        assert deltas_of(events, stored[1]["id"]) == text
+    assert len(fake.requests) == 1  # no further step
+    wait_for(lambda: sse.IN_FLIGHT.count == 0, 5, message="the provider stream stayed open")
+
+
+def test_tool_calls_of_a_step_cut_by_the_cap_are_not_run(fake, agent, project):
+    live = agent(max_message_bytes=SMALL_CAP)
+    small = {"path": "small.txt", "content": "hi\n"}
+    huge = {"path": "huge.txt", "content": "y" * (2 * SMALL_CAP)}
+    fake.script([ToolCall("write", small), ToolCall("write", huge, split=200), Hang()])
+    with api(live.url) as http:
+        wid = register(http, project, yolo=True)  # the writes would not even ask
+        run = submit(http, wid, "write two files")
+        done = wait_terminal(http, wid, run["id"])
+        assert done["status"] == "completed", done
+        stored = messages(http, wid, run["session_id"])
+        assert [m["role"] for m in stored] == ["user", "assistant", "tool"]
+        assert_sealed(stored)
+        assert finish_of(stored[1])["reason"] == "max_bytes"
+        calls = parts(stored[1], "tool_call")
+        assert [json.loads(c["input"]) for c in calls] == [small, {}]
+        results = parts(stored[2], "tool_result")
+        assert [r["tool_call_id"] for r in results] == [c["id"] for c in calls]
+        for result in results:
+            assert result["is_error"] is True
+            assert result["content"].startswith("Not run: the message reached its limit")
+    assert not (project / "small.txt").exists() and not (project / "huge.txt").exists()
+    assert len(fake.requests) == 1
+
+
+def test_an_endless_stream_keeps_the_daemon_small(fake, daemon_factory, project):
+    """A real daemon, the default cap (1 MiB), a model streaming as fast as
+    it can for 5 s: the run ends at the cap, memory and database stay small."""
+    fake.script([Text("warm up")])
+    fake.script([Forever("token " * 40, seconds=5)])
+    daemon = openai_daemon(daemon_factory, fake)
+    with daemon.client() as http:
+        wid = register(http, project)
+        warm = submit(http, wid, "warm up")
+        assert wait_terminal(http, wid, warm["id"])["status"] == "completed"
+        idle = rss_kib(daemon.proc.pid)
+        peak = idle
+        run = submit(http, wid, "never stop")
+        deadline = time.monotonic() + 6
+        while time.monotonic() < deadline:
+            peak = max(peak, rss_kib(daemon.proc.pid))
+            if http.get(f"/v1/workspaces/{wid}/runs/{run['id']}").json()["status"] != "running":
+                break
+            time.sleep(0.05)
+        done = wait_terminal(http, wid, run["id"])
+        peak = max(peak, rss_kib(daemon.proc.pid))
+        assert done["status"] == "completed", done
+        (message,) = [m for m in messages(http, wid, run["session_id"]) if m["role"] == "assistant"]
+        assert finish_of(message)["reason"] == "max_bytes"
+        assert utf8_size(text_of(message["parts"])) == 1024 * 1024
+    directory = daemon.data_dir / "workspaces" / wid
+    db_bytes = sum(f.stat().st_size for f in directory.glob("workspace.db*"))
+    assert db_bytes < 20 * 1024 * 1024, db_bytes
+    assert peak - idle < 150 * 1024, (idle, peak)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(20) == 0, daemon.log()

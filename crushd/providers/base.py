@@ -18,9 +18,12 @@ from typing import Any
 from crushd.cancel import CancelToken
 from crushd.errors import ProviderError
 
+#: Every finish part's ``reason``.  ``max_bytes`` is the run's own: the
+#: message reached ``--max-message-bytes`` and the stream was cut there.
 FINISH_REASONS = (
     "end_turn",
     "max_tokens",
+    "max_bytes",
     "tool_use",
     "canceled",
     "error",
