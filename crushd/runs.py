@@ -45,6 +45,7 @@ from crushd.context import (
 from crushd.errors import StorageUnavailable
 from crushd.events import EventHub
 from crushd.providers.base import (
+    EventTooLarge,
     Provider,
     ProviderError,
     ReasoningDelta,
@@ -549,6 +550,13 @@ class MessageWriter:
             self._closed = True
             return stored
 
+    def fill(self) -> None:
+        """Take nothing more, as if a delta had not fit: the stream sent
+        more than the message may hold in a way no delta shows (one event
+        too large to read)."""
+        with self._lock:
+            self.full = True
+
     def abandon(self) -> None:
         """Refuse later writes without writing: after closing records that
         raised, the sealing code works from what is stored, and a late
@@ -784,7 +792,7 @@ class Run:
                 self._new_step()
             step = self.step
             try:
-                reason = self._stream(StepRequest(self.system, self._history(), specs))
+                reason = self._stream(self._request(self._history(), specs))
             except ProviderError as exc:
                 if not (exc.context_too_long and env.auto_compact):
                     raise
@@ -794,7 +802,7 @@ class Run:
                     raise
                 self._new_step()
                 step = self.step
-                reason = self._stream(StepRequest(self.system, self._history(), specs))
+                reason = self._stream(self._request(self._history(), specs))
             self.token.raise_if_cancelled()
             step.calls = step.writer.finish_tool_calls()
             if step.writer.full:
@@ -833,18 +841,30 @@ class Run:
         events = stream_with_retries(self.provider, request, self.token, self.env.retry)
         # Closing the generator closes the provider's HTTP response (its
         # ``finally``), so a message that is full stops the stream itself.
-        with merging, contextlib.closing(events):
-            for event in events:
-                reason = self._take(writer, event, kind, reason)
-                if writer.full:
-                    logger.warning(
-                        "event=message_too_long run=%s message=%s max_bytes=%d",
-                        self.id,
-                        writer.id,
-                        writer.max_bytes,
-                    )
-                    return "max_bytes"
-        return reason
+        try:
+            with merging, contextlib.closing(events):
+                for event in events:
+                    reason = self._take(writer, event, kind, reason)
+                    if writer.full:
+                        break
+                else:
+                    return reason
+        except EventTooLarge as exc:  # one event more than the message could hold
+            writer.fill()
+            logger.warning("event=provider_event_too_large run=%s limit=%d", self.id, exc.limit)
+        logger.warning(
+            "event=message_too_long run=%s message=%s max_bytes=%d",
+            self.id,
+            writer.id,
+            writer.max_bytes,
+        )
+        return "max_bytes"
+
+    def _request(self, messages: list[dict[str, Any]], tools: list[ToolSpec]) -> StepRequest:
+        """One model request of this run: its system prompt, and the bound
+        on what one message keeps (so the provider refuses an event larger
+        than that instead of reading all of it)."""
+        return StepRequest(self.system, messages, tools, max_bytes=self.env.max_message_bytes)
 
     def _cut_short(self, step: _Step) -> None:
         """End a step whose message reached ``max_message_bytes``: its tool
@@ -945,7 +965,7 @@ class Run:
             env.store.context_tokens(self.session_id),
         )
         self.step = _Step(writer)
-        reason = self._stream(StepRequest(self.system, request, []), kind="summary")
+        reason = self._stream(self._request(request, []), kind="summary")
         self.token.raise_if_cancelled()
         text = self.step.writer.text("summary")
         if not text.strip():

@@ -38,6 +38,7 @@ import crushd.store
 from crushd.common import MAX_JSON_DEPTH, json_depth, load_json, text_of
 from crushd.events import EventHub
 from crushd.providers import sse
+from crushd.providers.base import EventTooLarge
 from crushd.runs import MessageWriter, utf8_prefix, utf8_size
 from crushd.store import WorkspaceStore
 
@@ -60,10 +61,32 @@ class Forever:
     seconds: float = 10.0
 
 
+@dataclass(frozen=True)
+class Raw:
+    """Bytes of the response body exactly as given (a script of these is the
+    whole body: the test writes the protocol's events itself)."""
+
+    data: bytes
+
+
 class _EndlessHandler(fakeprovider._Handler):
-    """The fake's handler, plus :class:`Forever` as a script's only step."""
+    """The fake's handler, plus :class:`Forever` as a script's only step and
+    scripts of :class:`Raw` steps."""
+
+    def _headers(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.send_header("Connection", "close")
+        self.end_headers()
 
     def _play(self, protocol: str, number: int, body: dict[str, Any], steps: list[Any]) -> None:
+        if steps and all(isinstance(step, Raw) for step in steps):
+            self._headers()
+            for step in steps:
+                self._write([step.data])
+            self._write_raw(b"0\r\n\r\n")
+            return
         if not (steps and isinstance(steps[0], Forever)):
             super()._play(protocol, number, body, steps)
             return
@@ -73,11 +96,7 @@ class _EndlessHandler(fakeprovider._Handler):
             encoder = fakeprovider._OpenAIEncoder(body, Usage(0, 0), number)
         else:
             encoder = fakeprovider._AnthropicEncoder(body, Usage(0, 0), number)
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.send_header("Connection", "close")
-        self.end_headers()
+        self._headers()
         self._write(encoder.start())
         self._write(encoder.delta(Text(forever.text)))  # opens Anthropic's text block
         steady = encoder.delta(Text(forever.text)) * 64
@@ -165,6 +184,42 @@ def test_a_provider_event_nested_too_deep_is_invalid_data_not_a_crash():
         sse.decode_json('{"type": "content_block_start", "content_block": ' + NESTED + "}")
     # An error body nested absurdly deep is shown as text, not parsed.
     assert sse.error_message(NESTED) == NESTED[: sse.MAX_DETAILS]
+
+
+# ---------------------------------------------------------------- stream lines and events
+
+
+def test_sse_lines_end_only_where_the_sse_specification_says():
+    chunks = ["data: a\u2028b\u2029c\x85d\x0be\r", "\n", "\ndata: two\r\rdata: th", "ree\n", "last"]
+    assert list(sse.sse_lines(chunks)) == [
+        "data: a\u2028b\u2029c\x85d\x0be",  # none of those ends a line in SSE
+        "",
+        "data: two",
+        "",
+        "data: three",
+        "last",
+    ]
+    chunks = ['data: {"x": "', "y" * 600, '"}\n\n']
+    assert list(sse.iter_sse(sse.sse_lines(chunks, 1000), 1000)) == [
+        ("", '{"x": "' + "y" * 600 + '"}')
+    ]
+
+
+def test_a_line_or_an_event_past_the_limit_is_refused_before_it_is_whole():
+    def endless():
+        yield "data: "
+        while True:
+            yield "x" * 100
+
+    with pytest.raises(EventTooLarge, match="more than 1000 characters"):
+        list(sse.sse_lines(endless(), 1000))
+    with pytest.raises(EventTooLarge):
+        list(sse.sse_lines(["data: " + "x" * 2000 + "\n\n"], 1000))  # within one chunk
+    many = ("data: " + "x" * 90 for _ in range(10**9))  # data lines, and never a blank one
+    with pytest.raises(EventTooLarge):
+        list(sse.iter_sse(many, 1000))
+    assert sse.event_limit(None) is None
+    assert sse.event_limit(1000) == 6 * 1000 + 64 * 1024
 
 
 # ---------------------------------------------------------------- nested tool calls
@@ -425,6 +480,40 @@ def test_tool_calls_of_a_step_cut_by_the_cap_are_not_run(fake, agent, project):
             assert result["content"].startswith("Not run: the message reached its limit")
     assert not (project / "small.txt").exists() and not (project / "huge.txt").exists()
     assert len(fake.requests) == 1
+
+
+@BOTH
+def test_one_event_larger_than_a_message_ends_the_step_unread(fake, agent, project, protocol):
+    live = agent(protocol, max_message_bytes=SMALL_CAP)
+    limit = sse.event_limit(SMALL_CAP)
+    fake.script([Text("before "), Text("z" * (limit + 1)), Hang()])
+    with api(live.url) as http:
+        wid = register(http, project)
+        run = submit(http, wid, "one huge event")
+        done = wait_terminal(http, wid, run["id"])
+        assert done["status"] == "completed" and done["text"] == "before ", done
+        stored = messages(http, wid, run["session_id"])
+        finish = finish_of(stored[1])
+        assert finish["reason"] == "max_bytes" and finish["message"] == "Message too long"
+    assert len(fake.requests) == 1
+    wait_for(lambda: sse.IN_FLIGHT.count == 0, 5, message="the provider stream stayed open")
+
+
+def test_a_raw_line_separator_inside_a_json_string_reaches_the_message(fake, agent, project):
+    chunk = {"choices": [{"index": 0, "delta": {"content": "one\u2028two\x85three"}}]}
+    finish = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    fake.script(
+        [
+            Raw(b"data: " + json.dumps(chunk, ensure_ascii=False).encode() + b"\n\n"),
+            Raw(b"data: " + json.dumps(finish).encode() + b"\n\ndata: [DONE]\n\n"),
+        ]
+    )
+    live = agent()
+    with api(live.url) as http:
+        wid = register(http, project)
+        done = wait_terminal(http, wid, submit(http, wid, "separators")["id"])
+    assert done["status"] == "completed", done
+    assert done["text"] == "one\u2028two\x85three"
 
 
 def test_an_endless_stream_keeps_the_daemon_small(fake, daemon_factory, project):

@@ -95,6 +95,7 @@ class AnthropicProvider(sse.HTTPProvider):
             body=self.build_body(request),
             token=token,
             provider=self.name,
+            max_event=sse.event_limit(request.max_bytes),
         )
         try:
             for event, data in events:

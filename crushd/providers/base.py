@@ -120,12 +120,29 @@ class StepRequest:
     ``messages`` are stored messages, oldest first, each
     ``{"role": "user"|"assistant"|"tool", "parts": [...]}`` with the part
     shapes of the API (``text``, ``reasoning``, ``tool_call``,
-    ``tool_result``, ``finish``).
+    ``tool_result``, ``finish``).  ``max_bytes`` is the most UTF-8 bytes
+    of output the consumer keeps from the step (None: no bound); a provider
+    refuses a single event far larger than that with :class:`EventTooLarge`
+    instead of holding all of it in memory.
     """
 
     system: str
     messages: list[dict[str, Any]]
     tools: list[ToolSpec] = field(default_factory=list)
+    max_bytes: int | None = None
+
+
+class EventTooLarge(ProviderError):
+    """One event of a stream (or one line of it) is longer than ``limit``
+    characters: more than the step's output may hold, so reading it whole
+    would only grow memory.  Not retried; the run ends the step as a
+    message that reached its limit (finish reason ``max_bytes``)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            "Message too long", f"the provider sent one event of more than {limit} characters"
+        )
+        self.limit = limit
 
 
 # The hook of the thread consuming a stream; see waiting().

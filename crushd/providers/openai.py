@@ -75,6 +75,7 @@ class OpenAIProvider(sse.HTTPProvider):
             body=self.build_body(request),
             token=token,
             provider=self.name,
+            max_event=sse.event_limit(request.max_bytes),
         )
         try:
             for _event, data in events:

@@ -42,7 +42,7 @@ import httpx
 
 from crushd.cancel import Cancelled, CancelToken, CountdownLatch
 from crushd.common import MAX_JSON_DEPTH, load_json
-from crushd.providers.base import Provider, ProviderError, stopping, waiting
+from crushd.providers.base import EventTooLarge, Provider, ProviderError, stopping, waiting
 from crushd.providers.retry import RETRYABLE_STATUSES, is_context_too_long, parse_retry_after
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,11 @@ MAX_DETAILS = 2000  # characters of raw error text kept in ProviderError.details
 # How deep one event may nest: a tool's arguments (MAX_JSON_DEPTH, checked
 # again where they are used) plus the protocol's own objects around them.
 EVENT_DEPTH = MAX_JSON_DEPTH + 4
+# How long one event may be, for a step whose output is bounded (see
+# event_limit): JSON escapes take up to 6 characters per byte of text
+# (``\u0000``), and the protocol's envelope comes around it.
+EVENT_ESCAPE = 6
+EVENT_SLACK = 64 * 1024
 
 # Read pacing (see the module docstring).  On the 2-core machine of the
 # README's "Performance", with 100 runs streaming at once the daemon spent
@@ -61,22 +66,73 @@ PACE_PER_STREAM = 0.001  # seconds of wait per stream in flight
 PACE_MAX = 0.1  # seconds: the longest wait before one read
 
 
-def iter_sse(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
+def event_limit(max_bytes: int | None) -> int | None:
+    """The most characters one event may have when the step keeps at most
+    ``max_bytes`` bytes of output (None: no bound).  An event longer than
+    that carries more than the message could hold, whatever its escapes."""
+    return None if max_bytes is None else EVENT_ESCAPE * max_bytes + EVENT_SLACK
+
+
+def sse_lines(chunks: Iterable[str], limit: int | None = None) -> Iterator[str]:
+    """Split the decoded chunks of a ``text/event-stream`` body into lines.
+
+    Lines end with CRLF, LF or CR, as the SSE specification says, and with
+    nothing else: ``str.splitlines`` (and httpx's ``iter_lines``) also
+    split at U+2028, U+2029 and U+0085, which JSON carries unescaped inside
+    strings, and so broke such an event in two.  A line longer than
+    ``limit`` characters raises :class:`EventTooLarge` as soon as that many
+    arrived: a stream that never sends a newline cannot grow memory.
+    """
+    pending: list[str] = []  # the start of a line that has not ended yet
+    size = 0  # its length
+    after_cr = False  # the last chunk ended with CR: a LF opening this one is its pair
+    for text in chunks:
+        if after_cr and text.startswith("\n"):
+            text = text[1:]
+        after_cr = text.endswith("\r")
+        if "\r" in text:
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+        lines = text.split("\n")
+        tail = lines.pop()
+        # Only a chunk longer than the limit can hold a whole line that is.
+        if limit is not None and len(text) > limit and lines and max(map(len, lines)) > limit:
+            raise EventTooLarge(limit)
+        if lines:
+            if pending:
+                size += len(lines[0])
+                if limit is not None and size > limit:
+                    raise EventTooLarge(limit)
+                lines[0] = "".join(pending) + lines[0]
+                pending = []
+            yield from lines
+            size = 0
+        if tail:
+            size += len(tail)
+            if limit is not None and size > limit:
+                raise EventTooLarge(limit)
+            pending.append(tail)
+    if pending:
+        yield "".join(pending)
+
+
+def iter_sse(lines: Iterable[str], limit: int | None = None) -> Iterator[tuple[str, str]]:
     """Parse ``text/event-stream`` lines into ``(event, data)`` pairs.
 
     ``event`` is ``""`` when the server named none; several ``data:`` lines of
     one event are joined with ``\\n``; comments (``: ping``) and ``id:`` /
     ``retry:`` fields are ignored.  An event not terminated by a blank line
-    before the stream ends is dropped, as the SSE specification says.
+    before the stream ends is dropped, as the SSE specification says.  An
+    event whose data grows past ``limit`` characters raises :class:`EventTooLarge`.
     """
     event = ""
     data: list[str] = []
+    size = 0
     for raw in lines:
         line = raw.rstrip("\r\n")
         if not line:
             if data:
                 yield event, "\n".join(data)
-            event, data = "", []
+            event, data, size = "", [], 0
             continue
         if line.startswith(":"):
             continue
@@ -86,6 +142,9 @@ def iter_sse(lines: Iterable[str]) -> Iterator[tuple[str, str]]:
         if name == "event":
             event = value
         elif name == "data":
+            size += len(value) + 1
+            if limit is not None and size > limit:
+                raise EventTooLarge(limit)
             data.append(value)
 
 
@@ -287,6 +346,7 @@ def stream_events(
     body: dict[str, Any],
     token: CancelToken,
     provider: str,
+    max_event: int | None = None,
 ) -> Generator[tuple[str, str], None, None]:
     """POST ``body`` to ``url`` and yield the SSE ``(event, data)`` pairs of the reply.
 
@@ -296,7 +356,8 @@ def stream_events(
     an HTTP status >= 400, an unreachable server, a timeout or a broken
     stream, classified for :mod:`crushd.providers.retry`.  A stream that
     simply ends is returned normally: only the caller knows whether its
-    protocol's end marker came.
+    protocol's end marker came.  An event (or line) longer than
+    ``max_event`` characters raises :class:`EventTooLarge` (see :func:`event_limit`).
     """
     token.raise_if_cancelled()
     breaker = _SocketBreaker()
@@ -324,7 +385,7 @@ def stream_events(
             if response.status_code >= 400:
                 raise _http_error(response, provider)
             received = True
-            for pair in iter_sse(response.iter_lines()):
+            for pair in iter_sse(sse_lines(response.iter_text(), max_event), max_event):
                 token.raise_if_cancelled()
                 yield pair
         token.raise_if_cancelled()
