@@ -15,7 +15,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, request
 
 from crushd import __version__
-from crushd.common import RUN_STATUSES
+from crushd.common import RUN_STATUSES, load_json
 from crushd.errors import InvalidRequest, ShuttingDown, TooManyStreams
 from crushd.events import sse_stream
 from crushd.server import Server
@@ -46,11 +46,9 @@ def body(optional: bool = False) -> dict[str, Any]:
             return {}
         raise InvalidRequest("request body must be a JSON object")
     try:
-        value = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:  # ValueError: JSONDecodeError, huge ints
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise InvalidRequest("request body is nested too deeply") from None
+        value = load_json(raw)
+    except ValueError as exc:  # not JSON, huge ints, bad UTF-8, or nested too deep
+        raise InvalidRequest(f"request body is {exc}") from None
     if not isinstance(value, dict):
         raise InvalidRequest("request body must be a JSON object")
     # JSON may escape a lone UTF-16 surrogate ("\ud800"); Python decodes it

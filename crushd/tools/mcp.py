@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from crushd.common import load_json
 from crushd.tools.base import PermissionAsk, Tool, ToolContext, ToolResult
 
 if TYPE_CHECKING:
@@ -55,9 +56,9 @@ def _mirrors(texts: list[str], structured: Any) -> bool:
         return structured["result"] == joined
     for text in texts:
         try:
-            if json.loads(text) == structured:
+            if load_json(text) == structured:
                 return True
-        except ValueError:
+        except ValueError:  # not JSON, or nested too deep to compare safely
             continue
     return False
 
