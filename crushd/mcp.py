@@ -53,8 +53,8 @@ from typing import Any
 
 from crushd.cancel import Cancelled, CancelToken
 from crushd.mcp_config import WORKSPACE_CWD, McpServerConfig, safe_name
+from crushd.procgroup import live_members, signal_group
 from crushd.tools.base import Tool, ToolResult
-from crushd.tools.bash import live_group_members
 from crushd.tools.common import truncate
 from crushd.tools.mcp import McpTool, result_text
 from crushd.tools.sandbox import Sandbox
@@ -459,8 +459,8 @@ class McpClient:
             self._read_pgid()
         with self._lock:
             pgid, self._pgid = self._pgid, None
-        if pgid is not None and live_group_members(pgid):
-            kill_group(pgid)
+        if pgid is not None and live_members(pgid):
+            signal_group(pgid, signal.SIGKILL, "leftovers", who="mcp")
         if (pidfile := self._pidfile) is not None:
             # The group is gone: a file naming it would only keep the run
             # directory alive after a kill -9 (each supervisor removes its
@@ -480,7 +480,7 @@ class McpClient:
             self._read_pgid()
         with self._lock:
             pgid = self._pgid
-        return pgid is not None and kill_group(pgid)
+        return pgid is not None and signal_group(pgid, signal.SIGKILL, "stop_overran", who="mcp")
 
     def _set_status(self, status: str, error: str | None) -> None:
         with self._lock:
@@ -488,17 +488,6 @@ class McpClient:
             self._status, self._error = status, error
         if changed:
             self._on_status(self.entry())
-
-
-def kill_group(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # a member changed uid; nothing more we can do
-        logger.warning("event=mcp_kill_denied pgid=%s", pgid)
-        return False
-    return True
 
 
 async def _watch(stack: contextlib.AsyncExitStack, read: Any, lost: asyncio.Event) -> Any:

@@ -247,7 +247,7 @@ def test_bash_cancel_kills_the_group(ctx, root):
 
 
 def test_bash_escalates_to_sigkill(ctx, root, caplog):
-    caplog.set_level(logging.INFO, logger="crushd.tools.bash")
+    caplog.set_level(logging.INFO, logger="crushd.procgroup")
     stubborn = "echo $$ > shell.pid; (trap '' TERM; exec sleep 300) & echo $! > bg.pid; sleep 30"
     started = time.monotonic()
     # Time enough for the sandboxed shell to set its trap on a loaded

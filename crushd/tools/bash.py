@@ -33,6 +33,7 @@ from enum import Enum
 from typing import Any
 
 from crushd.cancel import Cancelled, CancelToken, Deadline
+from crushd.procgroup import live_members, signal_group
 from crushd.tools.base import PermissionAsk, Tool, ToolContext, ToolError, ToolResult
 from crushd.tools.common import check_params
 from crushd.tools.sandbox import command_env
@@ -182,7 +183,7 @@ class BashTool(Tool):
         pgid = proc.pid  # start_new_session makes the shell its group's leader
         assert proc.stdout is not None
         output = BoundedOutput(ctx.max_output)
-        handle = ctx.token.on_cancel(lambda: _signal_group(pgid, signal.SIGTERM, "cancel"))
+        handle = ctx.token.on_cancel(lambda: signal_group(pgid, signal.SIGTERM, "cancel"))
         try:
             outcome = _pump(proc, output, ctx.token, Deadline(timeout))
         finally:
@@ -255,17 +256,6 @@ def _read_available(fd: int, output: BoundedOutput) -> bool:
     return True
 
 
-def _signal_group(pgid: int, sig: signal.Signals, reason: str) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        return
-    except PermissionError:  # a member changed uid (setuid binary); nothing more we can do
-        logger.warning("event=tool_kill_denied pgid=%s signal=%s", pgid, sig.name)
-        return
-    logger.info("event=tool_killed pgid=%s signal=%s reason=%s", pgid, sig.name, reason)
-
-
 def _stop_group(proc: subprocess.Popen[bytes], pgid: int, settle: float = 0) -> None:
     """Make sure nothing of the group survives, then reap the shell; first
     wait up to ``settle`` seconds for the group to empty by itself.
@@ -274,14 +264,14 @@ def _stop_group(proc: subprocess.Popen[bytes], pgid: int, settle: float = 0) -> 
     :data:`REAP_TIMEOUT` seconds.  SIGKILL takes effect asynchronously, so after it the group is
     waited for too: when this returns, its members are gone.
     """
-    members = live_group_members(pgid)
+    members = live_members(pgid)
     if members and settle:
         members = _wait_for_group(proc, pgid, members, settle)
     if members:
-        _signal_group(pgid, signal.SIGTERM, "cleanup")
+        signal_group(pgid, signal.SIGTERM, "cleanup")
         members = _wait_for_group(proc, pgid, members, KILL_GRACE)
         if members:
-            _signal_group(pgid, signal.SIGKILL, "grace_expired")
+            signal_group(pgid, signal.SIGKILL, "grace_expired")
             if _wait_for_group(proc, pgid, members, KILL_GRACE):
                 logger.error("event=tool_kill_incomplete pgid=%s", pgid)
     try:
@@ -297,40 +287,7 @@ def _wait_for_group(
     deadline = Deadline(timeout)
     while members and not deadline.expired:
         _wait_for_exit(proc, members, deadline.remaining())
-        members = live_group_members(pgid)
-    return members
-
-
-def live_group_members(pgid: int) -> list[int]:
-    """Pids of the processes in group ``pgid`` that have not exited.
-
-    Zombies do not count: an orphan that exited stays a zombie until init
-    reaps it, and some container inits never do.  Reads ``/proc``; without
-    it, falls back to ``killpg(pgid, 0)`` and returns ``[pgid]`` if the group
-    exists.
-    """
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return []
-        except PermissionError:
-            pass
-        return [pgid]
-    members = []
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:  # exited since listdir, or not ours to read
-            continue
-        fields = stat.rpartition(b")")[2].split()
-        if len(fields) > 2 and fields[0] != b"Z" and int(fields[2]) == pgid:
-            members.append(int(entry))
+        members = live_members(pgid)
     return members
 
 

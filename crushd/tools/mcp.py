@@ -1,17 +1,33 @@
 """MCP tools as the run loop sees them: :class:`McpTool` and the text a
-``CallToolResult`` becomes.  The connection behind them is
-:class:`crushd.mcp.McpClient`."""
+``CallToolResult`` becomes.  The connection behind them is any
+:class:`McpServer` — :class:`crushd.mcp.McpClient` in crushd — so this
+module needs nothing of :mod:`crushd.mcp` and the SDK behind it."""
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from crushd.cancel import CancelToken
 from crushd.common import load_json
+from crushd.mcp_config import McpServerConfig
 from crushd.tools.base import PermissionAsk, Tool, ToolContext, ToolResult
 
-if TYPE_CHECKING:
-    from crushd.mcp import McpClient
+
+class McpServer(Protocol):
+    """What an MCP tool needs of its server's connection."""
+
+    @property
+    def name(self) -> str: ...
+
+    config: McpServerConfig
+
+    def call(
+        self, tool: str, arguments: dict[str, Any], token: CancelToken, max_output: int
+    ) -> ToolResult:
+        """Call ``tool``; blocks until it answers, and raises
+        :class:`crushd.cancel.Cancelled` promptly on a cancel of ``token``."""
+        ...
 
 
 def result_text(result: Any) -> str:
@@ -68,7 +84,7 @@ class McpTool(Tool):
     workspace is yolo, the tool is in the server's ``allow`` or it was
     allowed for the session."""
 
-    def __init__(self, client: McpClient, tool: Any) -> None:
+    def __init__(self, client: McpServer, tool: Any) -> None:
         self.client = client
         self.server_tool = tool.name
         self.name = client.config.offered_name(tool.name)
