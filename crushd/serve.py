@@ -83,15 +83,20 @@ def waitress_options(config: Config) -> dict[str, Any]:
 
 
 class Runner:
-    """Owns the waitress server, the stop thread and the watchdog."""
+    """Owns the waitress server, the stop thread and the watchdog.
+
+    Build, then start: ``Runner(config)`` checks the configuration and
+    opens nothing; :meth:`start` starts the :class:`Server` and listens;
+    :meth:`run` serves until stopped.
+    """
 
     def __init__(self, config: Config) -> None:
-        inherited = systemd.listen_fds()
+        self._inherited = systemd.listen_fds()
         if (
-            not inherited
+            not self._inherited
             and not config.unix_socket
             and not is_loopback(config.host)
-            and config.resolved_token() is None
+            and not (config.token or config.token_file)
         ):
             raise StartupError(
                 f"refusing to listen on {config.host} without a token: anyone who can reach "
@@ -102,8 +107,17 @@ class Runner:
         # Absolute, so the logged address and the watchdog's self-check can
         # tell a socket path from host:port.  None when systemd gave sockets.
         self._unix_socket = (
-            os.path.abspath(config.unix_socket) if config.unix_socket and not inherited else None
+            os.path.abspath(config.unix_socket)
+            if config.unix_socket and not self._inherited
+            else None
         )
+        self.server: Server | None = None  # started by start()
+        self._watchdog: systemd.Watchdog | None = None
+
+    def start(self) -> Runner:
+        """Start the server (recovering every workspace) and listen; returns
+        self.  Raises StartupError (the server stopped again) when it cannot."""
+        config = self.config
         files = raise_open_files_limit(config.connection_limit + config.threads + SPARE_FILES)
         if files < config.connection_limit + SPARE_FILES:
             limit = max(100, files - SPARE_FILES)
@@ -113,8 +127,9 @@ class Runner:
                 limit,
                 files,
             )
-            config = dataclasses.replace(config, connection_limit=limit)
+            config = self.config = dataclasses.replace(config, connection_limit=limit)
         self.server = Server(config).start()
+        inherited = self._inherited
         try:
             self.app = create_app(server=self.server)
             options = waitress_options(config)
@@ -137,7 +152,7 @@ class Runner:
             raise
         guard_connections(self.wsgi, config.header_timeout, config.stall_timeout)
         self.app.extensions["crushd.guard"].add_listen_hosts(self._listen_hosts())
-        self._watchdog: systemd.Watchdog | None = None
+        return self
 
     @property
     def addresses(self) -> list[str]:
@@ -258,6 +273,6 @@ class Runner:
 
 
 def serve(config: Config) -> int:
-    runner = Runner(config)
+    runner = Runner(config).start()
     runner.install_signals()
     return runner.run()

@@ -130,7 +130,7 @@ class Server:
         self.config = config
         self.version = __version__
         self.data_dir = config.resolved_data_dir()
-        self.token = config.resolved_token()
+        self.token: str | None = None  # the API token, read from its file by start()
         self.models = ModelCatalog(
             config.models,
             config.default_model or "",
@@ -195,8 +195,9 @@ class Server:
             pass
 
     def start(self) -> Server:
-        """Take the data directory's lock, open the registry and every
-        registered workspace, and dispatch their recovered runs.
+        """Read the token file, take the data directory's lock, open the
+        registry and every registered workspace, and dispatch their
+        recovered runs.
 
         Blocks while the workspaces recover; returns the server.  Idempotent.
         Raises :class:`AlreadyRunning` when another process holds the data
@@ -210,6 +211,7 @@ class Server:
                 return self
             self._started = True
         try:
+            self.token = self.config.resolved_token()
             try:
                 self.data_dir.mkdir(parents=True, exist_ok=True)
                 self._dir_lock = DataDirLock(self.data_dir)

@@ -129,9 +129,9 @@ def detect(path: str | None = None) -> Bubblewrap:
         found = _probe(executable, shutil.which("slirp4netns", path=path))
     if found.available:
         logger.info(
-            "event=sandbox_ready bwrap=%s isolation=%r slirp4netns=%s",
+            "event=sandbox_ready bwrap=%s isolation=%s slirp4netns=%s",
             found.executable,
-            " ".join(found.isolation),
+            ",".join(found.isolation),
             found.slirp4netns,
         )
         if found.slirp4netns is None:
