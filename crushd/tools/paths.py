@@ -15,25 +15,53 @@ from pathlib import Path
 
 from crushd.tools.base import ToolError
 
+_RESOLVE_ATTEMPTS = 5
+
 
 def resolve(path: str, root: Path) -> Path:
     """Return the real, absolute path ``path`` names, relative to ``root``.
 
     Does not require the path to exist (a ``write`` target may not yet).
-    Raises :class:`ToolError` for an empty path or one holding a NUL byte.
+    Raises :class:`ToolError` for an empty path or one holding a NUL byte,
+    and for one whose links keep changing while it is resolved.
     """
     if not path.strip():
         raise ToolError("path must not be empty")
     if "\0" in path:
         raise ToolError("path must not contain a NUL byte")
     expanded = os.path.expanduser(path)
-    return Path(os.path.realpath(os.path.join(os.path.realpath(root), expanded)))
+    try:
+        return Path(_realpath(os.path.join(_realpath(root), expanded)))
+    except OSError as exc:
+        raise ToolError(
+            f"{path} kept changing while it was being resolved: {exc.strerror or exc}"
+        ) from exc
+
+
+def _realpath(path: str | os.PathLike[str]) -> str:
+    """:func:`os.path.realpath`, tried again when the tree changes under it.
+
+    realpath lstat()s a name and then readlink()s it; a link replaced by a
+    directory in between fails the readlink (EINVAL).  Raises that OSError
+    if the path keeps changing.
+    """
+    for attempt in range(_RESOLVE_ATTEMPTS):
+        try:
+            return os.path.realpath(path)
+        except OSError:
+            if attempt == _RESOLVE_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def is_inside(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> bool:
-    """True if ``path`` is ``root`` or lies below it, after resolving both."""
-    real_path = os.path.realpath(path)
-    real_root = os.path.realpath(root)
+    """True if ``path`` is ``root`` or lies below it, after resolving both.
+    False, so permission is asked, when the path keeps changing meanwhile."""
+    try:
+        real_path = _realpath(path)
+        real_root = _realpath(root)
+    except OSError:
+        return False
     try:
         return os.path.commonpath([real_path, real_root]) == real_root
     except ValueError:  # mixes absolute and relative, or different drives
