@@ -9,14 +9,15 @@ bad call becomes a :class:`ToolError` the model can read and correct.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from crushd.tools.base import ToolError
 
 BINARY_SNIFF_BYTES = 8192
 MAX_LINE_CHARS = 2000
+SKIP_DIRS = frozenset({".git"})  # directories the walking tools never enter
 
 _JSON_TYPES = {
     "string": "a string",
@@ -89,25 +90,28 @@ def truncate(text: str, limit: int) -> str:
     return f"{text[:limit]}\n[output truncated: {len(text) - limit} more characters]"
 
 
-def is_binary(path: Path) -> bool:
-    """True if the first 8 KiB hold a NUL byte (the test git and grep use)."""
-    with path.open("rb") as f:
-        return b"\0" in f.read(BINARY_SNIFF_BYTES)
+def is_binary(f: BinaryIO) -> bool:
+    """True if the first 8 KiB of the open file ``f`` hold a NUL byte (the test
+    git and grep use).  Reads with ``pread``, so ``f``'s position is kept."""
+    return b"\0" in os.pread(f.fileno(), BINARY_SNIFF_BYTES, 0)
 
 
-def iter_lines(path: Path) -> Iterator[str]:
-    """Yield the file's lines without their ending (``\\n`` or ``\\r\\n``).
+def iter_lines(f: BinaryIO) -> Iterator[str]:
+    """Yield the lines of the open binary file ``f`` without their ending
+    (``\\n`` or ``\\r\\n``).  ``f`` stays open: the caller owns it.
 
     Lines are split on ``\\n`` only so :mod:`view` and :mod:`grep` number them
-    the same way; undecodable bytes become U+FFFD rather than failing.
+    the same way; undecodable bytes become U+FFFD rather than failing (a
+    UTF-8 sequence never holds a newline byte, so decoding line by line
+    gives what decoding the whole file would).
     """
-    with path.open("r", encoding="utf-8", errors="replace", newline="\n") as f:
-        for line in f:
-            if line.endswith("\n"):
-                line = line[:-1]
-            if line.endswith("\r"):
-                line = line[:-1]
-            yield line
+    for raw in f:
+        line = raw.decode("utf-8", errors="replace")
+        if line.endswith("\n"):
+            line = line[:-1]
+        if line.endswith("\r"):
+            line = line[:-1]
+        yield line
 
 
 def cut_line(line: str, limit: int = MAX_LINE_CHARS) -> str:

@@ -3,17 +3,27 @@ replaces an exact string.
 
 Each tool resolves its one path with :func:`crushd.tools.paths.resolve` and
 reports it from :meth:`paths`; whether a path outside the workspace may be
-touched is the run loop's decision, not the tool's.
+touched is the run loop's decision, not the tool's.  ``run`` then opens
+that same path through :mod:`crushd.tools.safeopen`: never a path on the
+hidden list, never through a symbolic link, never by name a second time.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from crushd.tools.base import PermissionAsk, Tool, ToolContext, ToolError, ToolResult
-from crushd.tools.common import check_params, cut_line, is_binary, iter_lines, truncate
-from crushd.tools.paths import display, resolve
+from crushd.tools.common import (
+    BINARY_SNIFF_BYTES,
+    check_params,
+    cut_line,
+    is_binary,
+    iter_lines,
+    truncate,
+)
+from crushd.tools.paths import CheckedPaths, display, resolve
+from crushd.tools.safeopen import create_file, open_file
 
 DEFAULT_VIEW_LIMIT = 2000
 _NOTE_ROOM = 120  # characters kept free for the "more lines" note
@@ -29,11 +39,22 @@ class _FileTool(Tool):
 
     action = ""
 
+    def __init__(self) -> None:
+        self._checked = CheckedPaths()
+
     def _check(self, params: Any) -> dict[str, Any]:
         return check_params(self.name, params, self.parameters)
 
     def paths(self, params: dict[str, Any], ctx: ToolContext) -> list[Path]:
-        return [resolve(self._check(params)["path"], ctx.root)]
+        return self._checked.report(
+            params, ctx, lambda: [resolve(self._check(params)["path"], ctx.root)]
+        )
+
+    def _path(self, params: dict[str, Any], checked: dict[str, Any], ctx: ToolContext) -> Path:
+        """The path to touch: the one :meth:`paths` reported for this call
+        (and the run loop checked), else resolved now."""
+        reported = self._checked.take(params, ctx)
+        return reported[0] if reported else resolve(checked["path"], ctx.root)
 
     def describe(self, params: dict[str, Any], ctx: ToolContext) -> PermissionAsk:
         return PermissionAsk(action=self.action, path=str(self.paths(params, ctx)[0]))
@@ -73,31 +94,34 @@ class ViewTool(_FileTool):
 
     def run(self, params: dict[str, Any], ctx: ToolContext) -> ToolResult:
         checked = self._check(params)
-        path = resolve(checked["path"], ctx.root)
+        path = self._path(params, checked, ctx)
         offset: int = checked["offset"]
         limit: int = checked["limit"]
         shown = display(path, ctx.root)
         ctx.token.raise_if_cancelled()
-        if not path.exists():
-            raise ToolError(f"view: file not found: {shown}")
-        if path.is_dir():
-            raise ToolError(f"view: {shown} is a directory; use the ls tool to list it")
-        if not path.is_file():
-            raise ToolError(f"view: {shown} is not a regular file")
         try:
-            if is_binary(path):
-                raise ToolError(f"view: {shown} is a binary file; it cannot be shown as text")
-            return ToolResult(_numbered(path, offset, limit, ctx.max_output))
+            f = open_file(self.name, path, ctx.root, ctx.hidden)
+        except (FileNotFoundError, NotADirectoryError):
+            raise ToolError(f"view: file not found: {shown}") from None
+        except IsADirectoryError:
+            raise ToolError(f"view: {shown} is a directory; use the ls tool to list it") from None
         except OSError as exc:
             raise ToolError(f"view: cannot read {shown}: {exc.strerror or exc}") from exc
+        with f:
+            try:
+                if is_binary(f):
+                    raise ToolError(f"view: {shown} is a binary file; it cannot be shown as text")
+                return ToolResult(_numbered(f, offset, limit, ctx.max_output))
+            except OSError as exc:
+                raise ToolError(f"view: cannot read {shown}: {exc.strerror or exc}") from exc
 
 
-def _numbered(path: Path, offset: int, limit: int, max_output: int) -> str:
+def _numbered(f: BinaryIO, offset: int, limit: int, max_output: int) -> str:
     out: list[str] = []
     size = 0
     count = 0  # lines seen so far
     end = offset + limit
-    for line in iter_lines(path):
+    for line in iter_lines(f):
         count += 1
         if count <= offset:
             continue
@@ -142,10 +166,10 @@ class WriteTool(_FileTool):
 
     def run(self, params: dict[str, Any], ctx: ToolContext) -> ToolResult:
         checked = self._check(params)
-        path = resolve(checked["path"], ctx.root)
+        path = self._path(params, checked, ctx)
         data = checked["content"].encode("utf-8")
         ctx.token.raise_if_cancelled()
-        _write(self.name, path, data, ctx.root)
+        _write(self.name, path, data, ctx)
         return ToolResult(f"wrote {len(data)} bytes to {display(path, ctx.root)}")
 
 
@@ -179,29 +203,32 @@ class EditTool(_FileTool):
 
     def run(self, params: dict[str, Any], ctx: ToolContext) -> ToolResult:
         checked = self._check(params)
-        path = resolve(checked["path"], ctx.root)
+        path = self._path(params, checked, ctx)
         old: str = checked["old_string"]
         new: str = checked["new_string"]
         shown = display(path, ctx.root)
         ctx.token.raise_if_cancelled()
-        if path.is_dir():
-            raise ToolError(f"edit: {shown} is a directory")
-        if not path.exists():
+        try:
+            f = open_file(self.name, path, ctx.root, ctx.hidden)
+        except (FileNotFoundError, NotADirectoryError):
             if old:
-                raise ToolError(f"edit: file not found: {shown}")
+                raise ToolError(f"edit: file not found: {shown}") from None
             data = new.encode("utf-8")
-            _write(self.name, path, data, ctx.root)
+            _write(self.name, path, data, ctx)
             return ToolResult(f"created {shown} ({len(data)} bytes)")
-        if not path.is_file():
-            raise ToolError(f"edit: {shown} is not a regular file")
-        text = _read_text(path, shown)
+        except IsADirectoryError:
+            raise ToolError(f"edit: {shown} is a directory") from None
+        except OSError as exc:
+            raise ToolError(f"edit: cannot read {shown}: {exc.strerror or exc}") from exc
+        with f:
+            text = _read_text(f, shown)
         if not old:
             if text:
                 raise ToolError(
                     f"edit: {shown} already exists and is not empty; give old_string "
                     "(or use write to replace the whole file)"
                 )
-            _write(self.name, path, new.encode("utf-8"), ctx.root)
+            _write(self.name, path, new.encode("utf-8"), ctx)
             return ToolResult(f"wrote {shown}")
         if old == new:
             raise ToolError("edit: old_string and new_string are identical; nothing to change")
@@ -220,17 +247,17 @@ class EditTool(_FileTool):
                 f"edit: old_string occurs {count} times in {shown}; add surrounding context "
                 "to make it unique, or set replace_all to true"
             )
-        _write(self.name, path, text.replace(old, new).encode("utf-8"), ctx.root)
+        _write(self.name, path, text.replace(old, new).encode("utf-8"), ctx)
         noun = "occurrence" if count == 1 else "occurrences"
         return ToolResult(f"edited {shown}: replaced {count} {noun}")
 
 
-def _read_text(path: Path, shown: str) -> str:
+def _read_text(f: BinaryIO, shown: str) -> str:
     try:
-        data = path.read_bytes()
+        data = f.read()
     except OSError as exc:
         raise ToolError(f"edit: cannot read {shown}: {exc.strerror or exc}") from exc
-    if b"\0" in data[:8192]:
+    if b"\0" in data[:BINARY_SNIFF_BYTES]:
         raise ToolError(f"edit: {shown} is a binary file")
     try:
         return data.decode("utf-8")
@@ -238,13 +265,12 @@ def _read_text(path: Path, shown: str) -> str:
         raise ToolError(f"edit: {shown} is not valid UTF-8 text") from exc
 
 
-def _write(tool: str, path: Path, data: bytes, root: Path) -> None:
-    shown = display(path, root)
-    if path.is_dir():
-        raise ToolError(f"{tool}: {shown} is a directory")
+def _write(tool: str, path: Path, data: bytes, ctx: ToolContext) -> None:
+    shown = display(path, ctx.root)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("wb") as f:
+        with create_file(tool, path, ctx.root, ctx.hidden) as f:
             f.write(data)
+    except IsADirectoryError:
+        raise ToolError(f"{tool}: {shown} is a directory") from None
     except OSError as exc:
         raise ToolError(f"{tool}: cannot write {shown}: {exc.strerror or exc}") from exc

@@ -1,9 +1,11 @@
 """Read-only tools that walk directories: ``ls``, ``glob`` and ``grep``.
 
-Walks never follow symlinked directories (no cycles, no escaping the tree
-unnoticed), skip ``.git``, check ``ctx.token`` once per directory or file so a
-cancel stops a long walk promptly, and stop at a fixed number of results,
-saying so.
+Walks go from directory descriptor to directory descriptor
+(:func:`crushd.tools.safeopen.walk`): they never follow a symbolic link (no
+cycles, no escaping the tree unnoticed, and a directory swapped for a link
+mid-walk is skipped, not entered), leave out what is on the hidden list,
+skip ``.git``, check ``ctx.token`` once per directory so a cancel stops a
+long walk promptly, and stop at a fixed number of results, saying so.
 """
 
 from __future__ import annotations
@@ -12,16 +14,24 @@ import heapq
 import os
 import re
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from crushd.cancel import CancelToken
 from crushd.tools.base import PermissionAsk, Tool, ToolContext, ToolError, ToolResult
-from crushd.tools.common import check_params, cut_line, is_binary, iter_lines, truncate
+from crushd.tools.common import SKIP_DIRS, check_params, cut_line, is_binary, iter_lines, truncate
 from crushd.tools.globs import compile_glob, split_glob
-from crushd.tools.paths import display, resolve
+from crushd.tools.paths import CheckedPaths, display, resolve
+from crushd.tools.safeopen import (
+    Listing,
+    hidden_entry,
+    open_dir,
+    open_entry,
+    open_file,
+    open_subdir,
+    walk,
+)
 
-SKIP_DIRS = frozenset({".git"})
 LS_DEFAULT_DEPTH = 2
 LS_MAX_ENTRIES = 1000
 GLOB_MAX_RESULTS = 100
@@ -38,6 +48,9 @@ _DIR_PROPERTY = {
 class _WalkTool(Tool):
     action = ""
 
+    def __init__(self) -> None:
+        self._checked = CheckedPaths()
+
     def _check(self, params: Any) -> dict[str, Any]:
         return check_params(self.name, params, self.parameters)
 
@@ -45,28 +58,36 @@ class _WalkTool(Tool):
         return resolve(checked.get("path") or ".", ctx.root)
 
     def paths(self, params: dict[str, Any], ctx: ToolContext) -> list[Path]:
-        return [self._base(self._check(params), ctx)]
+        return self._checked.report(params, ctx, lambda: [self._base(self._check(params), ctx)])
+
+    def _reported_base(
+        self, params: dict[str, Any], checked: dict[str, Any], ctx: ToolContext
+    ) -> Path:
+        """The base :meth:`paths` reported for this call (and the run loop
+        checked), else resolved now."""
+        reported = self._checked.take(params, ctx)
+        return reported[0] if reported else self._base(checked, ctx)
 
     def describe(self, params: dict[str, Any], ctx: ToolContext) -> PermissionAsk:
         return PermissionAsk(action=self.action, path=str(self.paths(params, ctx)[0]))
 
 
 def _walk(
-    top: Path, token: CancelToken, max_depth: int | None = None
-) -> Iterator[tuple[str, list[str]]]:
-    """Yield ``(dirpath, sorted file names)`` below ``top``, top first.
+    top_fd: int, top: Path, ctx: ToolContext, max_depth: int | None = None
+) -> Iterator[Listing]:
+    """The directories below the open ``top_fd`` (real path ``top``), top
+    first, with ``.git`` and hidden entries left out.
 
-    Raises :class:`Cancelled` between directories once ``token`` is cancelled.
+    Raises :class:`Cancelled` between directories once ``ctx.token`` is cancelled.
     """
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
-        token.raise_if_cancelled()
-        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
-        if max_depth is not None:
-            rel = os.path.relpath(dirpath, top)
-            depth = 1 if rel == "." else rel.count(os.sep) + 2
-            if depth >= max_depth:
-                dirnames[:] = []
-        yield dirpath, sorted(filenames)
+    with closing(walk(top_fd, str(top), ctx.hidden, SKIP_DIRS)) as listings:
+        for listing in listings:
+            ctx.token.raise_if_cancelled()
+            if max_depth is not None:
+                depth = 1 if listing.rel == "." else listing.rel.count("/") + 2
+                if depth >= max_depth:
+                    listing.dirnames[:] = []
+            yield listing
 
 
 # -- ls ------------------------------------------------------------------------
@@ -102,14 +123,24 @@ class LsTool(_WalkTool):
 
     def run(self, params: dict[str, Any], ctx: ToolContext) -> ToolResult:
         checked = self._check(params)
-        base = self._base(checked, ctx)
+        base = self._reported_base(params, checked, ctx)
         shown = display(base, ctx.root)
-        if not base.exists():
-            raise ToolError(f"ls: no such file or directory: {shown}")
-        if not base.is_dir():
+        ctx.token.raise_if_cancelled()
+        try:
+            fd = open_dir(self.name, base, ctx.root, ctx.hidden)
+        except FileNotFoundError:
+            raise ToolError(f"ls: no such file or directory: {shown}") from None
+        except NotADirectoryError:
+            if not os.path.lexists(base):  # a file on the way, not at the end
+                raise ToolError(f"ls: no such file or directory: {shown}") from None
             return ToolResult(shown)
+        except OSError as exc:
+            raise ToolError(f"ls: cannot list {shown}: {exc.strerror or exc}") from exc
         lines = [shown.rstrip("/") + "/"]
-        full = _list_tree(base, checked["depth"], 1, lines, ctx.token)
+        try:
+            full = _list_tree(fd, str(base), checked["depth"], 1, lines, ctx)
+        finally:
+            os.close(fd)
         if full:
             lines.append(
                 f"[listing truncated at {LS_MAX_ENTRIES} entries; list a subdirectory or "
@@ -119,14 +150,20 @@ class LsTool(_WalkTool):
 
 
 def _list_tree(
-    directory: Path, depth: int, level: int, lines: list[str], token: CancelToken
+    fd: int, path: str, depth: int, level: int, lines: list[str], ctx: ToolContext
 ) -> bool:
-    """Append ``directory``'s entries to ``lines``; True once the entry limit is hit."""
-    token.raise_if_cancelled()
+    """Append the entries of the directory open as ``fd`` (real path ``path``)
+    to ``lines``, hidden ones left out; True once the entry limit is hit."""
+    ctx.token.raise_if_cancelled()
     indent = "  " * level
     try:
-        with os.scandir(directory) as it:
-            entries = [e for e in it if e.name not in SKIP_DIRS]
+        with os.scandir(fd) as it:
+            entries = [
+                e
+                for e in it
+                if e.name not in SKIP_DIRS
+                and hidden_entry(os.path.join(path, e.name), ctx.hidden) is None
+            ]
     except OSError as exc:
         lines.append(f"{indent}[cannot list: {exc.strerror or exc}]")
         return False
@@ -143,17 +180,37 @@ def _list_tree(
             return True
         if entry.is_symlink():
             try:
-                target = os.readlink(entry.path)
+                target = os.readlink(entry.name, dir_fd=fd)
             except OSError:
                 target = "?"
             lines.append(f"{indent}{entry.name} -> {target}")
         elif is_dir(entry):
             lines.append(f"{indent}{entry.name}/")
-            if level < depth and _list_tree(Path(entry.path), depth, level + 1, lines, token):
+            if level < depth and _list_subtree(fd, entry.name, path, depth, level, lines, ctx):
                 return True
         else:
             lines.append(f"{indent}{entry.name}")
     return False
+
+
+def _list_subtree(
+    fd: int, name: str, parent: str, depth: int, level: int, lines: list[str], ctx: ToolContext
+) -> bool:
+    """List the directory ``name`` of ``fd`` one level deeper, opened without
+    following a link; one replaced by a link or moved since it was listed
+    shows as empty."""
+    path = os.path.join(parent, name)
+    try:
+        sub = open_subdir(fd, name, path, ctx.hidden)
+    except OSError as exc:
+        lines.append(f"{'  ' * (level + 1)}[cannot list: {exc.strerror or exc}]")
+        return False
+    if sub is None:
+        return False
+    try:
+        return _list_tree(sub, path, depth, level + 1, lines, ctx)
+    finally:
+        os.close(sub)
 
 
 # -- glob ----------------------------------------------------------------------
@@ -180,47 +237,40 @@ class GlobTool(_WalkTool):
         "additionalProperties": False,
     }
 
-    def _parts(self, checked: dict[str, Any], ctx: ToolContext) -> tuple[Path, str]:
+    @staticmethod
+    def _split(checked: dict[str, Any]) -> tuple[str, str]:
+        """The pattern's leading directories without wildcards, and the rest."""
         pattern: str = checked["pattern"]
         if not pattern.strip():
             raise ToolError("glob: pattern must not be empty")
-        prefix, rest = split_glob(pattern)
-        base = resolve(os.path.join(checked.get("path") or ".", prefix or "."), ctx.root)
-        return base, rest
+        return split_glob(pattern)
 
     def _base(self, checked: dict[str, Any], ctx: ToolContext) -> Path:
-        return self._parts(checked, ctx)[0]
+        prefix, _ = self._split(checked)
+        return resolve(os.path.join(checked.get("path") or ".", prefix or "."), ctx.root)
 
     def run(self, params: dict[str, Any], ctx: ToolContext) -> ToolResult:
         checked = self._check(params)
-        base, rest = self._parts(checked, ctx)
+        _, rest = self._split(checked)
+        base = self._reported_base(params, checked, ctx)
         matcher = compile_glob(rest)
-        if not base.is_dir():
-            if base.exists():
-                raise ToolError(f"glob: {display(base, ctx.root)} is not a directory")
+        ctx.token.raise_if_cancelled()
+        try:
+            fd = open_dir(self.name, base, ctx.root, ctx.hidden)
+        except FileNotFoundError:
             return ToolResult("no files found")
-        max_depth = None if "**" in rest else rest.count("/") + 1
-        newest: list[tuple[float, str]] = []  # min-heap of the newest matches
-        total = 0
-        for dirpath, filenames in _walk(base, ctx.token, max_depth):
-            rel_dir = os.path.relpath(dirpath, base)
-            for filename in filenames:
-                rel = filename if rel_dir == "." else f"{rel_dir}/{filename}"
-                if os.sep != "/":
-                    rel = rel.replace(os.sep, "/")
-                if not matcher.fullmatch(rel):
-                    continue
-                full = os.path.join(dirpath, filename)
-                try:
-                    mtime = os.stat(full).st_mtime
-                except OSError:  # dangling symlink, or removed meanwhile
-                    mtime = 0.0
-                total += 1
-                item = (mtime, full)
-                if len(newest) < GLOB_MAX_RESULTS:
-                    heapq.heappush(newest, item)
-                else:
-                    heapq.heappushpop(newest, item)
+        except NotADirectoryError:
+            if not os.path.lexists(base):  # a file on the way, not at the end
+                return ToolResult("no files found")
+            raise ToolError(f"glob: {display(base, ctx.root)} is not a directory") from None
+        except OSError as exc:
+            raise ToolError(
+                f"glob: cannot list {display(base, ctx.root)}: {exc.strerror or exc}"
+            ) from exc
+        try:
+            newest, total = _newest(fd, base, matcher, rest, ctx)
+        finally:
+            os.close(fd)
         if not total:
             return ToolResult("no files found")
         ordered = sorted(newest, key=lambda item: (-item[0], item[1]))
@@ -230,6 +280,33 @@ class GlobTool(_WalkTool):
                 f"[{total - len(lines)} more matching files not shown; narrow the pattern]"
             )
         return ToolResult(truncate("\n".join(lines), ctx.max_output))
+
+
+def _newest(
+    fd: int, base: Path, matcher: re.Pattern[str], rest: str, ctx: ToolContext
+) -> tuple[list[tuple[float, str]], int]:
+    """The newest :data:`GLOB_MAX_RESULTS` matches below the open ``fd`` as
+    ``(mtime, real path)``, and how many matched in all."""
+    max_depth = None if "**" in rest else rest.count("/") + 1
+    newest: list[tuple[float, str]] = []  # min-heap of the newest matches
+    total = 0
+    for listing in _walk(fd, base, ctx, max_depth):
+        for filename in listing.filenames:
+            rel = filename if listing.rel == "." else f"{listing.rel}/{filename}"
+            if not matcher.fullmatch(rel):
+                continue
+            try:
+                # The entry itself: a link is named, not followed.
+                mtime = os.stat(filename, dir_fd=listing.fd, follow_symlinks=False).st_mtime
+            except OSError:  # removed meanwhile
+                mtime = 0.0
+            total += 1
+            item = (mtime, os.path.join(listing.path, filename))
+            if len(newest) < GLOB_MAX_RESULTS:
+                heapq.heappush(newest, item)
+            else:
+                heapq.heappushpop(newest, item)
+    return newest, total
 
 
 # -- grep ----------------------------------------------------------------------
@@ -266,7 +343,7 @@ class GrepTool(_WalkTool):
 
     def run(self, params: dict[str, Any], ctx: ToolContext) -> ToolResult:
         checked = self._check(params)
-        base = self._base(checked, ctx)
+        base = self._reported_base(params, checked, ctx)
         try:
             regex = re.compile(checked["pattern"])
         except re.error as exc:
@@ -275,29 +352,23 @@ class GrepTool(_WalkTool):
             ) from exc
         include: str | None = checked.get("include")
         include_re = compile_glob(include) if include else None
-        if not base.exists():
-            raise ToolError(f"grep: no such file or directory: {display(base, ctx.root)}")
-        if not base.is_dir() and not base.is_file():
-            raise ToolError(f"grep: {display(base, ctx.root)} is not a regular file")
-        files: Iterator[Path] = iter([base])
-        if base.is_dir():
-            files = self._files(base, include, include_re, ctx.token)
+        ctx.token.raise_if_cancelled()
         out: list[str] = []
         full = False
-        for path in files:
+        for f, shown in _files(base, include, include_re, ctx):
             ctx.token.raise_if_cancelled()
-            try:
-                if is_binary(path):
+            with f:
+                try:
+                    if is_binary(f):
+                        continue
+                    for number, line in enumerate(iter_lines(f), 1):
+                        if regex.search(line):
+                            if len(out) >= GREP_MAX_MATCHES:
+                                full = True
+                                break
+                            out.append(f"{shown}:{number}: {cut_line(line, GREP_LINE_CHARS)}")
+                except OSError:  # unreadable or vanished: skip it as grep -s would
                     continue
-                shown = display(path, ctx.root)
-                for number, line in enumerate(iter_lines(path), 1):
-                    if regex.search(line):
-                        if len(out) >= GREP_MAX_MATCHES:
-                            full = True
-                            break
-                        out.append(f"{shown}:{number}: {cut_line(line, GREP_LINE_CHARS)}")
-            except OSError:  # unreadable or vanished: skip it as grep -s would
-                continue
             if full:
                 break
         if not out:
@@ -309,22 +380,43 @@ class GrepTool(_WalkTool):
             )
         return ToolResult(truncate("\n".join(out), ctx.max_output))
 
-    @staticmethod
-    def _files(
-        base: Path, include: str | None, include_re: re.Pattern[str] | None, token: CancelToken
-    ) -> Iterator[Path]:
-        by_path = include is not None and "/" in include
-        for dirpath, filenames in _walk(base, token):
-            rel_dir = os.path.relpath(dirpath, base).replace(os.sep, "/")
-            for filename in filenames:
+
+def _files(
+    base: Path, include: str | None, include_re: re.Pattern[str] | None, ctx: ToolContext
+) -> Iterator[tuple[BinaryIO, str]]:
+    """The open regular files to search, with how output names them: ``base``
+    itself, or what the walk below it finds that ``include`` keeps.  Links
+    met on the walk are not followed (like ripgrep): one may point out of the
+    workspace, which paths() could not report."""
+    shown = display(base, ctx.root)
+    try:
+        top = open_dir("grep", base, ctx.root, ctx.hidden)
+    except NotADirectoryError:  # one file, or a file on the way
+        try:
+            f = open_file("grep", base, ctx.root, ctx.hidden)
+        except (FileNotFoundError, NotADirectoryError):
+            raise ToolError(f"grep: no such file or directory: {shown}") from None
+        except OSError:  # unreadable: nothing to match, as grep -s
+            return
+        yield f, shown
+        return
+    except FileNotFoundError:
+        raise ToolError(f"grep: no such file or directory: {shown}") from None
+    except OSError:  # an unreadable directory has nothing to match
+        return
+    by_path = include is not None and "/" in include
+    try:
+        for listing in _walk(top, base, ctx):
+            for filename in listing.filenames:
                 if include_re is not None:
                     subject = filename
-                    if by_path:
-                        subject = filename if rel_dir == "." else f"{rel_dir}/{filename}"
+                    if by_path and listing.rel != ".":
+                        subject = f"{listing.rel}/{filename}"
                     if not include_re.fullmatch(subject):
                         continue
-                path = Path(dirpath, filename)
-                # Like ripgrep, do not follow symlinks met on the walk: one may
-                # point out of the workspace, which paths() could not report.
-                if not path.is_symlink() and path.is_file():
-                    yield path
+                path = os.path.join(listing.path, filename)
+                f = open_entry(listing.fd, filename, path, ctx.hidden)
+                if f is not None:
+                    yield f, display(Path(path), ctx.root)
+    finally:
+        os.close(top)
