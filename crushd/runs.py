@@ -62,7 +62,8 @@ from crushd.providers.base import (
 )
 from crushd.providers.catalog import ModelCatalog, ModelSpec
 from crushd.providers.retry import NO_RETRIES, RetryPolicy, stream_with_retries
-from crushd.store import RunStart, WorkspaceStore, lock_budget
+from crushd.sqlite import lock_budget
+from crushd.store import RunStart, WorkspaceStore
 from crushd.tools.base import Tool, ToolContext, ToolError, ToolResult
 from crushd.tools.paths import is_inside
 from crushd.tools.sandbox import Sandbox

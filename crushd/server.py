@@ -38,9 +38,9 @@ from crushd.metrics import Metrics
 from crushd.providers import PROVIDERS, Provider
 from crushd.providers.base import ProviderError
 from crushd.providers.catalog import ModelCatalog
+from crushd.registry import RegistryStore
 from crushd.signals import Signals
 from crushd.stopping import StopController
-from crushd.store import RegistryStore
 from crushd.tools import Tool, default_tools
 from crushd.tools.sandbox import Bubblewrap, Sandbox, command_env, detect, sandbox_for
 from crushd.workspace import Workspace, close_budget

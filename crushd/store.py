@@ -1,320 +1,41 @@
-"""Persistence: the registry database and one database per workspace.
+"""The workspace store: the sessions, messages and runs of one workspace.
 
-Each database is one SQLite file with one connection, shared by every
-thread and serialized by the store's lock.  That trades concurrent readers
-(which SQLite barely gives a single process anyway, since writes are
-serialized) for three properties the shutdown order relies on: no
-"database is locked" between our own threads, a ``close()`` that closes the
-only connection there is, and a ``closed`` flag checked under the same lock
-as every query, so nothing touches the database after it is closed.
+One SQLite database per workspace (``workspace.db`` in its data
+directory), on the one connection :class:`crushd.sqlite.SqliteStore` opens
+and serializes; this module holds the records and the SQL that reads and
+writes them, :mod:`crushd.sqlite` the connection, the transactions and the
+storage faults.  The SQL is SQLite's (``?`` parameters, ``REPLACE INTO``,
+``randomblob``): a second backend brings its own.
 
-All public methods are thread-safe and block only on the lock (bounded, see
-:func:`lock_budget`); they return plain dicts in the API's JSON shape.
-
-Storage faults.  A write the database refuses — the disk is full, another
-process holds the write lock past :data:`BUSY_TIMEOUT`, an I/O error — is
-rolled back and raised as :class:`~crushd.errors.StorageUnavailable`, and the
-store is marked unavailable.  That flag is read from memory (``available``),
-so the health check and the prompt route know at once; the two transitions
-are logged once each.  A workspace store becomes available again only when
-:meth:`WorkspaceStore.probe` gets 64 KiB through (a small write that happens
-to fit must not announce a recovery that the next one denies); the registry,
-which nothing probes, with any write that succeeds.  Retrying is the
-caller's business (:mod:`crushd.runs`, :mod:`crushd.workspace`).
+All public methods are thread-safe and block only on the connection lock
+(bounded, see :func:`crushd.sqlite.lock_budget`); they return plain dicts
+in the API's JSON shape.  A refused write raises
+:class:`~crushd.errors.StorageUnavailable` and marks the store unavailable;
+it becomes available again only when :meth:`WorkspaceStore.probe` gets
+64 KiB through (a small write that happens to fit must not announce a
+recovery that the next one denies).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
-import sqlite3
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import peewee as pw
-
 from crushd.common import ACTIVE_STATUSES, TERMINAL_STATUSES, new_id, utcnow
-from crushd.errors import (
-    NotFound,
-    QueueFull,
-    RequestError,
-    SessionBusy,
-    StorageUnavailable,
-    StoreBusy,
-    StoreClosed,
-)
-from crushd.models import (
-    REGISTRY_MIGRATIONS,
-    WORKSPACE_MIGRATIONS,
-    apply_migrations,
-    registry_models,
-)
+from crushd.errors import NotFound, QueueFull, RequestError, SessionBusy
+from crushd.models import WORKSPACE_MIGRATIONS
+from crushd.sqlite import SqliteStore
 
-logger = logging.getLogger(__name__)
-
-DEFAULT_LOCK_WAIT = 30.0
-# How long a write waits for another process's write lock before the store
-# counts as unavailable.  crushd's own threads share one connection and never
-# wait on each other here; only an outside writer (a backup, the sqlite3
-# shell) does, and a prompt should hear 503 about it within a second.
-BUSY_TIMEOUT = 1.0
-# SQLite primary result codes that mean "the database refuses writes now and
-# may accept them later": BUSY, LOCKED, READONLY, IOERR, FULL, CANTOPEN, PROTOCOL.
-_FAULT_CODES = {5, 6, 8, 10, 13, 14, 15}
-
+# The ``meta`` key :meth:`WorkspaceStore.probe` writes and deletes again.
 PROBE_SETTING = "storage_probe"
-
-_budget = threading.local()
-
-
-@contextlib.contextmanager
-def lock_budget(seconds: float) -> Iterator[None]:
-    """Bound how long store calls on this thread wait for the database lock.
-
-    Cleanup after a cancel runs under its own detached deadline; this makes
-    its writes give up (``StoreBusy``) instead of hanging past it.
-    """
-    previous = getattr(_budget, "seconds", None)
-    _budget.seconds = seconds
-    try:
-        yield
-    finally:
-        _budget.seconds = previous
 
 
 def _cost(value: float | None) -> float | None:
     """A stored cost as the API shows it: rounded past float noise."""
     return None if value is None else round(value, 10)
-
-
-def storage_fault(exc: BaseException) -> str | None:
-    """The SQLite message if ``exc`` is a storage fault (see the module
-    docstring), else None.  peewee re-raises sqlite3's error with the
-    original as ``__context__``."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, sqlite3.Error):
-            code = getattr(seen, "sqlite_errorcode", None)
-            if code is not None and code & 0xFF in _FAULT_CODES:
-                return str(seen)
-            return None
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-def open_sqlite(path: Path) -> pw.SqliteDatabase:
-    db = pw.SqliteDatabase(
-        str(path),
-        thread_safe=False,  # one shared connection, serialized by the store lock
-        check_same_thread=False,
-        autoconnect=False,
-        timeout=BUSY_TIMEOUT,
-        pragmas={
-            "journal_mode": "wal",
-            "foreign_keys": 1,
-            "synchronous": "normal",
-            "busy_timeout": int(BUSY_TIMEOUT * 1000),
-        },
-    )
-    db.connect()
-    return db
-
-
-class _Store:
-    # Whether any accepted write marks the store available again (else
-    # only a probe does, see the module docstring).
-    recover_on_write = True
-
-    def __init__(self, path: Path, migrations: list) -> None:
-        self.path = path
-        # Serializes every use of the one connection and guards the closed
-        # flag; last in the lock order (nothing is taken while holding it).
-        self._lock = threading.RLock()
-        self._closed = False  # guarded by _lock
-        # Whether the last write was accepted.  Written under _lock, read
-        # without it: the health check must never wait on a database call.
-        self.available = True
-        self.fault: str | None = None  # the refusal while unavailable; under _lock
-        self._fault_since = 0.0  # guarded by _lock
-        self._recovered = threading.Event()  # set while available
-        self._recovered.set()
-        # Called when ``available`` changes, with the store lock held: it
-        # must only set a flag or an event.
-        self.on_change: Callable[[], None] = lambda: None
-        self.db = open_sqlite(path)
-        try:
-            with self._use():
-                self.previous_version = apply_migrations(self.db, migrations)
-        except BaseException:
-            self.db.close()
-            raise
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def wait_available(self, timeout: float) -> bool:
-        """Block up to ``timeout`` seconds until a write succeeds; True if it did."""
-        return self._recovered.wait(timeout)
-
-    @contextlib.contextmanager
-    def _use(
-        self, write: bool = False, busy_timeout: float | None = None, probe: bool = False
-    ) -> Iterator[None]:
-        """Hold the connection; with ``write``, inside one ``BEGIN IMMEDIATE``
-        transaction.  A storage fault becomes :class:`StorageUnavailable`."""
-        timeout = getattr(_budget, "seconds", None)
-        if not self._lock.acquire(timeout=DEFAULT_LOCK_WAIT if timeout is None else timeout):
-            raise StoreBusy(f"database {self.path.name} is busy")
-        try:
-            if self._closed:
-                raise StoreClosed(f"database {self.path} is closed")
-            if not write:
-                try:
-                    yield
-                except pw.DatabaseError as exc:
-                    if (fault := storage_fault(exc)) is None:
-                        raise
-                    raise StorageUnavailable(f"the database cannot be read: {fault}") from exc
-                return
-            try:
-                with self._busy_timeout(busy_timeout):
-                    self._transaction_begin()
-                    yield
-                    self.db.execute_sql("COMMIT")
-            except BaseException as exc:
-                self._rollback()
-                fault = storage_fault(exc)
-                if fault is None:
-                    raise
-                self._mark_unavailable(fault)
-                raise StorageUnavailable(f"the database refuses writes: {fault}") from exc
-            if probe or self.recover_on_write:
-                self._mark_available()
-        finally:
-            self._lock.release()
-
-    @contextlib.contextmanager
-    def _busy_timeout(self, seconds: float | None) -> Iterator[None]:
-        if seconds is None:
-            yield
-            return
-        self.db.execute_sql(f"PRAGMA busy_timeout = {int(seconds * 1000)}")
-        try:
-            yield
-        finally:
-            self.db.execute_sql(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
-
-    def _transaction_begin(self) -> None:
-        # IMMEDIATE takes the write lock first, so a transaction that reads
-        # before it writes cannot fail halfway on an outside writer's commit.
-        # Not peewee's atomic(): after SQLITE_FULL SQLite has already rolled
-        # back, and atomic()'s own rollback then fails with "cannot rollback",
-        # hiding the real error.
-        self.db.execute_sql("BEGIN IMMEDIATE")
-
-    def _rollback(self) -> None:
-        connection = self.db.connection()
-        if connection.in_transaction:
-            # The original error is what matters; a failing rollback adds nothing.
-            with contextlib.suppress(sqlite3.Error):
-                connection.rollback()
-
-    def _mark_unavailable(self, fault: str) -> None:
-        """Holds _lock."""
-        self.fault = fault
-        if not self.available:
-            return
-        self.available = False
-        self._recovered.clear()
-        self._fault_since = time.monotonic()
-        logger.error("event=storage_unavailable db=%s error=%r", self.path, fault)
-        self.on_change()
-
-    def _mark_available(self) -> None:
-        """Holds _lock."""
-        if self.available:
-            return
-        self.available = True
-        self.fault = None
-        self._recovered.set()
-        logger.warning(
-            "event=storage_recovered db=%s seconds=%.3f",
-            self.path,
-            time.monotonic() - self._fault_since,
-        )
-        self.on_change()
-
-    def close(self) -> None:
-        """Close the connection; idempotent.  Later calls raise StoreClosed."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            with contextlib.suppress(pw.OperationalError):
-                self.db.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)")
-            self.db.close()
-
-
-class RegistryStore(_Store):
-    """The list of registered workspaces (``registry.db``)."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path, REGISTRY_MIGRATIONS)
-        self.m = registry_models(self.db)
-
-    @staticmethod
-    def _dict(row: Any) -> dict[str, Any]:
-        return {
-            "id": row.id,
-            "path": row.path,
-            "yolo": bool(row.yolo),
-            "created_at": row.created_at,
-            "registered": bool(row.registered),
-        }
-
-    def registered(self) -> list[dict[str, Any]]:
-        W = self.m.Workspace
-        with self._use():
-            return [self._dict(r) for r in W.select().where(W.registered == True).order_by(W.pk)]  # noqa: E712
-
-    def get(self, workspace_id: str) -> dict[str, Any] | None:
-        W = self.m.Workspace
-        with self._use():
-            row = W.get_or_none(W.id == workspace_id)
-            return self._dict(row) if row else None
-
-    def register(self, path: str, yolo: bool | None) -> tuple[dict[str, Any], str]:
-        """Register ``path``; return the record and one of ``created``,
-        ``restored`` (known but unregistered: same id) or ``existing``."""
-        W = self.m.Workspace
-        with self._use(write=True):
-            row = W.get_or_none(W.path == path)
-            if row is None:
-                row = W.create(
-                    id=new_id(), path=path, yolo=bool(yolo), registered=True, created_at=utcnow()
-                )
-                return self._dict(row), "created"
-            if row.registered:
-                return self._dict(row), "existing"
-            row.registered = True
-            if yolo is not None:
-                row.yolo = yolo
-            row.save()
-            return self._dict(row), "restored"
-
-    def unregister(self, workspace_id: str, purge: bool) -> None:
-        W = self.m.Workspace
-        with self._use(write=True):
-            if purge:
-                W.delete().where(W.id == workspace_id).execute()
-            else:
-                W.update(registered=False).where(W.id == workspace_id).execute()
 
 
 # The columns every query of a record reads, in the order _*_dict expects.
@@ -363,13 +84,13 @@ class RunStart:
     context_tokens: int
 
 
-class WorkspaceStore(_Store):
+class WorkspaceStore(SqliteStore):
     """Sessions, messages and runs of one workspace.
 
     Plain SQL on the one connection, not peewee's query builder: a run
     makes about a dozen of these calls, and building each query cost about
     eight times what SQLite took to run it (``update_message``: 367 µs
-    built, 44 µs as SQL), all of it under the GIL and the store lock.
+    built, 44 µs as SQL), all of it under the GIL and the connection lock.
     """
 
     recover_on_write = False  # the workspace's storage keeper probes it
@@ -379,7 +100,7 @@ class WorkspaceStore(_Store):
         self.workspace_id = workspace_id
 
     def _one(self, sql: str, *params: Any) -> tuple | None:
-        """The first row of ``sql``.  Holds _lock (inside ``_use``)."""
+        """The first row of ``sql``.  Holds _connection_lock (inside ``_use``)."""
         return self.db.execute_sql(sql, params).fetchone()
 
     def _all(self, sql: str, *params: Any) -> list[tuple]:
@@ -414,7 +135,7 @@ class WorkspaceStore(_Store):
     # -- sessions ----------------------------------------------------------
 
     def _session(self, session_id: str) -> dict[str, Any] | None:
-        """The session in the API's shape, or None.  Holds _lock."""
+        """The session in the API's shape, or None.  Holds _connection_lock."""
         row = self._one(f"SELECT {_SESSION} FROM session WHERE id = ?", session_id)
         if row is None:
             return None
@@ -448,7 +169,7 @@ class WorkspaceStore(_Store):
         }
 
     def _insert_session(self, title: str, now: str) -> tuple:
-        """Holds _lock, in a write; returns the row (``_SESSION``) as stored."""
+        """Holds _connection_lock, in a write; returns the row (``_SESSION``) as stored."""
         row = (new_id(), title, now, now, 0, 0, 0, 0, None)
         # Every counter is given: the migrations' columns have no SQL defaults.
         self._changed(
@@ -535,7 +256,7 @@ class WorkspaceStore(_Store):
         model: str | None,
         provider: str | None,
     ) -> dict[str, Any]:
-        """Holds _lock, in a write transaction."""
+        """Holds _connection_lock, in a write transaction."""
         now = utcnow()
         row = (new_id(), session_id, run_id, role, json.dumps(parts), model, provider, now, now)
         self._changed(f"INSERT INTO message ({_MESSAGE}) VALUES ({_MESSAGE_VALUES})", *row)
@@ -657,7 +378,7 @@ class WorkspaceStore(_Store):
         }
 
     def _run(self, run_id: str) -> dict[str, Any] | None:
-        """Holds _lock."""
+        """Holds _connection_lock."""
         row = self._one(f"SELECT {_RUN} FROM run WHERE id = ?", run_id)
         return self._run_dict(row) if row else None
 
@@ -793,7 +514,7 @@ class WorkspaceStore(_Store):
         ``default_model``.  One transaction, so that no crash or refused
         write leaves a running run without the prompt it answers; it also
         reads the session's context and its size, which the run's first
-        request needs (one turn at the store lock instead of three).
+        request needs (one turn at the connection lock instead of three).
         """
         with self._use(write=True):
             updated = self._changed(

@@ -1,5 +1,6 @@
-"""crushd.store on real SQLite files: pragmas, CRUD and ordering, the run
-state machine, many databases from many threads, close, and migrations."""
+"""The stores (crushd.store, crushd.registry, on crushd.sqlite) on real
+SQLite files: pragmas, CRUD and ordering, the run state machine, many
+databases from many threads, close, and migrations."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 
 from crushd.errors import NotFound, QueueFull, SessionBusy, StoreClosed
 from crushd.models import WORKSPACE_MIGRATIONS, apply_migrations
-from crushd.store import Prompt, RegistryStore, WorkspaceStore
+from crushd.registry import RegistryStore
+from crushd.store import Prompt, WorkspaceStore
 
 
 @pytest.fixture
