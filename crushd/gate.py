@@ -13,6 +13,9 @@ woke at once and competed for the GIL and the store's lock.  Held runs are
 instead handed back in order, together, once.  With 100 prompts at once
 (README "Performance"): accept p50 104 -> 67 ms, p99 147 -> 134 ms, first
 delta p50 270 -> 252 ms.
+
+Its time is injectable: a ``clock`` and a ``timer`` that waits by that
+clock, so tests move time themselves instead of sleeping.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +43,28 @@ QUIET = 0.005
 Launch = Callable[[list[Any]], None]
 
 
+class Timer(Protocol):
+    """A one-shot timer, as :class:`threading.Timer` is one."""
+
+    def start(self) -> None: ...
+
+    def cancel(self) -> None:
+        """Never call the function, if it has not been called yet."""
+
+
+#: ``timer(delay, function)``: a timer that, once started, calls
+#: ``function`` (on any thread, holding no lock) ``delay`` seconds later by
+#: the gate's clock, unless it was cancelled first.
+TimerFactory = Callable[[float, Callable[[], None]], Timer]
+
+
+def thread_timer(delay: float, function: Callable[[], None]) -> Timer:
+    """The real timer: a short-lived thread that waits ``delay`` seconds."""
+    timer = threading.Timer(delay, function)
+    timer.name = "crushd-start-gate"
+    return timer
+
+
 class StartGate:
     """Counts the prompts being accepted and holds runs while there are any.
 
@@ -47,7 +72,9 @@ class StartGate:
     the order they were held, on the thread of the accept that ended last
     (a lone run), or of a timer once the accepts have been quiet for
     :attr:`quiet` seconds or the oldest has waited :attr:`bound` seconds.
-    The timer is a short-lived thread, started only while something is held.
+    The timer is made by ``timer`` (by default a short-lived thread), only
+    while something is held; ``clock`` and ``timer`` must keep the same time.
+    Building a gate starts nothing.
     """
 
     def __init__(
@@ -55,23 +82,36 @@ class StartGate:
         bound: float = START_YIELD,
         quiet: float = QUIET,
         clock: Callable[[], float] = time.monotonic,
+        timer: TimerFactory = thread_timer,
     ) -> None:
         self.bound = bound
         self.quiet = quiet
         self._clock = clock
+        self._new_timer = timer
+        # Guards the count, the held items and the timer; a leaf: nothing
+        # is taken while it is held (launches and timer starts come after).
         self._lock = threading.Lock()
         self._accepting = 0  # guarded by _lock
         self._quiet_since = float("-inf")  # when the last accept ended; guarded by _lock
         # launch -> [(launch by, item)], oldest first; guarded by _lock.
         self._held: dict[Launch, list[tuple[float, Any]]] = {}
-        self._timer: threading.Timer | None = None  # guarded by _lock
+        self._timer: Timer | None = None  # guarded by _lock
         self._timer_at = 0.0  # when _timer fires; guarded by _lock
+        # Counts the timers made, so a cancelled or replaced one that fires
+        # anyway knows it is stale; guarded by _lock.
+        self._timer_serial = 0
 
     @property
     def accepting(self) -> int:
         """How many prompts are being accepted now."""
         with self._lock:
             return self._accepting
+
+    @property
+    def held(self) -> int:
+        """How many items are held now."""
+        with self._lock:
+            return sum(len(held) for held in self._held.values())
 
     @contextlib.contextmanager
     def accept(self) -> Iterator[None]:
@@ -137,7 +177,7 @@ class StartGate:
                     del self._held[launch]
         return due
 
-    def _arm(self) -> threading.Timer | None:
+    def _arm(self) -> Timer | None:
         """Keep a timer set for the oldest held item, none when nothing is
         held; returns a new timer for the caller to start once it let go
         of _lock.  Holds _lock."""
@@ -151,21 +191,22 @@ class StartGate:
             return None
         if self._timer is not None:  # the bound was made shorter
             self._timer.cancel()
-        self._timer = threading.Timer(max(0.0, first - self._clock()), self._expire)
-        self._timer.name = "crushd-start-gate"
+        self._timer_serial += 1
+        serial = self._timer_serial
+        self._timer = self._new_timer(max(0.0, first - self._clock()), lambda: self._expire(serial))
         self._timer_at = first
         return self._timer
 
-    def _expire(self) -> None:
+    def _expire(self, serial: int) -> None:
         with self._lock:
-            if self._timer is not threading.current_thread():
+            if self._timer is None or serial != self._timer_serial:
                 return  # cancelled, or replaced by a sooner one
             self._timer = None
             due = self._take_due()
             timer = self._arm()
         self._go(timer, due)
 
-    def _go(self, timer: threading.Timer | None, due: dict[Launch, list[Any]]) -> None:
+    def _go(self, timer: Timer | None, due: dict[Launch, list[Any]]) -> None:
         """After a decision taken under _lock, with the lock let go: start
         the timer :meth:`_arm` returned, then hand back what is due."""
         if timer is not None:

@@ -1,12 +1,62 @@
-"""The start gate: runs are held while prompts are being accepted (crushd.gate)."""
+"""The start gate: runs are held while prompts are being accepted (crushd.gate).
+
+Where time matters the gate runs on :class:`FakeTime`, so each test says
+exactly when held runs go; the others keep the real timer thread."""
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
+from collections.abc import Callable
 
 from crushd.gate import StartGate
+
+
+class FakeTimer:
+    def __init__(self, at: float, function: Callable[[], None]) -> None:
+        self.at = at
+        self.function = function
+        self.started = self.cancelled = False
+
+    def start(self) -> None:
+        self.started = True
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeTime:
+    """The gate's clock and timer: time moves only in :meth:`advance`, which
+    fires the timers that come due on the calling thread, in order."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.timers: list[FakeTimer] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def timer(self, delay: float, function: Callable[[], None]) -> FakeTimer:
+        timer = FakeTimer(self.now + delay, function)
+        self.timers.append(timer)
+        return timer
+
+    def pending(self) -> list[FakeTimer]:
+        return [t for t in self.timers if t.started and not t.cancelled]
+
+    def advance(self, seconds: float) -> None:
+        end = self.now + seconds
+        while due := [t for t in self.pending() if t.at <= end]:
+            timer = min(due, key=lambda t: t.at)
+            self.timers.remove(timer)
+            self.now = max(self.now, timer.at)
+            timer.function()
+        self.now = end
+
+
+def fake_gate(**options: float) -> tuple[StartGate, FakeTime]:
+    clock = FakeTime()
+    return StartGate(clock=clock, timer=clock.timer, **options), clock
 
 
 class Launches:
@@ -60,45 +110,70 @@ def test_a_lone_held_run_goes_as_soon_as_its_accept_ends():
 def test_several_held_runs_wait_until_the_accepts_have_been_quiet():
     """In a burst the count of accepts touches zero between two requests;
     the runs held by then stay held while the next accept follows."""
-    gate, launches = StartGate(bound=30, quiet=0.3), Launches()
+    (gate, clock), launches = fake_gate(bound=30, quiet=0.25), Launches()
     with gate.accept():
         gate.hold(launches, ["a", "b"])
-    time.sleep(0.05)  # the next request of the burst reaches its accept
+    clock.advance(0.125)  # the next request of the burst reaches its accept
+    assert launches.items == []
     with gate.accept():
-        assert launches.items == []
         gate.hold(launches, ["c"])
-    ended = time.monotonic()
-    assert launches.done.wait(5)
-    assert time.monotonic() - ended >= 0.25
+    clock.advance(0.1875)  # 0.0625 s short of quiet since the last accept ended
+    assert launches.items == [] and gate.held == 3
+    clock.advance(0.0625)
     assert launches.items == ["a", "b", "c"]
+    assert launches.threads == [threading.current_thread().name]  # the timer's, once
+    assert gate.held == 0 and clock.pending() == []
 
 
 def test_a_run_is_held_for_at_most_the_bound_while_accepts_go_on():
-    gate, launches = StartGate(bound=0.2), Launches()
+    (gate, clock), launches = fake_gate(bound=0.25), Launches()
     with gate.accept():  # an accept that never ends within the test
-        started = time.monotonic()
         gate.hold(launches, ["a"])
-        assert launches.done.wait(10)
-        assert 0.15 <= time.monotonic() - started < 5
+        clock.advance(0.1875)
+        assert launches.items == []
+        clock.advance(0.0625)
         assert launches.items == ["a"]
-        assert launches.threads == ["crushd-start-gate"]
-        launches.done.clear()
         gate.hold(launches, ["b"])  # a timer is set again for the next one
-        assert launches.done.wait(10)
+        assert [t.at for t in clock.pending()] == [0.5]
+        clock.advance(0.25)
         assert launches.items == ["a", "b"]
 
 
+def test_the_real_timer_hands_back_a_run_held_past_its_bound():
+    gate, launches = StartGate(bound=0.05), Launches()
+    with gate.accept():
+        gate.hold(launches, ["a"])
+        assert launches.done.wait(10)
+        assert launches.items == ["a"]
+        assert launches.threads == ["crushd-start-gate"]
+
+
 def test_a_shorter_bound_is_kept_even_with_a_longer_hold_pending():
-    gate = StartGate(bound=30)
-    slow, fast = Launches(), Launches()
+    (gate, clock), slow, fast = fake_gate(bound=30), Launches(), Launches()
     with gate.accept():
         gate.hold(slow, ["a"])
-        gate.bound = 0.05
+        gate.bound = 0.0625
         gate.hold(fast, ["b"])
-        assert fast.done.wait(10)
+        clock.advance(0.0625)
+        assert fast.items == ["b"]
         assert slow.items == []
         gate.release(slow)
     assert slow.items == ["a"]
+
+
+def test_a_timer_that_fires_after_it_was_cancelled_changes_nothing():
+    """A timer cancelled (or replaced by a sooner one) may still fire, as a
+    thread's can once its wait is over; the gate ignores it."""
+    (gate, clock), launches = fake_gate(bound=30), Launches()
+    with gate.accept():
+        gate.hold(launches, ["a"])
+        (stale,) = clock.pending()
+        gate.release(launches)
+        assert stale.cancelled and launches.items == ["a"]
+        gate.hold(launches, ["b"])
+        stale.function()
+        assert launches.items == ["a"] and gate.held == 1
+    assert launches.items == ["a", "b"]
 
 
 def test_release_hands_one_owners_runs_back_at_once():
