@@ -1,5 +1,6 @@
-"""The file tools' safety promises: the hidden list, and no symbolic link
-followed between the permission check and the open.
+"""The file tools' safety promises: the hidden list, no symbolic link followed
+between the permission check and the open, and grep matching in a child
+process with a deadline and prompt cancel.
 
 The race tests play the run loop's part (``paths()``, refuse what lies
 outside as an unanswered permission would, then ``run()`` with the same
@@ -15,17 +16,26 @@ import os
 import re
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
+from fakeprovider import ToolCall
+from helpers import api, descendants, messages, parts, processes_with, register, submit
+from helpers import wait_terminal as wait_run
 
-from crushd.cancel import CancelToken
-from crushd.tools import ToolContext, ToolError, ToolResult, default_tools, safeopen
+from crushd.cancel import Cancelled, CancelToken
+from crushd.tools import ToolContext, ToolError, ToolResult, default_tools, grepchild, safeopen
+from crushd.tools import search as search_module
 from crushd.tools.paths import is_inside
 
 SECRET = "SECRET-TOKEN-3f9a"
 OUTSIDE = "OUTSIDE-TEXT-77c1"
+SLOW_PATTERN = "(a+)+$"
+SLOW_LINE = "a" * 34 + "!\n"
+CHILD_MARKER = "crushd.tools.grepchild"
 
 
 @pytest.fixture
@@ -296,14 +306,114 @@ def test_walks_are_not_redirected_by_a_flipping_directory(open_mode, root, outsi
     (outside / "deep").mkdir()
     (outside / "deep" / "more").write_text(OUTSIDE + "\n")
     tools = default_tools()
+    job = grepchild.Job("TEXT|inside", str(root), str(root), [], None, 200, 500)
     with Flipper(root, outside):
         for _ in range(150):
             listing = tools["ls"].run({"depth": 4}, ctx).content.splitlines()
             assert not {"deep/", "more"} & {line.strip() for line in listing}
             globbed = tools["glob"].run({"pattern": "**/*"}, ctx).content.splitlines()
             assert set(globbed) <= {"d/secret", "d.link/secret", "no files found"}
-            found = tools["grep"].run({"pattern": "TEXT|inside"}, ctx).content
-            assert OUTSIDE not in found
+            found: list[str] = []
+            grepchild.search(job, found.append)  # what grep's child runs
+            assert all(OUTSIDE not in line for line in found)
     (outside / "deep" / "more").unlink()
     (outside / "deep").rmdir()
     assert outside_untouched(outside)
+
+
+# -- grep in a child process ------------------------------------------------------
+
+
+def grep_children() -> list[int]:
+    """Live grep children of this test process (not other test runs')."""
+    mine = descendants(os.getpid())
+    return [pid for pid in processes_with(CHILD_MARKER) if pid in mine]
+
+
+def gone(pid: int) -> bool:
+    """Neither running nor a zombie: killed and reaped."""
+    return not os.path.exists(f"/proc/{pid}")
+
+
+def test_grep_deadline_stops_a_slow_pattern(root, monkeypatch):
+    monkeypatch.setattr(search_module, "GREP_TIMEOUT", 1.0)
+    (root / "a.txt").write_text("aaaa\n")
+    (root / "b.txt").write_text(SLOW_LINE)
+    ctx = ToolContext(root=root, token=CancelToken())
+    started = time.monotonic()
+    result = default_tools()["grep"].run({"pattern": SLOW_PATTERN}, ctx)
+    elapsed = time.monotonic() - started
+    assert result.is_error
+    assert result.content.splitlines() == [
+        "grep: stopped after 1 s (the pattern may be too slow: nested repetition such as "
+        "(a+)+ can take exponential time on a line that almost matches; simplify the "
+        "pattern, or narrow path or include); the matching lines found before it stopped:",
+        "a.txt:1: aaaa",
+    ]
+    assert 1.0 <= elapsed < 4.0
+    assert grep_children() == []
+
+
+def test_grep_cancel_kills_the_child_at_once(root):
+    (root / "b.txt").write_text(SLOW_LINE)
+    ctx = ToolContext(root=root, token=CancelToken())
+    children: list[int] = []
+    cancelled_at: list[float] = []
+
+    def cancel_once_started() -> None:
+        children.extend(wait_for(grep_children, 10, message="grep's child never started"))
+        with open(f"/proc/{children[0]}/environ", "rb") as f:
+            environ = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if item)
+        assert set(environ) == {b"PATH", b"LANG", b"LC_ALL"}
+        cancelled_at.append(time.monotonic())
+        ctx.token.cancel("user")
+
+    canceller = threading.Thread(target=cancel_once_started, name="test-canceller")
+    canceller.start()
+    try:
+        with pytest.raises(Cancelled) as info:
+            default_tools()["grep"].run({"pattern": SLOW_PATTERN}, ctx)
+        returned_at = time.monotonic()
+    finally:
+        canceller.join()
+    assert cancelled_at, "the canceller failed; see its exception above"
+    assert info.value.reason == "user"
+    assert returned_at - cancelled_at[0] < 1.0
+    assert all(gone(pid) for pid in children)
+
+
+def test_grep_invalid_pattern_comes_from_the_child(root):
+    ctx = ToolContext(root=root, token=CancelToken())
+    with pytest.raises(
+        ToolError, match=re.escape("grep: invalid regular expression '(+': nothing to repeat")
+    ):
+        default_tools()["grep"].run({"pattern": "(+"}, ctx)
+    with pytest.raises(ToolError, match="grep: invalid regular expression"):
+        default_tools()["grep"].run({"pattern": "(" * 2000 + ")" * 2000}, ctx)
+    with pytest.raises(ToolError, match="grep: no such file or directory: missing"):
+        default_tools()["grep"].run({"pattern": "x", "path": "missing"}, ctx)
+    assert grep_children() == []
+
+
+def test_a_slow_grep_through_the_server_leaves_it_responsive(fake, agent, project):
+    (project / "slow.txt").write_text(SLOW_LINE)
+    fake.script([ToolCall("grep", {"pattern": SLOW_PATTERN, "path": "slow.txt"}, id="call_grep")])
+    live = agent()
+    with api(live.url) as http:
+        wid = register(http, project, yolo=True)
+        run = submit(http, wid, "search")
+        children = wait_for(grep_children, 10, message="grep's child never started")
+        for _ in range(3):
+            started = time.monotonic()
+            health = http.get("/v1/health", timeout=2.0)
+            assert health.status_code == 200
+            assert time.monotonic() - started < 2.0
+        started = time.monotonic()
+        assert http.post(f"/v1/workspaces/{wid}/runs/{run['id']}/cancel").status_code == 202
+        done = wait_run(http, wid, run["id"], timeout=10)
+        assert done["status"] == "cancelled"
+        assert time.monotonic() - started < 3.0
+        assert all(gone(pid) for pid in children)
+        stored = messages(http, wid, run["session_id"])
+        (result,) = parts(stored[2], "tool_result")
+        assert result["tool_call_id"] == "call_grep" and result["is_error"] is True

@@ -6,6 +6,10 @@ cycles, no escaping the tree unnoticed, and a directory swapped for a link
 mid-walk is skipped, not entered), leave out what is on the hidden list,
 skip ``.git``, check ``ctx.token`` once per directory so a cancel stops a
 long walk promptly, and stop at a fixed number of results, saying so.
+
+``grep`` matches in a child process (:mod:`crushd.tools.grepchild`): Python's
+``re`` holds the GIL for a whole match, so one slow pattern in this process
+would stall every thread of the daemon.
 """
 
 from __future__ import annotations
@@ -16,27 +20,21 @@ import re
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
+from crushd.tools import grepchild
 from crushd.tools.base import PermissionAsk, Tool, ToolContext, ToolError, ToolResult
-from crushd.tools.common import SKIP_DIRS, check_params, cut_line, is_binary, iter_lines, truncate
+from crushd.tools.common import SKIP_DIRS, check_params, truncate
 from crushd.tools.globs import compile_glob, split_glob
 from crushd.tools.paths import CheckedPaths, display, resolve
-from crushd.tools.safeopen import (
-    Listing,
-    hidden_entry,
-    open_dir,
-    open_entry,
-    open_file,
-    open_subdir,
-    walk,
-)
+from crushd.tools.safeopen import Listing, hidden_entry, open_dir, open_subdir, walk
 
 LS_DEFAULT_DEPTH = 2
 LS_MAX_ENTRIES = 1000
 GLOB_MAX_RESULTS = 100
 GREP_MAX_MATCHES = 200
 GREP_LINE_CHARS = 500
+GREP_TIMEOUT = 30.0  # seconds a grep's child may match before it is killed
 
 _DIR_PROPERTY = {
     "type": "string",
@@ -342,81 +340,37 @@ class GrepTool(_WalkTool):
     }
 
     def run(self, params: dict[str, Any], ctx: ToolContext) -> ToolResult:
+        """Match in a child process (:mod:`crushd.tools.grepchild`) that walks,
+        honours the hidden list and opens files exactly as this process
+        would; killed after :data:`GREP_TIMEOUT` seconds or on a cancel."""
         checked = self._check(params)
         base = self._reported_base(params, checked, ctx)
-        try:
-            regex = re.compile(checked["pattern"])
-        except re.error as exc:
-            raise ToolError(
-                f"grep: invalid regular expression {checked['pattern']!r}: {exc}"
-            ) from exc
-        include: str | None = checked.get("include")
-        include_re = compile_glob(include) if include else None
         ctx.token.raise_if_cancelled()
-        out: list[str] = []
-        full = False
-        for f, shown in _files(base, include, include_re, ctx):
-            ctx.token.raise_if_cancelled()
-            with f:
-                try:
-                    if is_binary(f):
-                        continue
-                    for number, line in enumerate(iter_lines(f), 1):
-                        if regex.search(line):
-                            if len(out) >= GREP_MAX_MATCHES:
-                                full = True
-                                break
-                            out.append(f"{shown}:{number}: {cut_line(line, GREP_LINE_CHARS)}")
-                except OSError:  # unreadable or vanished: skip it as grep -s would
-                    continue
-            if full:
-                break
+        job = grepchild.Job(
+            pattern=checked["pattern"],
+            base=str(base),
+            root=str(ctx.root),
+            hidden=list(ctx.hidden),
+            include=checked.get("include"),
+            max_matches=GREP_MAX_MATCHES,
+            line_chars=GREP_LINE_CHARS,
+        )
+        found = grepchild.run(job, ctx.token, GREP_TIMEOUT)
+        out = found.lines
+        if found.timed_out:
+            note = (
+                f"grep: stopped after {GREP_TIMEOUT:g} s (the pattern may be too slow: nested "
+                "repetition such as (a+)+ can take exponential time on a line that almost "
+                "matches; simplify the pattern, or narrow path or include)"
+            )
+            if out:
+                note += "; the matching lines found before it stopped:"
+            return ToolResult(truncate("\n".join([note, *out]), ctx.max_output), is_error=True)
         if not out:
             return ToolResult("no matches found")
-        if full:
+        if found.full:
             out.append(
                 f"[stopped after {GREP_MAX_MATCHES} matching lines; narrow the pattern, "
                 "path or include]"
             )
         return ToolResult(truncate("\n".join(out), ctx.max_output))
-
-
-def _files(
-    base: Path, include: str | None, include_re: re.Pattern[str] | None, ctx: ToolContext
-) -> Iterator[tuple[BinaryIO, str]]:
-    """The open regular files to search, with how output names them: ``base``
-    itself, or what the walk below it finds that ``include`` keeps.  Links
-    met on the walk are not followed (like ripgrep): one may point out of the
-    workspace, which paths() could not report."""
-    shown = display(base, ctx.root)
-    try:
-        top = open_dir("grep", base, ctx.root, ctx.hidden)
-    except NotADirectoryError:  # one file, or a file on the way
-        try:
-            f = open_file("grep", base, ctx.root, ctx.hidden)
-        except (FileNotFoundError, NotADirectoryError):
-            raise ToolError(f"grep: no such file or directory: {shown}") from None
-        except OSError:  # unreadable: nothing to match, as grep -s
-            return
-        yield f, shown
-        return
-    except FileNotFoundError:
-        raise ToolError(f"grep: no such file or directory: {shown}") from None
-    except OSError:  # an unreadable directory has nothing to match
-        return
-    by_path = include is not None and "/" in include
-    try:
-        for listing in _walk(top, base, ctx):
-            for filename in listing.filenames:
-                if include_re is not None:
-                    subject = filename
-                    if by_path and listing.rel != ".":
-                        subject = f"{listing.rel}/{filename}"
-                    if not include_re.fullmatch(subject):
-                        continue
-                path = os.path.join(listing.path, filename)
-                f = open_entry(listing.fd, filename, path, ctx.hidden)
-                if f is not None:
-                    yield f, display(Path(path), ctx.root)
-    finally:
-        os.close(top)
