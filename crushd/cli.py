@@ -505,3 +505,43 @@ def mcp(
             for s in items
         ],
     )
+
+
+@main.command()
+@click.option("--url", help="Daemon URL (default $CRUSHD_URL, else http://127.0.0.1:7433).")
+@click.option(
+    "--socket",
+    "--unix-socket",
+    "unix_socket",
+    type=click.Path(dir_okay=False),
+    help="Talk to a daemon serving on this unix socket.",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False),
+    help="File holding the API token (default $CRUSHD_TOKEN, $CRUSHD_TOKEN_FILE).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="warning",
+    show_default=True,
+    help="What the adapter logs to stderr.",
+)
+def acp(url: str | None, unix_socket: str | None, token_file: str | None, log_level: str) -> None:
+    """Serve an editor over the Agent Client Protocol (JSON-RPC on stdin and
+    stdout), forwarding to a running daemon.
+
+    Editors (Zed, JetBrains, Neovim plugins) start this command themselves.
+    Runs stay the daemon's: closing the editor ends this process, not them.
+    """
+    from crushd import logs
+    from crushd.acp import serve as serve_acp
+    from crushd.client import ClientError, resolve_token
+
+    logs.configure(log_level)
+    try:
+        code = serve_acp(url, unix_socket, resolve_token(token_file))
+    except ClientError as exc:
+        fail(exc.message)
+    sys.exit(code)
