@@ -10,10 +10,21 @@ order of the contract, written out step by step.
 Locks, in the only order they may be taken (a thread holding one may take
 those after it, never one before it):
 
-1. ``Workspace._lock`` — the closing flag, the queues, the active map.
+1. ``Workspace._lock`` — the closing flag, the queues, the active map, the
+   runs being announced (``_announced`` is a condition on it).
 2. ``MessageWriter._lock`` (:mod:`crushd.runs`) — one streaming message.
 3. ``EventHub._lock`` (:mod:`crushd.events`) — numbering, buffer, subscribers.
-4. the store's lock (:mod:`crushd.store`) — the one SQLite connection.
+4. ``SqliteStore._connection_lock`` (:mod:`crushd.sqlite`) — the one SQLite
+   connection.
+
+Leaves, taken last with nothing taken while they are held: a run token's
+lock (:class:`~crushd.cancel.CancelToken`) and the latch's, which 1 holds
+when it dispatches a run or a cancel counts one up; ``Workspace._finished``;
+and three that are never taken holding any other lock either, since their
+owners call back (launch runs, queue them, write records) only after they
+let go: ``StartGate._lock`` (:mod:`crushd.gate`),
+``AcceptBatcher._batch_lock`` (:mod:`crushd.accepts`) and
+``StorageKeeper._owed_lock`` (:mod:`crushd.keeper`).
 
 The workspace lock is held for decisions only, never across a database
 call or a thread start: the runs finishing and starting take it too, and
@@ -23,20 +34,22 @@ written after it is released, so a blinker receiver (which runs inside
 ``publish``) may call back into the workspace or the server without
 deadlocking.
 
+Prompts are stored in shared batches (:mod:`crushd.accepts`), and runs wait
+to be started while prompts are being accepted (:mod:`crushd.gate`).
+
 Storage faults.  While the database refuses writes (see :mod:`crushd.store`)
 prompts get 503 ``storage_unavailable`` at once and no queued run starts.
 Records that could not be written within a run's cleanup deadline — a run's
 closing records, a queued run's cancellation — are *owed*: the run stays
-active (its session busy, the latch counted up) and the storage keeper, one
-thread per workspace, writes them with backoff as soon as the database
-accepts writes again, then starts the queued runs.  A close waits for them
-within its shutdown timeout, like for any other run.
+active (its session busy, the latch counted up) and the storage keeper
+(:mod:`crushd.keeper`, one thread per workspace) writes them with backoff
+as soon as the database accepts writes again, then starts the queued runs.
+A close waits for them within its shutdown timeout, like for any other run.
 """
 
 from __future__ import annotations
 
 import collections
-import copy
 import logging
 import threading
 import time
@@ -47,6 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crushd.accepts import AcceptBatcher, AcceptsClosed
 from crushd.cancel import CancelToken, CountdownLatch
 from crushd.common import TERMINAL_STATUSES, new_id, text_of
 from crushd.config import Config
@@ -59,6 +73,7 @@ from crushd.errors import (
 )
 from crushd.events import EventHub
 from crushd.gate import StartGate
+from crushd.keeper import KEEPER_BUDGET, Owed, StorageKeeper
 from crushd.mcp import McpLoop, WorkspaceMcp
 from crushd.permissions import PermissionBroker
 from crushd.providers.catalog import ModelCatalog
@@ -71,11 +86,6 @@ from crushd.tools.sandbox import Sandbox
 logger = logging.getLogger(__name__)
 
 SEQ_SETTING = "event_seq_reserved"
-# The storage keeper's backoff between attempts while the database refuses
-# writes, and the store-lock budget of one attempt.
-KEEPER_FIRST = 0.1
-KEEPER_MAX = 2.0
-KEEPER_BUDGET = 2.0
 
 #: Seconds step 5 of the close waits for the threads of runs still stuck
 #: after the shutdown timeout, before it logs them and closes the database.
@@ -116,31 +126,19 @@ class ActiveRun:
     thread: str = ""  # the executor thread running it, once it runs
 
 
-@dataclass
-class _Pending:
-    """A prompt waiting in :meth:`Workspace._accept` for its batch."""
-
-    prompt: Prompt
-    # What accept_runs returned for it (or the error), once written.
-    result: tuple[dict[str, Any], dict[str, Any] | None, bool] | Exception | None = None
-    turn: threading.Event = field(default_factory=threading.Event)
-
-
-@dataclass
-class Owed:
-    """Records the database refused: ``settle(budget)`` writes them (raising
-    StorageUnavailable while it still refuses), then ``done()`` runs."""
-
-    run_id: str
-    settle: Callable[[float], Any]
-    done: Callable[[], None]
+#: What the store gives for one accepted prompt: ``(run, new session or
+#: None, created)``, or the error that refused it alone.
+Accepted = tuple[dict[str, Any], dict[str, Any] | None, bool]
 
 
 class Workspace:
     """One open workspace.  Public methods are thread-safe; those that block
-    say so.  A prompt that passed the ``closing`` check is stored and queued
-    before a close looks at the queues (it waits for the batch being
-    written), so a prompt is never accepted and then dropped."""
+    say so.  A prompt the batcher took in before a close closed it is stored
+    and queued before that close looks at the queues (it waits for the
+    batch being written), so a prompt is never accepted and then dropped.
+
+    Build, then :meth:`start`; :meth:`close` undoes it.
+    """
 
     def __init__(
         self,
@@ -197,12 +195,12 @@ class Workspace:
         # nothing starts or cancels them until it is.  Guarded by _lock.
         self._announcing: set[str] = set()
         self._announced = threading.Condition(self._lock)  # notified when it shrinks
-        # Prompts past the closing check, waiting for their batch to be
-        # stored (see _accept); whether a batch is being written.  Guarded
-        # by _lock; _written is notified when the writing stops.
-        self._pending: list[_Pending] = []
-        self._writing = False
-        self._written = threading.Condition(self._lock)
+        # Stores the prompts being accepted in shared transactions and
+        # queues the new runs (under _lock) before their submitters return.
+        self._accepts: AcceptBatcher[Prompt, Accepted] = AcceptBatcher(
+            lambda prompts: self.store.accept_runs(prompts, self.config.max_queue),
+            self._queue_stored,
+        )
         self._token = CancelToken(name=f"workspace:{self.id}")
         self._latch = CountdownLatch()
         self._executor = ThreadPoolExecutor(
@@ -210,14 +208,10 @@ class Workspace:
         )
         self._finished = threading.Condition()  # notified on every run.completed
         self._closed = threading.Event()
-        # Records the database refused, oldest first; guarded by _lock.
-        self._owed: list[Owed] = []
-        # The storage keeper: woken when the store's availability changes,
-        # when something is owed and when the workspace closes.
-        self._keeper_wake = threading.Event()
-        self._keeper_stop = threading.Event()
-        self._keeper: threading.Thread | None = None
-        self.store.on_change = self._keeper_wake.set
+        # Writes the records the database refused once it accepts writes
+        # again, then starts the queued runs; its thread starts in start().
+        self._keeper = StorageKeeper(self.store, self._dispatch_all, self.id)
+        self.store.on_change = self._keeper.wake
         self._env = RunEnv(
             workspace_id=self.id,
             root=self.path,
@@ -294,9 +288,6 @@ class Workspace:
         cannot be sealed); ``queued`` runs are queued again in their order.
         Call once, after construction; blocks while it recovers; the MCP
         servers start in the background."""
-        self._keeper = threading.Thread(
-            target=self._keep_storage, name=f"crushd-storage-{self.id[:8]}"
-        )
         self._keeper.start()
         self.mcp.start()
         for run in self.store.list_runs(status="running", limit=1_000_000, oldest_first=True):
@@ -314,8 +305,7 @@ class Workspace:
         with self._lock:
             for run in queued:
                 self._queues.setdefault(run["session_id"], collections.deque()).append(run["id"])
-            starting = [self._dispatch(session_id) for session_id in list(self._queues)]
-        self._launch(*starting)
+        self._dispatch_all()
         if queued:
             logger.info("event=queue_restored workspace=%s runs=%d", self.id, len(queued))
 
@@ -395,13 +385,9 @@ class Workspace:
         if model is None:
             previous = self.store.last_run_model(session_id) if session_id else None
             model = previous if previous and self.models.spec(previous) else self.models.default
-        request = _Pending(
+        run, session, created = self._store_prompt(
             Prompt(run_id or new_id(), prompt, session_id, title_from_prompt(prompt), model, kind)
         )
-        self._accept(request)
-        if isinstance(request.result, Exception):
-            raise request.result
-        run, session, created = request.result
         if not created:  # the same id submitted twice at once: this one came second
             return self._replay(run, prompt, session_id)
         session_id = run["session_id"]
@@ -424,61 +410,37 @@ class Workspace:
         )
         return run, True
 
-    def _accept(self, request: _Pending) -> None:
-        """Store ``request`` (sets its ``result``) together with whatever other
-        prompts are pending: one transaction for all of them.
+    def _store_prompt(self, prompt: Prompt) -> Accepted:
+        """Store ``prompt`` as a queued run, in one transaction with the
+        other prompts being accepted (:mod:`crushd.accepts`), and queue it.
+        Raises WorkspaceClosing once a close began, or what refused it.
 
-        The first submitter to find no batch being written writes the
-        pending ones; those that arrive meanwhile wait, and the first of
-        them writes the next batch.  A burst of prompts thus costs a few
-        transactions instead of one each behind the same lock, where every
-        holder the GIL paused held up all the others (measured: 97% of an
-        accept's time in a burst of 100 was that wait).
-
-        Each run is announcing from before its insert (a cancel that reads
+        The run is announcing from before its insert (a cancel that reads
         the new row waits until it is queued and announced) and is queued
-        in insert order before its submitter returns.
+        in insert order before this returns.
         """
         with self._lock:
-            if self._closing:
-                raise WorkspaceClosing(f"workspace {self.id} is closing")
-            self._announcing.add(request.prompt.run_id)
-            self._pending.append(request)
-            lead = not self._writing
-            self._writing = True
-        if not lead:
-            request.turn.wait()  # written, or its turn to write the next batch
-            if request.result is not None:
-                return
-        with self._lock:
-            batch, self._pending = self._pending, []
-        results: list[Any] = []
+            self._announcing.add(prompt.run_id)
         try:
-            results = self.store.accept_runs([p.prompt for p in batch], self.config.max_queue)
-        except Exception as exc:  # a storage fault: none of them was written
-            results = [copy.copy(exc) for _ in batch]
-        finally:
-            # Only if something worse than an Exception escaped: every
-            # waiter still needs an answer.
-            results += [RuntimeError("the prompt was not stored")] * (len(batch) - len(results))
+            return self._accepts.accept(prompt)
+        except AcceptsClosed:
             with self._lock:
-                for pending, result in zip(batch, results, strict=True):
-                    pending.result = result
-                    if isinstance(result, Exception) or not result[2]:
-                        self._announcing.discard(pending.prompt.run_id)
-                    else:
-                        session_id = result[0]["session_id"]
-                        queue = self._queues.setdefault(session_id, collections.deque())
-                        queue.append(pending.prompt.run_id)
+                self._announcing.discard(prompt.run_id)
                 self._announced.notify_all()
-                following = self._pending[0] if self._pending else None
-                if following is None:
-                    self._writing = False
-                    self._written.notify_all()
-            for pending in batch:
-                pending.turn.set()
-            if following is not None:
-                following.turn.set()
+            raise WorkspaceClosing(f"workspace {self.id} is closing") from None
+
+    def _queue_stored(self, prompts: list[Prompt], results: list[Accepted | Exception]) -> None:
+        """The batcher's hand-back, before the submitters wake: each new run
+        joins its session's queue, in insert order; the others (refused, or
+        an id that existed) are not announcing any more."""
+        with self._lock:
+            for prompt, result in zip(prompts, results, strict=True):
+                if isinstance(result, Exception) or not result[2]:
+                    self._announcing.discard(prompt.run_id)
+                else:
+                    queue = self._queues.setdefault(result[0]["session_id"], collections.deque())
+                    queue.append(prompt.run_id)
+            self._announced.notify_all()
 
     def compact(self, session_id: str, model: str | None = None) -> dict[str, Any]:
         """Accept a compaction of the session: a run of kind ``compact``,
@@ -577,7 +539,9 @@ class Workspace:
             active.run.execute()
             if active.run.owed is not None:
                 owed = True
-                self._owe(Owed(active.run_id, active.run.settle, lambda: self._release(active)))
+                self._keeper.owe(
+                    Owed(active.run_id, active.run.settle, lambda: self._release(active))
+                )
         except Exception:
             logger.exception("event=run_thread_failed workspace=%s run=%s", self.id, active.run_id)
         finally:
@@ -607,54 +571,13 @@ class Workspace:
         if (closing or active.token.cancelled) and not keep:
             self._cancel_queued(active.run_id)
 
-    def _owe(self, owed: Owed) -> None:
+    def _dispatch_all(self) -> None:
+        """Start the next queued run of every session that can start one
+        (at startup, and whenever the storage keeper finds the database
+        accepting writes)."""
         with self._lock:
-            self._owed.append(owed)
-        self._keeper_wake.set()
-
-    def _keep_storage(self) -> None:
-        """The storage keeper's loop: while the database refuses writes or
-        records are owed, try again with backoff; once it accepts them,
-        write what is owed (oldest first) and start the queued runs."""
-        delay = KEEPER_FIRST
-        while True:
-            with self._lock:
-                trouble = bool(self._owed) or not self.store.available
-            self._keeper_wake.wait(delay if trouble else None)
-            self._keeper_wake.clear()
-            if self._keeper_stop.is_set():
-                return
-            with self._lock:
-                owed = list(self._owed)
-            if owed or not self.store.available:
-                if not self._settle(owed):
-                    delay = min(delay * 2, KEEPER_MAX)
-                    continue
-                delay = KEEPER_FIRST
-            with self._lock:
-                starting = [self._dispatch(session_id) for session_id in list(self._queues)]
-            self._launch(*starting)
-
-    def _settle(self, owed: list[Owed]) -> bool:
-        """One attempt: probe the database, then write the owed records.
-        Returns True once the database accepted them all."""
-        try:
-            self.store.probe()
-            for item in owed:
-                try:
-                    item.settle(KEEPER_BUDGET)
-                except StorageUnavailable:
-                    raise
-                except Exception:  # a bug must not hold the latch forever
-                    logger.exception(
-                        "event=owed_records_failed workspace=%s run=%s", self.id, item.run_id
-                    )
-                with self._lock:
-                    self._owed.remove(item)
-                item.done()
-        except StorageUnavailable:
-            return False
-        return True
+            starting = [self._dispatch(session_id) for session_id in list(self._queues)]
+        self._launch(*starting)
 
     def _await_announced(self, run_ids: Callable[[], Iterable[str]]) -> None:
         """Wait until ``run.queued`` is out for every id ``run_ids()`` gives.
@@ -677,7 +600,7 @@ class Workspace:
                 "event=run_cancel_owed workspace=%s run=%s error=%r", self.id, run_id, exc.message
             )
         self._latch.count_up()
-        self._owe(
+        self._keeper.owe(
             Owed(run_id, lambda budget: self._write_cancelled(run_id), self._latch.count_down)
         )
         return None
@@ -855,8 +778,9 @@ class Workspace:
         that close has not finished by then.
         """
         timeout = self.config.shutdown_timeout if shutdown_timeout is None else shutdown_timeout
-        # 1. Refuse new prompts: from here on submit() raises WorkspaceClosing;
-        #    a prompt already past that check is queued before the snapshot.
+        # 1. Refuse new prompts: once the batcher is closed submit() raises
+        #    WorkspaceClosing; a prompt it took in before is stored and
+        #    queued before the snapshot.
         with self._lock:
             already = self._closing
             self._closing = True
@@ -864,11 +788,11 @@ class Workspace:
                 self._keep_queued = keep_queued
         if already:
             return self._closed.wait(close_budget(self.config, drain_timeout, timeout))
+        # Bounded like every store call; past it a batch still being
+        # written stays queued on disk, for the next start.
+        if not self._accepts.close(timeout):
+            logger.warning("event=accept_batch_slow workspace=%s", self.id)
         with self._lock:
-            # Bounded like every store call; past it a batch still being
-            # written stays queued on disk, for the next start.
-            if not self._written.wait_for(lambda: not self._writing, timeout):
-                logger.warning("event=accept_batch_slow workspace=%s", self.id)
             never_started = [rid for q in self._queues.values() for rid in q]
             self._queues.clear()
         started = time.monotonic()
@@ -914,15 +838,10 @@ class Workspace:
         #    stragglers are killed and logged), stop the executor and join its
         #    threads (bounded; what is still alive is logged), end the streams
         #    and close the database — nothing touches it after this.
-        self._stop_keeper()
+        self._keeper.stop()
         with self._lock:
             leftovers = list(self._active.values())
-        for active in leftovers:
-            if active.run is not None and active.run.writer is not None:
-                try:
-                    active.run.writer.flush()
-                except Exception:
-                    logger.exception("event=flush_failed run=%s", active.run_id)
+        self._flush(leftovers)
         self.mcp.close(self.config.cleanup_timeout)
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._join(leftovers)
@@ -953,18 +872,15 @@ class Workspace:
                 ",".join(futures[f].thread or "-" for f in alive),
             )
 
-    def _stop_keeper(self) -> None:
-        self._keeper_stop.set()
-        self._keeper_wake.set()
-        if self._keeper is not None:
-            # One attempt is bounded by the busy timeout and KEEPER_BUDGET.
-            self._keeper.join(KEEPER_BUDGET + 5)
-        with self._lock:
-            owed = [item.run_id for item in self._owed]
-        if owed:
-            logger.error(
-                "event=records_owed_at_close workspace=%s runs=%s", self.id, ",".join(owed)
-            )
+    @staticmethod
+    def _flush(leftovers: list[ActiveRun]) -> None:
+        """Write what the runs still stuck after the wait buffered."""
+        for active in leftovers:
+            if active.run is not None and active.run.writer is not None:
+                try:
+                    active.run.writer.flush()
+                except Exception:  # one stuck run's fault must not stop the close
+                    logger.exception("event=flush_failed run=%s", active.run_id)
 
     def _drain(self, drain_timeout: float, skip: threading.Event | None) -> None:
         deadline = time.monotonic() + drain_timeout

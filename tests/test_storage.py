@@ -216,7 +216,7 @@ def test_a_stop_writes_the_owed_records_before_it_exits(daemon_factory, project,
     """SIGTERM while the records are owed: the stop waits (within the shutdown
     timeout) for the database to accept them, writes them, then exits 0."""
     config = tmp_path / "crushd.toml"
-    config.write_text("cleanup_timeout = 1.0\n")
+    config.write_text('cleanup_timeout = 1.0\nlog_level = "debug"\n')
     daemon = daemon_factory("--config", str(config), "--echo-delay", "0.02")
     with daemon.client() as http:
         wid = register(http, project)
@@ -231,7 +231,13 @@ def test_a_stop_writes_the_owed_records_before_it_exits(daemon_factory, project,
             )
             daemon.signal(signal.SIGTERM)
             wait_for(lambda: "event=workspace_closing" in daemon.log(), message="no close")
-            time.sleep(1.0)
+            # The storage keeper tries again, and is refused, while the stop waits.
+            wait_for(
+                lambda: (
+                    "event=storage_retry" in daemon.log().partition("event=workspace_closing")[2]
+                ),
+                message="the keeper did not try again during the stop",
+            )
             assert daemon.proc.poll() is None, "the stop did not wait for the owed records"
         finally:
             writer.release()
