@@ -14,8 +14,11 @@ instead handed back in order, together, once.  With 100 prompts at once
 (README "Performance"): accept p50 104 -> 67 ms, p99 147 -> 134 ms, first
 delta p50 270 -> 252 ms.
 
-Its time is injectable: a ``clock`` and a ``timer`` that waits by that
-clock, so tests move time themselves instead of sleeping.
+One gate serves the whole process: the :class:`~crushd.server.Server`
+builds it and passes it to each workspace, since a prompt accepted in one
+workspace competes with the runs of all of them.  Its time is injectable:
+a ``clock`` and a ``timer`` that waits by that clock, so tests move time
+themselves instead of sleeping.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from crushd.errors import (
     StartupError,
     WorkspaceClosing,
 )
+from crushd.gate import StartGate
 from crushd.mcp import McpLoop
 from crushd.metrics import Metrics
 from crushd.providers import PROVIDERS, Provider
@@ -172,6 +173,14 @@ class Server:
         # The one asyncio loop of the process, for every workspace's MCP
         # servers; its thread starts with the first server and ends in stop().
         self.mcp_loop = McpLoop()
+        # The prompts being accepted by any workspace, and the runs held
+        # while there are any (crushd.gate): one for the process, as they all
+        # share the GIL.  A run is held until the count reaches zero (and
+        # stays there a moment), not only until the prompts in flight when
+        # it came are accepted: in a burst most are still queued in waitress
+        # then, and that variant lost the gain.  It keeps real time, not
+        # ``clock``: its timer waits in real seconds.
+        self.gate = StartGate()
 
     @property
     def stopping(self) -> threading.Event:
@@ -275,6 +284,7 @@ class Server:
             sandbox=self._sandbox_for(record["path"], settings, hidden),
             hidden=hidden,
             tool_env=command_env(settings.env),
+            gate=self.gate,
         )
         with self._lock:
             self._workspaces[workspace.id] = workspace

@@ -35,7 +35,8 @@ written after it is released, so a blinker receiver (which runs inside
 deadlocking.
 
 Prompts are stored in shared batches (:mod:`crushd.accepts`), and runs wait
-to be started while prompts are being accepted (:mod:`crushd.gate`).
+to be started while prompts are being accepted (:mod:`crushd.gate`: one
+gate for the process, built by the server and passed to each workspace).
 
 Storage faults.  While the database refuses writes (see :mod:`crushd.store`)
 prompts get 503 ``storage_unavailable`` at once and no queued run starts.
@@ -91,13 +92,6 @@ SEQ_SETTING = "event_seq_reserved"
 #: after the shutdown timeout, before it logs them and closes the database.
 JOIN_TIMEOUT = 1.0
 
-#: The prompts being accepted in this process, by any workspace, and the
-#: runs held while there are any (crushd.gate).  A run is held until the
-#: count reaches zero (and stays there a moment), not only until the prompts
-#: in flight when it came are accepted: in a burst most are still queued in
-#: waitress then, and that variant lost the gain.
-ACCEPTING = StartGate()
-
 
 def close_budget(config: Config, drain_timeout: float, shutdown_timeout: float) -> float:
     """The longest a whole close may take: what a second closer waits for."""
@@ -137,7 +131,10 @@ class Workspace:
     and queued before that close looks at the queues (it waits for the
     batch being written), so a prompt is never accepted and then dropped.
 
-    Build, then :meth:`start`; :meth:`close` undoes it.
+    ``gate`` is the process's start gate (the server passes its own); a
+    workspace built alone gets a fresh one.  ``clock`` (monotonic seconds)
+    times the coalescing of streamed writes.  Build, then :meth:`start`;
+    :meth:`close` undoes it.
     """
 
     def __init__(
@@ -153,6 +150,7 @@ class Workspace:
         sandbox: Sandbox | None = None,
         hidden: tuple[str, ...] = (),
         tool_env: dict[str, str] | None = None,
+        gate: StartGate | None = None,
     ) -> None:
         self.id: str = record["id"]
         self.path = Path(record["path"])
@@ -185,6 +183,8 @@ class Workspace:
             workspace_id=self.id,
             sandbox=sandbox,
         )
+        # Runs dispatched while prompts are being accepted wait here.
+        self._gate = gate if gate is not None else StartGate()
         # Guards the flags, queues and maps below; first in the lock order.
         self._lock = threading.Lock()
         self._closing = False  # guarded by _lock
@@ -363,7 +363,7 @@ class Workspace:
         resubmission of an existing ``run_id``.  Never blocks on the model.
         Raises InvalidRequest for an unknown model, before storing anything.
         """
-        with ACCEPTING.accept():
+        with self._gate.accept():
             return self._submit(prompt, session_id, run_id, model, kind)
 
     def _submit(
@@ -484,14 +484,14 @@ class Workspace:
 
     def _launch(self, *runs: ActiveRun | None) -> None:
         """Hand dispatched runs to the executor once no prompt is being
-        accepted (:data:`ACCEPTING`).  Never under _lock: the executor may
+        accepted (the start gate).  Never under _lock: the executor may
         start a thread, and that waits for the new thread to get the GIL,
         which with a hundred runs streaming takes milliseconds that every
         other taker of the lock would wait too."""
-        ACCEPTING.hold(self._launch_held, [active for active in runs if active is not None])
+        self._gate.hold(self._launch_held, [active for active in runs if active is not None])
 
     def _launch_held(self, runs: list[ActiveRun]) -> None:
-        """:data:`ACCEPTING` hands runs back here: a lone run on the thread
+        """The start gate hands runs back here: a lone run on the thread
         of an accept whose 202 is not sent yet, several on the gate's timer
         or a closing thread.  Several are started from one executor task, so
         that the thread handing them back starts one thread, not one a run."""
@@ -814,7 +814,7 @@ class Workspace:
         #    Runs held while prompts are being accepted go to the executor
         #    now, to end through their cancelled path.
         self._token.cancel("workspace closing")
-        ACCEPTING.release(self._launch_held)
+        self._gate.release(self._launch_held)
         # 3. Queued runs that never started become cancelled (not on a server stop),
         #    each once its submitter has announced it.
         if not keep_queued:

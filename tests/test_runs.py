@@ -11,7 +11,6 @@ import pytest
 from conftest import make_config, sse_events, wait_for
 from helpers import LONG, finish_of, messages, prompt, register, wait_terminal
 
-import crushd.workspace as workspace_module
 from crushd.common import text_of
 from crushd.errors import WorkspaceClosing
 from crushd.server import Server
@@ -314,18 +313,20 @@ def test_prompts_at_once_are_all_stored_and_run_in_order(live_factory, project):
         assert [m["run_id"] for m in users] == stored_order
 
 
-def test_a_run_starts_once_no_prompt_is_being_accepted(live, project, monkeypatch):
+def test_a_run_starts_once_no_prompt_is_being_accepted(live, project):
     """Accepting prompts goes first: a run is held while a prompt (of any
-    workspace) is being accepted, up to the gate's bound; a cancel ends it
-    at once."""
-    accepting = workspace_module.ACCEPTING
-    monkeypatch.setattr(accepting, "bound", 30.0)
+    workspace: the server's one gate) is being accepted, up to the gate's
+    bound; a cancel ends it at once."""
+    gate = live.server.gate
+    gate.bound = 30.0
     with httpx.Client(base_url=live.url, timeout=30) as http:
         wid = register(http, project)
-        with accepting.accept():  # another submitter still in the middle of its accept
+        with gate.accept():  # another submitter still in the middle of its accept
             waiting = prompt(http, wid, "waits").json()
             cancelled = prompt(http, wid, "cancelled while it waits").json()
-            time.sleep(0.5)
+            # Each was dispatched (in its own session) before its 202 and
+            # is held: neither has reached the executor.
+            assert gate.held == 2
             runs = {r["id"]: r["status"] for r in http.get(f"/v1/workspaces/{wid}/runs").json()}
             assert runs == {waiting["id"]: "queued", cancelled["id"]: "queued"}
             http.post(f"/v1/workspaces/{wid}/runs/{cancelled['id']}/cancel")
@@ -334,8 +335,8 @@ def test_a_run_starts_once_no_prompt_is_being_accepted(live, project, monkeypatc
         assert wait_terminal(http, wid, waiting["id"], timeout=10)["status"] == "completed"
         assert {m["run_id"] for m in messages(http, wid, cancelled["session_id"])} == set()
         # The hold is bounded: a run starts after the bound whatever comes.
-        monkeypatch.setattr(accepting, "bound", 0.2)
-        with accepting.accept():
+        gate.bound = 0.2
+        with gate.accept():
             bounded = prompt(http, wid, "bounded").json()
             assert wait_terminal(http, wid, bounded["id"], timeout=10)["status"] == "completed"
 
@@ -348,18 +349,21 @@ def test_a_close_during_a_burst_ends_every_accepted_prompt(tmp_path, project):
         record, _ = server.register(str(project), None)
         workspace = server.get(record["id"])
         barrier = threading.Barrier(31)
+        first_stored = threading.Event()
 
         def submit(n: int) -> str | None:
             barrier.wait()
             try:
-                return workspace.submit(f"prompt {n}")[0]["id"]
+                run_id = workspace.submit(f"prompt {n}")[0]["id"]
             except WorkspaceClosing:
                 return None
+            first_stored.set()
+            return run_id
 
         with ThreadPoolExecutor(30) as pool:
             futures = [pool.submit(submit, n) for n in range(30)]
             barrier.wait()
-            time.sleep(0.005)
+            assert first_stored.wait(10)  # the close starts with the burst under way
             server.unregister(record["id"])
             accepted = [f.result() for f in futures if f.result() is not None]
     finally:
