@@ -163,6 +163,7 @@ class McpClient:
         workspace_id: str = "",
         retry_interval: float = RETRY_INTERVAL,
         sandbox: Sandbox | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self._root = root
@@ -178,8 +179,9 @@ class McpClient:
         self._error: str | None = None  # guarded by _lock
         self._tools: list[Any] = []  # mcp Tool models; guarded by _lock
         self._pgid: int | None = None  # the supervisor's pid; guarded by _lock
-        self._attempted_at: float | None = None  # monotonic; guarded by _lock
+        self._attempted_at: float | None = None  # by _clock; guarded by _lock
         self._retry_interval = retry_interval
+        self._clock = clock  # monotonic seconds, for the retry interval
         self._closed = False  # loop only
         self._task: asyncio.Task[None] | None = None  # loop only
         self._ready: asyncio.Future[None] | None = None  # loop only
@@ -208,7 +210,7 @@ class McpClient:
         so the next call can restart it.  One that never connected (down, or
         not installed yet) is tried again in the background, at most once per
         ``retry_interval``: this run goes without it, a later one may not."""
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             tools = list(self._tools)
             retry = (
@@ -266,7 +268,7 @@ class McpClient:
         if self._closed or (self._task is not None and not self._task.done()):
             return
         with self._lock:
-            self._attempted_at = time.monotonic()
+            self._attempted_at = self._clock()
         self._ready = asyncio.get_running_loop().create_future()
         self._stop = asyncio.Event()
         self._lost = asyncio.Event()
@@ -633,7 +635,9 @@ class StderrTail:
 
 class WorkspaceMcp:
     """The MCP servers of one workspace.  :meth:`start` connects them in the
-    background; :meth:`close` stops them all, bounded.  Thread-safe."""
+    background; :meth:`close` stops them all, bounded.  Thread-safe.
+    ``clock`` (monotonic seconds) times the retries of a server that never
+    connected, once per ``retry_interval``."""
 
     def __init__(
         self,
@@ -644,6 +648,7 @@ class WorkspaceMcp:
         workspace_id: str = "",
         retry_interval: float = RETRY_INTERVAL,
         sandbox: Sandbox | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._publish = publish
         self._workspace_id = workspace_id
@@ -655,7 +660,15 @@ class WorkspaceMcp:
         run_dir = Path(self._run_dir.name) if self._run_dir else None
         self.clients = [
             McpClient(
-                c, root, loop, self._status_changed, run_dir, workspace_id, retry_interval, sandbox
+                c,
+                root,
+                loop,
+                self._status_changed,
+                run_dir,
+                workspace_id,
+                retry_interval,
+                sandbox,
+                clock,
             )
             for c in configs.values()
         ]

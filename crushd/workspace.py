@@ -133,8 +133,8 @@ class Workspace:
 
     ``gate`` is the process's start gate (the server passes its own); a
     workspace built alone gets a fresh one.  ``clock`` (monotonic seconds)
-    times the coalescing of streamed writes.  Build, then :meth:`start`;
-    :meth:`close` undoes it.
+    times the coalescing of streamed writes and the MCP servers' retries.
+    Build, then :meth:`start`; :meth:`close` undoes it.
     """
 
     def __init__(
@@ -182,6 +182,7 @@ class Workspace:
             publish=lambda entry: self.hub.publish("mcp.status", None, entry),
             workspace_id=self.id,
             sandbox=sandbox,
+            clock=clock,
         )
         # Runs dispatched while prompts are being accepted wait here.
         self._gate = gate if gate is not None else StartGate()

@@ -359,21 +359,24 @@ def test_broken_servers_fail_with_their_error_and_delay_nothing(open_mcp, tmp_pa
 def test_a_server_that_never_connected_is_tried_again_by_a_later_run(mcp_loop, tmp_path):
     later = tmp_path / "later-server"
     events: list[dict] = []
+    now = [100.0]
     ws = WorkspaceMcp(
         parse_mcp_tables({"later": {"command": str(later)}}),
         tmp_path,
         mcp_loop,
         events.append,
-        retry_interval=0.3,
+        retry_interval=30,
+        clock=lambda: now[0],
     )
     try:
         ws.start()
         assert settle(ws)["later"]["error"] == f"command not found: {later}"
         later.write_text(f'#!/bin/sh\nexec "{TIME_SERVER}" "$@"\n')
         later.chmod(0o755)
+        now[0] += 29.5
         assert ws.tools() == {}  # too soon: no retry yet
         assert ws.entries()[0]["status"] == "failed"
-        time.sleep(0.35)
+        now[0] += 0.5
         assert ws.tools() == {}  # this run goes without it, but asked for a retry
         wait_for(lambda: ws.entries()[0]["status"] == "connected", 30)
         assert "mcp_later_get_current_time" in ws.tools()
