@@ -187,7 +187,13 @@ def test_denied_error_and_timeout_results_reach_the_model(fake, agent, project):
 
 
 def test_cancel_interrupts_a_real_server_call_within_a_second(fake, agent, project):
-    live = agent({"everything": {"command": EVERYTHING, "args": ["stdio"]}})
+    # What crushd sends the server goes through tee into this file (made by
+    # tee, in the workspace, which the sandbox lets the server write).
+    wire = project / "mcp-wire.jsonl"
+    command = 'tee -a "$0" | "$1" stdio'
+    live = agent(
+        {"everything": {"command": "bash", "args": ["-c", command, str(wire), EVERYTHING]}}
+    )
     fake.script(
         [ToolCall("mcp_everything_trigger-long-running-operation", {"duration": 30, "steps": 3})]
     )
@@ -206,7 +212,10 @@ def test_cancel_interrupts_a_real_server_call_within_a_second(fake, agent, proje
                     )
                 )
             )
-            time.sleep(0.5)  # the call is now in flight at the server
+            wait_for(
+                lambda: wire.exists() and "trigger-long-running-operation" in wire.read_text(),
+                message="the call did not reach the server",
+            )
             started = time.monotonic()
             http.post(f"/v1/workspaces/{wid}/runs/{run['id']}/cancel")
             events.until(is_type("run.completed", id=run["id"]), 5)
