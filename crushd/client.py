@@ -14,8 +14,10 @@ as is: :class:`ApiError` carries the API's ``{"error": {"code", "message"}}``,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -262,8 +264,9 @@ class Client:
         prompt: str,
         session_id: str | None = None,
         run_id: str | None = None,
+        model: str | None = None,
     ) -> dict[str, Any]:
-        body = {"prompt": prompt, "session_id": session_id, "run_id": run_id}
+        body = {"prompt": prompt, "session_id": session_id, "run_id": run_id, "model": model}
         return self.request("POST", f"/v1/workspaces/{workspace_id}/agent", json_body=_clean(body))
 
     def compact(
@@ -333,6 +336,17 @@ class EventStream:
 
     def close(self) -> None:
         self._response.close()
+
+    def abort(self) -> None:
+        """Wake a read blocked on this stream in another thread: it ends at
+        once (iteration raises :class:`StreamBroken`).  Thread-safe, unlike
+        :meth:`close`; closing a socket does not wake a blocked ``recv``,
+        shutting it down does."""
+        network = self._response.extensions.get("network_stream")
+        sock = network.get_extra_info("socket") if network is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):  # already closed
+                sock.shutdown(socket.SHUT_RDWR)
 
     def __enter__(self) -> EventStream:
         return self

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -153,7 +152,7 @@ class Agent:
         with self._lock:
             streams = list(self._streams)
         for stream in streams:
-            _wake(stream)
+            stream.abort()
         return self.conn.close(timeout) if self.conn is not None else []
 
     @contextlib.contextmanager
@@ -163,7 +162,7 @@ class Agent:
             self._streams.add(stream)
         try:
             if self.stopping.is_set():
-                _wake(stream)
+                stream.abort()
             yield
         finally:
             with self._lock:
@@ -379,17 +378,3 @@ def _ignore_mcp_servers(params: dict[str, Any]) -> None:
             len(servers),
             "crushd runs the MCP servers of its own configuration",
         )
-
-
-def _wake(stream: Any) -> None:
-    """Shut an event stream's socket down so that a read blocked on it in
-    another thread returns at once.  ``EventStream.close()`` is not safe
-    from another thread, and closing a socket does not wake a blocked
-    ``recv``; shutting it down does."""
-    response = getattr(stream, "_response", None)
-    network = response.extensions.get("network_stream") if response is not None else None
-    sock = network.get_extra_info("socket") if network is not None else None
-    if sock is None:
-        return
-    with contextlib.suppress(OSError):  # already closed
-        sock.shutdown(socket.SHUT_RDWR)

@@ -136,11 +136,12 @@ class Turn:
                 except ApiError as exc:
                     if exc.code != "too_many_streams":
                         raise
-                body = {"prompt": self.text, "session_id": session.id, "run_id": self.run_id}
-                if session.model:
-                    body["model"] = session.model
-                client.request(
-                    "POST", f"/v1/workspaces/{session.workspace_id}/agent", json_body=body
+                client.submit(
+                    session.workspace_id,
+                    self.text,
+                    session_id=session.id,
+                    run_id=self.run_id,
+                    model=session.model or None,
                 )
             except ClientError as exc:
                 if stream is not None:
