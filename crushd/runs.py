@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from crushd.cancel import Cancelled, CancelToken, Deadline
-from crushd.common import load_json, utcnow
+from crushd.common import load_json
 from crushd.config import DEFAULT_MAX_MESSAGE_BYTES
 from crushd.context import (
     DEFAULT_MAX_INSTRUCTIONS_BYTES,
@@ -62,6 +62,14 @@ from crushd.providers.base import (
 )
 from crushd.providers.catalog import ModelCatalog, ModelSpec
 from crushd.providers.retry import NO_RETRIES, RetryPolicy, stream_with_retries
+from crushd.sealing import (
+    TOOL_CANCELED,
+    Outcome,
+    closed_input,
+    finish_part,
+    seal_run_messages,
+    tool_result_part,
+)
 from crushd.sqlite import lock_budget
 from crushd.store import RunStart, WorkspaceStore
 from crushd.tools.base import Tool, ToolContext, ToolError, ToolResult
@@ -73,8 +81,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CANCELED_MESSAGE = "Request canceled"
-TOOL_CANCELED = "Tool execution canceled"
 WRITE_INTERVAL = 0.2  # seconds between coalesced writes of one streaming message
 # Backoff between attempts of a write the database refused.
 STORE_RETRY_FIRST = 0.05
@@ -128,41 +134,7 @@ class RunEnv:
     auto_compact: bool = True  # compact a session that outgrows its model's window
 
 
-# -- parts -------------------------------------------------------------------
-
-
-def finish_part(reason: str, message: str = "", details: str = "") -> dict[str, Any]:
-    return {
-        "type": "finish",
-        "reason": reason,
-        "message": message,
-        "details": details,
-        "time": utcnow(),
-    }
-
-
-def tool_result_part(call: dict[str, Any], content: str, is_error: bool) -> dict[str, Any]:
-    return {
-        "type": "tool_result",
-        "tool_call_id": call["id"],
-        "name": call["name"],
-        "content": content,
-        "is_error": is_error,
-    }
-
-
-# -- sealing stored messages ------------------------------------------------
-
-
-def _closed_input(text: str) -> str:
-    """A tool call's ``input`` as stored once the call is finished: the
-    model's text if it is JSON that is safe to handle again (it is sent back
-    to the model), else ``"{}"``."""
-    try:
-        load_json(text)
-    except ValueError:
-        return "{}"
-    return text if text.strip() else "{}"
+# -- UTF-8 sizes -------------------------------------------------------------
 
 
 def utf8_size(text: str) -> int:
@@ -179,111 +151,6 @@ def utf8_prefix(text: str, size: int) -> str:
     data = text.encode("utf-8", "surrogatepass")[:size]
     # Not final: a character cut in two is held back, not replaced.
     return codecs.getincrementaldecoder("utf-8")("surrogatepass").decode(data, final=False)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How a run ended and what its closing records say.
-
-    ``status`` is the run's terminal status and ``error`` its ``error``
-    field.  ``reason`` is the finish reason for assistant messages still
-    open, None when the turn closed its own (it completed); ``message`` and
-    ``details`` go into that finish part, ``result_text`` into the error
-    result of a tool call that never got one.  Build one with the class
-    methods, which say which ending is which.
-    """
-
-    status: str
-    error: str | None = None
-    reason: str | None = None
-    message: str = ""
-    details: str = ""
-    result_text: str = TOOL_CANCELED
-
-    @classmethod
-    def completed(cls, denied: str | None = None) -> Outcome:
-        """The model finished.  A denied permission ends the turn there, and
-        the run still completes, with ``error`` saying which tool it was."""
-        return cls("completed", error=denied)
-
-    @classmethod
-    def cancelled(cls) -> Outcome:
-        return cls("cancelled", reason="canceled", message=CANCELED_MESSAGE)
-
-    @classmethod
-    def failed(cls, title: str, details: str = "", error: str | None = None) -> Outcome:
-        """A provider error, a database that refuses writes or a bug:
-        ``error`` defaults to the details, else the title."""
-        return cls(
-            "failed",
-            error=error or details or title,
-            reason="error",
-            message=title,
-            details=details,
-            result_text=details or title or TOOL_CANCELED,
-        )
-
-    @classmethod
-    def interrupted(cls) -> Outcome:
-        """Found ``running`` at start: the process that ran it is gone."""
-        return cls(
-            "interrupted",
-            error="interrupted",
-            reason="error",
-            message="interrupted",
-            details="the server stopped while this run was active",
-            result_text="Tool execution interrupted",
-        )
-
-
-def seal_run_messages(
-    env: RunEnv, run_id: str, session_id: str, outcome: Outcome
-) -> dict[str, Any] | None:
-    """Give every stored message of a run its closing parts, as ``outcome`` says.
-
-    Assistant messages without a ``finish`` get one with its ``reason``; their
-    tool calls are marked finished (unparsable input becomes ``"{}"``); tool
-    calls without a result get a ``tool`` message of error results.  Used on
-    every exit path of a run and for runs a crash left ``running``.
-    Returns the run's last assistant message as stored, or None.
-    """
-    messages = env.store.run_messages(run_id)
-    answered = {
-        p["tool_call_id"]
-        for m in messages
-        if m["role"] == "tool"
-        for p in m["parts"]
-        if p["type"] == "tool_result"
-    }
-    unanswered: list[dict[str, Any]] = []
-    last = None
-    for msg in messages:
-        if msg["role"] != "assistant":
-            continue
-        last = msg
-        parts = msg["parts"]
-        changed = False
-        for part in parts:
-            if part["type"] == "tool_call":
-                if part["id"] not in answered:
-                    unanswered.append(part)
-                closed = _closed_input(part["input"])
-                if not part["finished"] or closed != part["input"]:
-                    part.update(finished=True, input=closed)
-                    changed = True
-        if not any(p["type"] == "finish" for p in parts):
-            parts.append(finish_part(outcome.reason or "error", outcome.message, outcome.details))
-            changed = True
-        if changed:
-            last = env.store.update_message(msg, parts)
-            env.hub.publish("message.updated", session_id, last)
-    if unanswered:
-        results = [tool_result_part(p, outcome.result_text, True) for p in unanswered]
-        model = last["model"] if last else None
-        provider = last["provider"] if last else None
-        created = env.store.create_message(session_id, run_id, "tool", results, model, provider)
-        env.hub.publish("message.created", session_id, created)
-    return last
 
 
 # -- the streaming message -------------------------------------------------
@@ -470,7 +337,7 @@ class MessageWriter:
                 if part["type"] == "tool_call":
                     raw = part["input"]
                     part["finished"] = True
-                    part["input"] = _closed_input(raw) if raw else "{}"
+                    part["input"] = closed_input(raw) if raw else "{}"
                     calls.append({**part, "raw_input": raw})
             self._dirty = True
             return calls

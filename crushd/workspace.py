@@ -78,7 +78,8 @@ from crushd.keeper import KEEPER_BUDGET, Owed, StorageKeeper
 from crushd.mcp import McpLoop, WorkspaceMcp
 from crushd.permissions import PermissionBroker
 from crushd.providers.catalog import ModelCatalog
-from crushd.runs import CANCELED_MESSAGE, Outcome, Run, RunEnv, seal_run_messages
+from crushd.runs import Run, RunEnv
+from crushd.sealing import CANCELED_MESSAGE, Outcome, seal_run_messages
 from crushd.signals import Signals, send
 from crushd.store import Prompt, WorkspaceStore
 from crushd.tools.base import Tool
