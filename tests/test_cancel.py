@@ -12,8 +12,8 @@ import pytest
 from crushd.cancel import Cancelled, CancelToken, CountdownLatch, Deadline
 from crushd.events import EventHub
 from crushd.providers.base import waiting
-from crushd.runs import MessageWriter
 from crushd.store import WorkspaceStore
+from crushd.writer import MessageWriter
 
 # -- CancelToken -----------------------------------------------------------------
 

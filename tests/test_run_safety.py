@@ -39,8 +39,8 @@ from crushd.common import MAX_JSON_DEPTH, json_depth, load_json, text_of
 from crushd.events import EventHub
 from crushd.providers import sse
 from crushd.providers.base import EventTooLarge
-from crushd.runs import MessageWriter, utf8_prefix, utf8_size
 from crushd.store import WorkspaceStore
+from crushd.writer import MessageWriter, utf8_prefix, utf8_size
 
 BOTH = pytest.mark.parametrize("protocol", ["openai", "anthropic"])
 #: About 2 KB of arguments nested a thousand deep: json.loads raises
