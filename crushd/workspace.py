@@ -10,16 +10,21 @@ order of the contract, written out step by step.
 Locks, in the only order they may be taken (a thread holding one may take
 those after it, never one before it):
 
-1. ``Workspace._lock`` — the closing flag, the queues, the active map, the
+1. ``MessageWriter._output_lock`` (:mod:`crushd.writer`) — the output of one
+   streaming message: its events are published and its parts written under
+   it, so the blinker receivers run under it (they may take the locks
+   below, never a writer's).  Taken holding no other lock, but for a try
+   that never waits.
+2. ``Workspace._lock`` — the closing flag, the queues, the active map, the
    runs being announced (``_announced`` is a condition on it).
-2. ``MessageWriter._lock`` (:mod:`crushd.runs`) — one streaming message.
 3. ``EventHub._lock`` (:mod:`crushd.events`) — numbering, buffer, subscribers.
 4. ``SqliteStore._connection_lock`` (:mod:`crushd.sqlite`) — the one SQLite
    connection.
 
 Leaves, taken last with nothing taken while they are held: a run token's
-lock (:class:`~crushd.cancel.CancelToken`) and the latch's, which 1 holds
+lock (:class:`~crushd.cancel.CancelToken`) and the latch's, which 2 holds
 when it dispatches a run or a cancel counts one up; ``Workspace._finished``;
+``MessageWriter._parts_lock``, one message's parts in memory;
 and three that are never taken holding any other lock either, since their
 owners call back (launch runs, queue them, write records) only after they
 let go: ``StartGate._lock`` (:mod:`crushd.gate`),
