@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from crushd.cancel import Cancelled, CancelToken, Deadline
-from crushd.common import load_json
 from crushd.config import DEFAULT_MAX_MESSAGE_BYTES
 from crushd.context import (
     DEFAULT_MAX_INSTRUCTIONS_BYTES,
@@ -60,15 +59,14 @@ from crushd.providers.base import (
 from crushd.providers.catalog import ModelCatalog, ModelSpec
 from crushd.providers.retry import NO_RETRIES, RetryPolicy, stream_with_retries
 from crushd.sealing import (
-    TOOL_CANCELED,
     Outcome,
     seal_run_messages,
     tool_result_part,
 )
 from crushd.sqlite import lock_budget
 from crushd.store import RunStart, WorkspaceStore
-from crushd.tools.base import Tool, ToolContext, ToolError, ToolResult
-from crushd.tools.paths import is_inside
+from crushd.toolcalls import StepCalls, ToolCalls
+from crushd.tools.base import Tool, ToolContext
 from crushd.tools.sandbox import Sandbox
 from crushd.writer import MessageWriter
 
@@ -131,26 +129,12 @@ class RunEnv:
 # -- the run ---------------------------------------------------------------
 
 
-def _arguments(call: dict[str, Any]) -> dict[str, Any]:
-    """A tool call's arguments as the model sent them, or ToolError: the
-    model's text is untrusted, and whatever is wrong with it (not JSON,
-    nested too deep, not an object) is the call's error result, never the
-    run's crash."""
-    try:
-        params = load_json(call.get("raw_input", call["input"]) or "{}")
-    except ValueError as exc:
-        raise ToolError(f"invalid tool arguments: {exc}") from None
-    if not isinstance(params, dict):
-        raise ToolError("tool arguments must be a JSON object")
-    return params
-
-
 @dataclass
 class _Step:
+    """One model step: its assistant message, then its tool calls."""
+
     writer: MessageWriter
-    results: dict[str, dict[str, Any]] = field(default_factory=dict)
-    calls: list[dict[str, Any]] = field(default_factory=list)
-    results_written: bool = False
+    tools: StepCalls = field(default_factory=StepCalls)
 
 
 class Run:
@@ -176,7 +160,10 @@ class Run:
         # The closing records the database refused past the cleanup
         # deadline; the workspace calls settle() to write them later.
         self.owed: Callable[[], dict[str, Any] | None] | None = None
-        self.tools_ctx = ToolContext(
+        # The provider's model id and the provider's name, for messages.
+        self._model_ids = env.models.message_ids(self.record["model"] or env.models.default)
+        self.tools: dict[str, Tool] = {**env.extra_tools(), **env.tools}
+        context = ToolContext(
             root=env.root,
             token=token,
             bash_timeout=env.bash_timeout,
@@ -184,7 +171,18 @@ class Run:
             hidden=env.hidden,
             env=env.tool_env,
         )
-        self.tools: dict[str, Tool] = {**env.extra_tools(), **env.tools}
+        self.tool_calls = ToolCalls(
+            self.tools,
+            context,
+            session_id=self.session_id,
+            run_id=self.id,
+            yolo=env.yolo,
+            allowed_tools=env.allowed_tools,
+            permissions=env.permissions,
+            store=env.store,
+            publish=self.publish,
+            model_ids=self._model_ids,
+        )
 
     @property
     def writer(self) -> MessageWriter | None:
@@ -297,7 +295,7 @@ class Run:
     def _new_step(self) -> None:
         message = self._stored(
             lambda: self.env.store.create_message(
-                self.session_id, self.id, "assistant", [], *self._model_ids()
+                self.session_id, self.id, "assistant", [], *self._model_ids
             )
         )
         self._open_step(message)
@@ -307,10 +305,6 @@ class Run:
         self.step = _Step(
             MessageWriter(self.env, message, self.id, max_bytes=self.env.max_message_bytes)
         )
-
-    def _model_ids(self) -> tuple[str | None, str | None]:
-        """The provider's model id and the provider's name, for messages."""
-        return self.env.models.message_ids(self.record["model"] or self.env.models.default)
 
     def _loop(self) -> str | None:
         """Model steps until the model stops; returns a denial error or None.
@@ -347,25 +341,25 @@ class Run:
                 step = self.step
                 reason = self._stream(self._request(self._history(), specs))
             self.token.raise_if_cancelled()
-            step.calls = step.writer.finish_tool_calls()
+            step.tools.calls = step.writer.finish_tool_calls()
             if step.writer.full:
                 self._cut_short(step)
                 return None
-            if not step.calls:
+            if not step.tools.calls:
                 step.writer.add_finish(reason if reason != "tool_use" else "unknown")
                 # The answer is complete in memory; a refused write here is
                 # left to the closing records, which retry and, failing, owe it.
                 self._flush_step(required=False)
                 return None
             self._flush_step()
-            denied = self._run_tools(step)
+            denied = self.tool_calls.run(step.tools)
             step.writer.add_finish(
                 "permission_denied" if denied else "tool_use",
                 "Permission denied" if denied else "",
                 denied or "",
             )
             self._flush_step()
-            self._stored(functools.partial(self._write_results, step))
+            self._stored(functools.partial(self.tool_calls.write_results, step.tools))
             if denied:
                 return denied
             if steps >= env.max_steps:
@@ -415,8 +409,8 @@ class Run:
         message gets a ``max_bytes`` finish, and the turn ends there, as
         after ``max_tokens``.  The closing records write the results."""
         limit = step.writer.max_bytes
-        for call in step.calls:
-            step.results[call["id"]] = tool_result_part(
+        for call in step.tools.calls:
+            step.tools.results[call["id"]] = tool_result_part(
                 call,
                 f"Not run: the message reached its limit of {limit} bytes "
                 "(--max-message-bytes) and this call's input was cut",
@@ -577,82 +571,6 @@ class Run:
         if stored is not None:
             self.publish("message.updated", stored)
 
-    # -- tools -------------------------------------------------------------
-
-    def _run_tools(self, step: _Step) -> str | None:
-        """Run the step's tool calls in order; return a denial message or None."""
-        denied = None
-        for call in step.calls:
-            self.token.raise_if_cancelled()
-            if denied:
-                step.results[call["id"]] = tool_result_part(
-                    call, "Skipped: an earlier tool call was denied", True
-                )
-                continue
-            tool = self.tools.get(call["name"])
-            try:
-                if tool is None:
-                    raise ToolError(f"unknown tool {call['name']!r}")
-                params = _arguments(call)
-                outside = [
-                    p for p in tool.paths(params, self.tools_ctx) if not is_inside(p, self.env.root)
-                ]
-                escapes = tool.escapes(params, self.tools_ctx)  # e.g. bash unsandboxed
-                if self._needs_permission(tool, bool(outside) or escapes):
-                    ask = tool.describe(params, self.tools_ctx)
-                    decision = self.env.permissions.request(
-                        session_id=self.session_id,
-                        run_id=self.id,
-                        tool_call_id=call["id"],
-                        tool=tool.name,
-                        action=ask.action,
-                        path=ask.path,
-                        params=params,
-                        token=self.token,
-                    )
-                    if decision in ("deny", "timeout"):
-                        denied = (
-                            f"Permission denied: {tool.name}"
-                            if decision == "deny"
-                            else f"Permission request timed out: {tool.name}"
-                        )
-                        step.results[call["id"]] = tool_result_part(
-                            call, f"{denied}. The user did not allow this call.", True
-                        )
-                        continue
-                result = tool.run(params, self.tools_ctx)
-            except ToolError as exc:
-                result = ToolResult(str(exc), True)
-            except ValueError as exc:  # a bad value a tool did not check itself
-                result = ToolResult(f"{call['name']}: {exc}", True)
-            step.results[call["id"]] = tool_result_part(call, result.content, result.is_error)
-        return denied
-
-    def _needs_permission(self, tool: Tool, always: bool) -> bool:
-        """``always``: the call reaches outside the workspace or its sandbox,
-        which asks every time, whatever yolo, allowed_tools or an earlier
-        "allow for the session" say."""
-        if always:
-            return True
-        if not tool.mutating or self.env.yolo:
-            return False
-        return not (
-            tool.name in self.env.allowed_tools
-            or self.env.permissions.is_allowed(self.session_id, tool.name)
-        )
-
-    def _write_results(self, step: _Step, missing: str = TOOL_CANCELED) -> None:
-        if step.results_written or not step.calls:
-            return
-        parts = [
-            step.results.get(c["id"]) or tool_result_part(c, missing, True) for c in step.calls
-        ]
-        created = self.env.store.create_message(
-            self.session_id, self.id, "tool", parts, *self._model_ids()
-        )
-        step.results_written = True
-        self.publish("message.created", created)
-
     # -- the end -----------------------------------------------------------
 
     def _finalize(self, outcome: Outcome) -> dict[str, Any] | None:
@@ -720,7 +638,10 @@ class Run:
                 message_id = writer.id
                 self._attempt("message", writer.close)
                 writer.abandon()
-                self._attempt("results", lambda: self._write_results(step, outcome.result_text))
+                self._attempt(
+                    "results",
+                    lambda: self.tool_calls.write_results(step.tools, outcome.result_text),
+                )
                 text = (
                     self._attempt(
                         "text", lambda: writer.text("summary" if self.compact else "text")
@@ -788,7 +709,7 @@ class Run:
             stored = writer.close()
             if stored is not None:
                 self.publish("message.updated", stored)
-            self._write_results(self.step, outcome.result_text)
+            self.tool_calls.write_results(self.step.tools, outcome.result_text)
             text = writer.text("summary" if self.compact else "text")
             message_id = writer.id
         if outcome.reason is not None:
