@@ -19,7 +19,8 @@ request's prompt used more than :func:`compaction_threshold` tokens (as the
 provider reported them), the run first asks the model for a summary
 (:func:`compaction_request_messages`, no tools offered) and from then on
 sends the summary (:func:`summary_message`) in place of everything before
-it.  The run loop (:mod:`crushd.runs`) decides when; the store keeps the cut.
+it.  The run loop (:mod:`crushd.runs`) decides when; a :class:`Compactor`
+asks for the summary and puts it in force; the store keeps the cut.
 """
 
 from __future__ import annotations
@@ -29,10 +30,16 @@ import errno
 import logging
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from crushd.errors import ProviderError
+
+if TYPE_CHECKING:
+    from crushd.store import WorkspaceStore
+    from crushd.writer import MessageWriter
 
 logger = logging.getLogger(__name__)
 
@@ -285,3 +292,83 @@ def _clip(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]} [... {len(text) - limit} more characters]"
+
+
+class Compactor:
+    """Compacts the session of one run: asks the model for a summary and
+    puts it in force.
+
+    Takes plain values and the run's own ways to do what it does with
+    everything it sends: ``stream(messages)`` streams one request without
+    tools into the step's message as ``summary`` parts and returns its
+    finish reason (raising Cancelled on a cancel), ``stored(write)`` calls
+    a store write the way the run retries them, ``flush()`` writes the
+    step's message (required) and ``publish(type, payload)`` publishes for
+    the session.  Not thread-safe: the run's thread owns it.
+    """
+
+    def __init__(
+        self,
+        store: WorkspaceStore,
+        *,
+        session_id: str,
+        run_id: str,
+        stream: Callable[[list[dict[str, Any]]], str],
+        stored: Callable[[Callable[[], Any]], Any],
+        flush: Callable[[], None],
+        publish: Callable[[str, dict[str, Any]], None],
+    ) -> None:
+        self.store = store
+        self.session_id = session_id
+        self.run_id = run_id
+        self.stream = stream
+        self.stored = stored
+        self.flush = flush
+        self.publish = publish
+
+    def compact(self, writer: MessageWriter, keep_from: str | None, why: str) -> str | None:
+        """Summarize the session so far and put the summary in force; return
+        it, or None when there is nothing new to summarize.
+
+        One request without tools; its text streams into ``writer``'s
+        message (an empty assistant message of this run) as a ``summary``
+        part.  Only a summary that completed moves the cut: a cancel or an
+        error leaves the previous one in force.  ``keep_from`` (a message
+        id) stays out of the summary and is sent after it, with everything
+        later.  ``why`` is logged.  Raises ProviderError for an empty
+        summary, and what streaming and the store raise.
+        """
+        summary, messages = self.store.context(self.session_id, before=keep_from)
+        request = compaction_request_messages(
+            summary, [m for m in messages if m["id"] != writer.id]
+        )
+        if not request:
+            return None
+        logger.info(
+            "event=compacting run=%s session=%s why=%s messages=%d tokens=%d",
+            self.run_id,
+            self.session_id,
+            why,
+            len(messages),
+            self.store.context_tokens(self.session_id),
+        )
+        reason = self.stream(request)
+        text = writer.text("summary")
+        if not text.strip():
+            raise ProviderError("Compaction failed", "the model answered with an empty summary")
+        if reason == "max_bytes":  # a summary cut short is still a summary, as after max_tokens
+            writer.add_cut_finish()
+        else:
+            writer.add_finish(reason if reason in ("end_turn", "max_tokens") else "end_turn")
+        self.flush()
+        message_id = writer.id
+        self.stored(lambda: self.store.set_summary(self.session_id, message_id, keep_from))
+        self.publish("session.compacted", {"session_id": self.session_id, "message_id": message_id})
+        logger.info(
+            "event=compacted run=%s session=%s message=%s chars=%d",
+            self.run_id,
+            self.session_id,
+            message_id,
+            len(text),
+        )
+        return text

@@ -17,6 +17,12 @@ cleanup deadline either way.  A turn whose writes stay refused ends
 ``failed``; closing records that still cannot be written are *owed*:
 :attr:`Run.owed` holds them and the workspace writes them with
 :meth:`Run.settle` once the database accepts writes again.
+
+The run owns the parts it works with: the streaming message of each step
+(:class:`~crushd.writer.MessageWriter`), the tool calls and their
+permissions (:class:`~crushd.toolcalls.ToolCalls`), the compaction
+(:class:`~crushd.context.Compactor`); the closing parts are
+:mod:`crushd.sealing`'s.  A Run takes no lock of its own.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from crushd.cancel import Cancelled, CancelToken, Deadline
 from crushd.config import DEFAULT_MAX_MESSAGE_BYTES
 from crushd.context import (
     DEFAULT_MAX_INSTRUCTIONS_BYTES,
-    compaction_request_messages,
+    Compactor,
     compaction_threshold,
     read_instructions,
     summary_message,
@@ -58,11 +64,7 @@ from crushd.providers.base import (
 )
 from crushd.providers.catalog import ModelCatalog, ModelSpec
 from crushd.providers.retry import NO_RETRIES, RetryPolicy, stream_with_retries
-from crushd.sealing import (
-    Outcome,
-    seal_run_messages,
-    tool_result_part,
-)
+from crushd.sealing import Outcome, seal_run_messages, tool_result_part
 from crushd.sqlite import lock_budget
 from crushd.store import RunStart, WorkspaceStore
 from crushd.toolcalls import StepCalls, ToolCalls
@@ -183,6 +185,15 @@ class Run:
             publish=self.publish,
             model_ids=self._model_ids,
         )
+        self.compactor = Compactor(
+            env.store,
+            session_id=self.session_id,
+            run_id=self.id,
+            stream=self._stream_summary,
+            stored=self._stored,
+            flush=self._flush_step,
+            publish=self.publish,
+        )
 
     @property
     def writer(self) -> MessageWriter | None:
@@ -225,7 +236,7 @@ class Run:
             self.provider = env.models.provider(name)
             self.system = self._system_prompt()
             if self.compact:
-                if self._compact(self.step.writer, keep_from=None, why="requested") is None:
+                if self._compact(keep_from=None, why="requested") is None:
                     raise ProviderError(
                         "Nothing to compact", "the session has no messages since its last summary"
                     )
@@ -323,24 +334,8 @@ class Run:
             if steps > 1:
                 self._new_step()
             keep = self.user_message["id"] if steps == 1 and self.user_message else None
-            # The step's message is still empty: a compaction writes into it.
-            over = self._over_threshold()
-            if over and self._compact(self.step.writer, keep, "threshold") is not None:
-                self._new_step()
+            reason = self._answer(specs, keep)
             step = self.step
-            try:
-                reason = self._stream(self._request(self._history(), specs))
-            except ProviderError as exc:
-                if not (exc.context_too_long and env.auto_compact):
-                    raise
-                logger.info("event=prompt_too_long run=%s details=%r", self.id, exc.details[:200])
-                step.writer.reset()  # the step's message becomes the summary
-                if self._compact(step.writer, keep_from=keep, why="prompt_too_long") is None:
-                    raise
-                self._new_step()
-                step = self.step
-                reason = self._stream(self._request(self._history(), specs))
-            self.token.raise_if_cancelled()
             step.tools.calls = step.writer.finish_tool_calls()
             if step.writer.full:
                 self._cut_short(step)
@@ -366,6 +361,31 @@ class Run:
                 raise ProviderError(
                     "Too many steps", f"stopped after --max-steps={env.max_steps} model steps"
                 )
+
+    def _answer(self, specs: list[ToolSpec], keep: str | None) -> str:
+        """Stream the model's answer to the conversation into the step's
+        message, compacting first where needed; return its finish reason.
+
+        ``keep`` (this run's user message, until its first step is
+        answered) stays out of a summary.  When a compaction completes, the
+        answer goes into a new step's message: the old one holds the summary.
+        """
+        # The step's message is still empty: a compaction writes into it.
+        if self._over_threshold() and self._compact(keep, "threshold") is not None:
+            self._new_step()
+        try:
+            reason = self._stream(self._request(self._history(), specs))
+        except ProviderError as exc:
+            if not (exc.context_too_long and self.env.auto_compact):
+                raise
+            logger.info("event=prompt_too_long run=%s details=%r", self.id, exc.details[:200])
+            self.step.writer.reset()  # the step's message becomes the summary
+            if self._compact(keep, "prompt_too_long") is None:
+                raise
+            self._new_step()
+            reason = self._stream(self._request(self._history(), specs))
+        self.token.raise_if_cancelled()
+        return reason
 
     def _stream(self, request: StepRequest, kind: str = "text") -> str:
         """Stream one model request into the current step's message; return
@@ -465,57 +485,19 @@ class Run:
             used = self.env.store.context_tokens(self.session_id)
         return used > compaction_threshold(self.spec.context_window)
 
-    def _compact(self, writer: MessageWriter, keep_from: str | None, why: str) -> str | None:
-        """Summarize the session so far and put the summary in force; return
-        it, or None when there is nothing new to summarize.
-
-        One request without tools; its text streams into ``writer``'s
-        message (an empty assistant message of this run) as a ``summary``
-        part.  Only a summary that completed moves the cut: a cancel or an
-        error leaves the previous one in force.
-        ``keep_from`` (a message id) stays out of the summary and is sent
-        after it, with everything later.
-        """
-        env = self.env
+    def _compact(self, keep_from: str | None, why: str) -> str | None:
+        """Compact the session into the current step's message (an empty
+        assistant message of this run); see :meth:`Compactor.compact
+        <crushd.context.Compactor.compact>`."""
         self._start_context = None  # a summary in force changes both
-        summary, messages = env.store.context(self.session_id, before=keep_from)
-        request = compaction_request_messages(
-            summary, [m for m in messages if m["id"] != writer.id]
-        )
-        if not request:
-            return None
-        logger.info(
-            "event=compacting run=%s session=%s why=%s messages=%d tokens=%d",
-            self.id,
-            self.session_id,
-            why,
-            len(messages),
-            env.store.context_tokens(self.session_id),
-        )
-        self.step = _Step(writer)
-        reason = self._stream(self._request(request, []), kind="summary")
+        return self.compactor.compact(self.step.writer, keep_from, why)
+
+    def _stream_summary(self, messages: list[dict[str, Any]]) -> str:
+        """Stream a compaction's request (no tools) into the step's message
+        as ``summary`` parts; return its finish reason."""
+        reason = self._stream(self._request(messages, []), kind="summary")
         self.token.raise_if_cancelled()
-        text = self.step.writer.text("summary")
-        if not text.strip():
-            raise ProviderError("Compaction failed", "the model answered with an empty summary")
-        if reason == "max_bytes":  # a summary cut short is still a summary, as after max_tokens
-            self.step.writer.add_cut_finish()
-        else:
-            self.step.writer.add_finish(
-                reason if reason in ("end_turn", "max_tokens") else "end_turn"
-            )
-        self._flush_step()
-        message_id = self.step.writer.id
-        self._stored(lambda: env.store.set_summary(self.session_id, message_id, keep_from))
-        self.publish("session.compacted", {"session_id": self.session_id, "message_id": message_id})
-        logger.info(
-            "event=compacted run=%s session=%s message=%s chars=%d",
-            self.id,
-            self.session_id,
-            message_id,
-            len(text),
-        )
-        return text
+        return reason
 
     def _system_prompt(self) -> str:
         """The system prompt of every request of this run: crushd's own, then
