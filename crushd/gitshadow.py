@@ -121,7 +121,8 @@ class GitFailed(CheckpointError):
         self.returncode = returncode
         self.stderr = stderr[-_STDERR_KEEP:]
         detail = self.stderr.strip() or f"exit status {returncode}"
-        super().__init__(f"git {' '.join(args[:2])} failed: {detail}")
+        command = next((a for a in args if not a.startswith("-") and "=" not in a), "")
+        super().__init__(f"git {command} failed: {detail}")
 
 
 class GitTimeout(GitFailed):
