@@ -8,7 +8,9 @@ terminal record.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 import click
@@ -30,6 +32,55 @@ RECONNECTS = 2
 POLL_PAUSE = 1.0
 
 
+def follow_events(
+    client: Any,
+    stream: Any | None,
+    workspace_id: str,
+    session_id: str | None,
+    handle: Callable[[dict[str, Any]], dict[str, Any] | None],
+    watch: Callable[[Any], contextlib.AbstractContextManager[Any]] = (
+        lambda stream: contextlib.nullcontext()
+    ),
+    between: Callable[[], None] = lambda: None,
+) -> dict[str, Any] | None:
+    """Hand each event of ``stream`` to ``handle`` until it returns the
+    terminal run, and return that.  A broken stream is reconnected with
+    ``since`` up to :data:`RECONNECTS` times; None when the events cannot
+    tell the end — a ``reset`` (events were lost), or the stream could not
+    be had again — and the caller polls the run instead.
+
+    ``watch(stream)`` is entered around each stream's reading (so another
+    thread can abort it); ``between()`` runs after each stream ended and
+    may raise to stop following.
+    """
+    from crushd.client import ClientError, StreamBroken
+
+    reconnects = 0
+    while stream is not None:
+        try:
+            with watch(stream):
+                for event in stream:
+                    if event.get("type") == "reset":  # a reconnect would be reset too
+                        return None
+                    terminal = handle(event)
+                    if terminal is not None:
+                        return terminal
+        except StreamBroken:
+            pass
+        finally:
+            stream.close()
+        between()
+        since, stream = stream.last_seq, None
+        if since is None or reconnects >= RECONNECTS:
+            break
+        reconnects += 1
+        try:
+            stream = client.events(workspace_id, session_id, since=since)
+        except ClientError:
+            break
+    return None
+
+
 def follow_run(
     client: Any,
     follower: Follower,
@@ -39,37 +90,19 @@ def follow_run(
     run_id: str,
     token: CancelToken | None = None,
 ) -> dict[str, Any]:
-    """Read events until the run ends; reconnect a broken stream with
-    ``since`` a few times, then fall back to long polls of the run.
+    """Read events until the run ends (:func:`follow_events`), then fall
+    back to long polls of the run.
 
     Cancelling ``token`` ends a pause between polls at once and raises
     :class:`~crushd.cancel.Cancelled` (Ctrl-C interrupts everything else).
     """
-    from crushd.client import ClientError, StreamBroken
+    from crushd.client import ClientError
 
     if token is None:
         token = CancelToken(name="follow")
-    reconnects = 0
-    while stream is not None:
-        try:
-            for event in stream:
-                if event.get("type") == "reset":  # events were lost: ask for the run
-                    break
-                terminal = follower.handle(event)
-                if terminal is not None:
-                    return terminal
-        except StreamBroken:
-            pass
-        finally:
-            stream.close()
-        since, stream = stream.last_seq, None
-        if since is None or reconnects >= RECONNECTS:
-            break
-        reconnects += 1
-        try:
-            stream = client.events(workspace_id, session_id, since=since)
-        except ClientError:
-            break
+    terminal = follow_events(client, stream, workspace_id, session_id, follower.handle)
+    if terminal is not None:
+        return terminal
     while True:
         asked = time.monotonic()
         try:

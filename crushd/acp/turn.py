@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from crushd.acp import updates
 from crushd.acp.rpc import INTERNAL_ERROR, Outgoing, RpcError
 from crushd.common import TERMINAL_STATUSES, new_id
+from crushd.follow import follow_events
 
 if TYPE_CHECKING:
     from crushd.acp.agent import Agent, Session
@@ -46,9 +47,6 @@ logger = logging.getLogger(__name__)
 #: Each long poll once the event stream is gone: short, so that a stopping
 #: adapter is never held longer than this by a poll.
 POLL_WAIT = 2.0
-
-#: Reconnects of a broken event stream before falling back to polling.
-RECONNECTS = 2
 
 #: Failed polls in a row before the prompt gives up on the daemon.
 POLL_ATTEMPTS = 3
@@ -161,33 +159,16 @@ class Turn:
         return {"stopReason": self._stop_reason(run)}
 
     def _follow(self, client: Any, stream: Any) -> dict[str, Any]:
-        from crushd.client import ClientError, StreamBroken
-
-        reconnects = 0
-        while stream is not None:
-            try:
-                with self.agent.watching(stream):
-                    for event in stream:
-                        if event.get("type") == "reset":  # events were lost: ask the run
-                            reconnects = RECONNECTS
-                            break
-                        terminal = self._handle(event)
-                        if terminal is not None:
-                            return terminal
-            except StreamBroken:
-                pass
-            finally:
-                stream.close()
-            self._raise_if_stopping()
-            since, stream = stream.last_seq, None
-            if since is None or reconnects >= RECONNECTS:
-                break
-            reconnects += 1
-            try:
-                stream = client.events(self.session.workspace_id, self.session.id, since=since)
-            except ClientError:
-                break
-        return self._poll(client)
+        terminal = follow_events(
+            client,
+            stream,
+            self.session.workspace_id,
+            self.session.id,
+            self._handle,
+            watch=self.agent.watching,
+            between=self._raise_if_stopping,
+        )
+        return terminal if terminal is not None else self._poll(client)
 
     def _poll(self, client: Any) -> dict[str, Any]:
         """Follow the run without events; then show what they would have."""
