@@ -24,6 +24,7 @@ from waitress.server import create_server
 from crushd.app import create_app
 from crushd.config import Config
 from crushd.connections import guard_connections
+from crushd.mcp import McpLoop
 from crushd.serve import waitress_options
 from crushd.server import Server
 
@@ -132,6 +133,22 @@ def project(tmp_path: Path) -> Path:
     path = tmp_path / "project"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """A workspace directory for tools called directly, links resolved (as
+    the server resolves a workspace's path)."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    return Path(os.path.realpath(ws))
+
+
+@pytest.fixture
+def mcp_loop() -> Iterator[McpLoop]:
+    loop = McpLoop()
+    yield loop
+    loop.stop()
 
 
 class LiveServer:

@@ -24,7 +24,7 @@ from helpers import EVERYTHING, TEST_SERVER, TIME_SERVER, alive, descendants, fr
 
 from crushd.cancel import Cancelled, CancelToken
 from crushd.config import Config, ConfigError
-from crushd.mcp import STDERR_TAIL, McpLoop, WorkspaceMcp
+from crushd.mcp import STDERR_TAIL, WorkspaceMcp
 from crushd.mcp_config import McpConfigError, offered_name, parse_mcp_tables
 from crushd.tools.base import ToolContext, ToolResult
 from crushd.tools.mcp import result_text
@@ -38,13 +38,6 @@ def test_real_servers_are_installed():
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-@pytest.fixture
-def mcp_loop():
-    loop = McpLoop()
-    yield loop
-    loop.stop()
 
 
 @pytest.fixture

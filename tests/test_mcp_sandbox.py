@@ -16,7 +16,7 @@ from conftest import wait_for
 from helpers import TEST_SERVER, processes_with
 
 from crushd.cancel import CancelToken
-from crushd.mcp import McpLoop, WorkspaceMcp
+from crushd.mcp import WorkspaceMcp
 from crushd.mcp_config import McpConfigError, parse_mcp_tables
 from crushd.tools import ToolContext
 from crushd.tools.sandbox import detect, sandbox_for
@@ -26,20 +26,6 @@ from pathlib import Path
 Path({mark!r}).write_text("imported from the workspace")
 raise SystemExit(9)
 """
-
-
-@pytest.fixture
-def mcp_loop() -> Iterator[McpLoop]:
-    loop = McpLoop()
-    yield loop
-    loop.stop()
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    ws = tmp_path / "project"
-    ws.mkdir()
-    return Path(os.path.realpath(ws))
 
 
 @pytest.fixture

@@ -50,13 +50,6 @@ def bwrap() -> Bubblewrap:
 
 
 @pytest.fixture
-def root(tmp_path: Path) -> Path:
-    ws = tmp_path / "project"
-    ws.mkdir()
-    return Path(os.path.realpath(ws))
-
-
-@pytest.fixture
 def outside(tmp_path: Path) -> Path:
     """A sibling of the workspace holding a secret."""
     path = tmp_path / "outside"

@@ -39,13 +39,6 @@ CHILD_MARKER = "crushd.tools.grepchild"
 
 
 @pytest.fixture
-def root(tmp_path: Path) -> Path:
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    return Path(os.path.realpath(ws))
-
-
-@pytest.fixture
 def hidden_ws(root: Path) -> ToolContext:
     """A workspace holding crushd's token at ``conf/token`` and a hidden
     directory ``private/``, both on the context's hidden list."""

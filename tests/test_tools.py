@@ -27,13 +27,6 @@ from crushd.tools.paths import is_inside, resolve
 
 
 @pytest.fixture
-def root(tmp_path: Path) -> Path:
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    return Path(os.path.realpath(ws))
-
-
-@pytest.fixture
 def ctx(root: Path) -> ToolContext:
     return ToolContext(root=root, token=CancelToken(name="test"))
 
