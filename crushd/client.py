@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 
 from crushd import __version__
+from crushd.events import EventType
 
 DEFAULT_URL = "http://127.0.0.1:7433"
 
@@ -328,7 +329,7 @@ class EventStream:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         try:
             for event in parse_sse(self._response.iter_lines()):
-                if isinstance(event.get("seq"), int) and event.get("type") != "reset":
+                if isinstance(event.get("seq"), int) and event.get("type") != EventType.RESET:
                     self.last_seq = event["seq"]
                 yield event
         except (httpx.TransportError, httpx.StreamError) as exc:

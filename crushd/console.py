@@ -6,18 +6,24 @@ the same origin, so the browser guard lets it in; its Content-Security-Policy
 lets it load nothing from anywhere else and no other site frame it.  The
 page and its assets need no token: a signed-out browser must see the
 sign-in form, and they hold nothing secret.
+
+The page learns the event types it listens for from the server: the one
+list, :class:`crushd.events.EventType`, is written into ``index.html``'s
+``event-types`` element as it is served.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 from importlib.resources import files
 from typing import Any
 
 from flask import Blueprint, Response, request
 
 from crushd.errors import NotFound
+from crushd.events import EventType
 
 console = Blueprint("console", __name__)
 
@@ -28,6 +34,8 @@ ASSETS = {
     "console.css": ("console.css", "text/css; charset=utf-8"),
 }
 ASSET_PREFIX = "/console/"
+#: The element of ``index.html`` the event types are written into, as shipped.
+EVENT_TYPES_ELEMENT = b'<script type="application/json" id="event-types">[]</script>'
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -51,7 +59,17 @@ def _asset(name: str) -> tuple[bytes, str, str]:
     """The file's bytes, content type and ETag, read once per process."""
     filename, content_type = ASSETS[name]
     data = (files("crushd") / "web" / filename).read_bytes()
+    if filename == "index.html":
+        data = _with_event_types(data)
     return data, content_type, '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
+
+
+def _with_event_types(page: bytes) -> bytes:
+    """``page`` with the event types in its ``event-types`` element."""
+    if page.count(EVENT_TYPES_ELEMENT) != 1:
+        raise RuntimeError("index.html must hold the event-types element once, as shipped")
+    listed = json.dumps([t.value for t in EventType]).replace("</", "<\\/").encode()
+    return page.replace(EVENT_TYPES_ELEMENT, EVENT_TYPES_ELEMENT.replace(b"[]", listed))
 
 
 def _serve(name: str) -> Any:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from crushd.errors import ProviderError
+from crushd.events import EventType
 
 if TYPE_CHECKING:
     from crushd.store import WorkspaceStore
@@ -363,7 +364,9 @@ class Compactor:
         self.flush()
         message_id = writer.id
         self.stored(lambda: self.store.set_summary(self.session_id, message_id, keep_from))
-        self.publish("session.compacted", {"session_id": self.session_id, "message_id": message_id})
+        self.publish(
+            EventType.SESSION_COMPACTED, {"session_id": self.session_id, "message_id": message_id}
+        )
         logger.info(
             "event=compacted run=%s session=%s message=%s chars=%d",
             self.run_id,

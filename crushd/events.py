@@ -6,6 +6,8 @@ bounded queue.  A subscriber whose queue is full is dropped (its stream ends
 and the client reconnects with ``Last-Event-ID``), so one stalled reader can
 never hold back a run or grow memory without bound.
 
+The event types are declared once, in :class:`EventType`.
+
 Events are also sent through the app's blinker ``event_published`` signal
 (one permanent receiver per app, see :mod:`crushd.signals`); SSE fan-out does
 not use blinker because its connect/disconnect is not thread-safe.
@@ -14,6 +16,7 @@ not use blinker because its connect/disconnect is not thread-safe.
 from __future__ import annotations
 
 import collections
+import enum
 import json
 import logging
 import queue
@@ -26,6 +29,54 @@ from typing import Any
 from crushd.common import utcnow
 
 logger = logging.getLogger(__name__)
+
+
+class EventType(enum.StrEnum):
+    """Every type of event a workspace publishes (SPEC §3 "Events"), declared
+    once: the code publishing and reading them, the OpenAPI document's
+    ``Event.type`` and the console (which gets the list with its page) all
+    use these.  Each member is the ``type`` string itself."""
+
+    #: A session was created; payload: the session.
+    SESSION_CREATED = "session.created"
+    #: A session was renamed; payload: the session.
+    SESSION_UPDATED = "session.updated"
+    #: A session was deleted; payload: ``{"id"}``.
+    SESSION_DELETED = "session.deleted"
+    #: A message was stored; payload: the message.
+    MESSAGE_CREATED = "message.created"
+    #: A stored message changed (parts written, a finish added); payload: the message.
+    MESSAGE_UPDATED = "message.updated"
+    #: Streamed text of a message, published before it is stored; payload:
+    #: ``{"message_id", "run_id", "kind", "delta"}``.
+    MESSAGE_DELTA = "message.delta"
+    #: What was streamed for a message is void (a retry streams it again);
+    #: payload: ``{"message_id", "run_id"}``.
+    MESSAGE_RESET = "message.reset"
+    #: A run was accepted and stored ``queued``; payload: the run.
+    RUN_QUEUED = "run.queued"
+    #: A run started; payload: the run, ``running``.
+    RUN_STARTED = "run.started"
+    #: A run ended, its final records written; payload: the terminal run.
+    RUN_COMPLETED = "run.completed"
+    #: A provider request failed and is about to be retried; payload:
+    #: ``{"run_id", "attempt", "delay_s", "error"}``.
+    RUN_RETRYING = "run.retrying"
+    #: A compaction's summary is in force; payload: ``{"session_id", "message_id"}``.
+    SESSION_COMPACTED = "session.compacted"
+    #: A tool call waits for a person's decision; payload: the permission request.
+    PERMISSION_REQUESTED = "permission.requested"
+    #: A permission request was decided, timed out or dropped; payload:
+    #: ``{"id", "run_id", "tool_call_id", "tool", "decision"}``.
+    PERMISSION_RESOLVED = "permission.resolved"
+    #: An MCP server's status changed; payload: its entry as in ``GET .../mcp``.
+    MCP_STATUS = "mcp.status"
+    #: The workspace is closing (or the server stopping): the stream ends after it.
+    WORKSPACE_CLOSING = "workspace.closing"
+    #: Sent first to a reconnecting stream whose events are no longer
+    #: buffered: the client must refetch state.
+    RESET = "reset"
+
 
 SEQ_RESERVE_BLOCK = 10_000
 # Queued events are the same objects as the replay buffer's, so a full queue
@@ -100,7 +151,9 @@ class EventHub:
         with self._lock:
             return len(self._subscribers)
 
-    def publish(self, type: str, session_id: str | None, payload: dict[str, Any]) -> Event | None:
+    def publish(
+        self, type: EventType, session_id: str | None, payload: dict[str, Any]
+    ) -> Event | None:
         """Number, buffer and fan out one event; returns None after close."""
         with self._lock:
             if self._closed:
@@ -133,6 +186,7 @@ class EventHub:
 
     def _event(self, type: str, session_id: str | None, payload: dict[str, Any]) -> Event:
         """The event numbered with the current ``seq``, rendered once.  Holds _lock."""
+        type = str(type)  # an EventType as the plain string it stands for
         data = {
             "seq": self._seq,
             "type": type,
@@ -161,7 +215,9 @@ class EventHub:
                 oldest = self._buffer[0].seq if self._buffer else self._seq + 1
                 if since > self._seq or since < oldest - 1:
                     reset = self._event(
-                        "reset", None, {"requested": since, "oldest": oldest, "latest": self._seq}
+                        EventType.RESET,
+                        None,
+                        {"requested": since, "oldest": oldest, "latest": self._seq},
                     )
                 else:
                     backlog = [e for e in self._buffer if e.seq > since and sub.wants(e)]

@@ -17,6 +17,7 @@ import click
 
 from crushd.cancel import CancelToken
 from crushd.common import TERMINAL_STATUSES
+from crushd.events import EventType
 from crushd.terminal import Follower, fail
 
 #: Bound on waiting for a cancelled run's terminal record (a cancel takes < 1 s).
@@ -60,7 +61,7 @@ def follow_events(
         try:
             with watch(stream):
                 for event in stream:
-                    if event.get("type") == "reset":  # a reconnect would be reset too
+                    if event.get("type") == EventType.RESET:  # a reconnect would be reset too
                         return None
                     terminal = handle(event)
                     if terminal is not None:

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from crushd.common import TERMINAL_STATUSES
+from crushd.events import EventType
 from crushd.signals import Signals
 
 #: The exposition format every Prometheus server reads.
@@ -105,10 +106,10 @@ class Metrics:
         """The signal receiver: runs on the publishing thread, after the hub
         released its lock; a few dictionary operations."""
         payload = event.data["payload"]
-        if event.type == "run.started":
+        if event.type == EventType.RUN_STARTED:
             with self._lock:
                 self._started[payload["id"]] = [self._clock(), False]
-        elif event.type == "message.delta":
+        elif event.type == EventType.MESSAGE_DELTA:
             with self._lock:
                 entry = self._started.get(payload.get("run_id", ""))
                 first = entry is not None and not entry[1]
@@ -116,9 +117,9 @@ class Metrics:
                     entry[1] = True
             if first:
                 self.first_delta.observe(max(0.0, self._clock() - entry[0]))
-        elif event.type == "run.retrying":
+        elif event.type == EventType.RUN_RETRYING:
             self.provider_retries.inc()
-        elif event.type == "run.completed":
+        elif event.type == EventType.RUN_COMPLETED:
             with self._lock:
                 entry = self._started.pop(payload["id"], None)
             if entry is not None:

@@ -16,7 +16,7 @@ from typing import Any
 from crushd.cancel import Cancelled, CancelToken
 from crushd.common import new_id, utcnow
 from crushd.errors import InvalidRequest, NotFound
-from crushd.events import EventHub
+from crushd.events import EventHub, EventType
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class PermissionBroker:
         with self._lock:
             self._pending[pid] = pending
         handle = token.on_cancel(pending.done.set)
-        self._hub.publish("permission.requested", session_id, request)
+        self._hub.publish(EventType.PERMISSION_REQUESTED, session_id, request)
         try:
             pending.done.wait(self._timeout)
         finally:
@@ -114,7 +114,7 @@ class PermissionBroker:
 
     def _resolved(self, request: dict[str, Any], decision: str) -> None:
         self._hub.publish(
-            "permission.resolved",
+            EventType.PERMISSION_RESOLVED,
             request["session_id"],
             {
                 "id": request["id"],

@@ -46,7 +46,7 @@ from crushd.context import (
     summary_message,
 )
 from crushd.errors import StorageUnavailable
-from crushd.events import EventHub
+from crushd.events import EventHub, EventType
 from crushd.providers.base import (
     EventTooLarge,
     Provider,
@@ -223,9 +223,9 @@ class Run:
         """
         env = self.env
         try:
-            self.publish("run.started", self.record)
+            self.publish(EventType.RUN_STARTED, self.record)
             if self.user_message is not None:
-                self.publish("message.created", self.user_message)
+                self.publish(EventType.MESSAGE_CREATED, self.user_message)
             self._open_step(self._first_message)
             # An unknown model (configuration changed while it was queued)
             # or a missing key fails the run here, with a message that says so.
@@ -312,7 +312,7 @@ class Run:
         self._open_step(message)
 
     def _open_step(self, message: dict[str, Any]) -> None:
-        self.publish("message.created", message)
+        self.publish(EventType.MESSAGE_CREATED, message)
         self.step = _Step(
             MessageWriter(self.env, message, self.id, max_bytes=self.env.max_message_bytes)
         )
@@ -532,7 +532,7 @@ class Run:
             reset,
         )
         self.publish(
-            "run.retrying",
+            EventType.RUN_RETRYING,
             {
                 "run_id": self.id,
                 "attempt": event.attempt,
@@ -551,7 +551,7 @@ class Run:
                 raise
             return
         if stored is not None:
-            self.publish("message.updated", stored)
+            self.publish(EventType.MESSAGE_UPDATED, stored)
 
     # -- the end -----------------------------------------------------------
 
@@ -677,7 +677,7 @@ class Run:
 
     def _completed(self, terminal: dict[str, Any] | None) -> dict[str, Any] | None:
         if terminal is not None:
-            self.publish("run.completed", terminal)
+            self.publish(EventType.RUN_COMPLETED, terminal)
             self.env.on_completed(terminal)
         return terminal
 
@@ -690,7 +690,7 @@ class Run:
             writer = self.step.writer
             stored = writer.close()
             if stored is not None:
-                self.publish("message.updated", stored)
+                self.publish(EventType.MESSAGE_UPDATED, stored)
             self.tool_calls.write_results(self.step.tools, outcome.result_text)
             text = writer.text("summary" if self.compact else "text")
             message_id = writer.id

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from crushd.common import load_json, utcnow
+from crushd.events import EventType
 
 if TYPE_CHECKING:
     from crushd.events import EventHub
@@ -160,11 +161,11 @@ def seal_run_messages(
             changed = True
         if changed:
             last = env.store.update_message(msg, parts)
-            env.hub.publish("message.updated", session_id, last)
+            env.hub.publish(EventType.MESSAGE_UPDATED, session_id, last)
     if unanswered:
         results = [tool_result_part(p, outcome.result_text, True) for p in unanswered]
         model = last["model"] if last else None
         provider = last["provider"] if last else None
         created = env.store.create_message(session_id, run_id, "tool", results, model, provider)
-        env.hub.publish("message.created", session_id, created)
+        env.hub.publish(EventType.MESSAGE_CREATED, session_id, created)
     return last

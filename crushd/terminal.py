@@ -15,6 +15,8 @@ from typing import Any, NoReturn
 
 import click
 
+from crushd.events import EventType
+
 
 def fail(message: str, code: int = 1) -> NoReturn:
     click.echo(f"crushd: {message}", err=True)
@@ -105,30 +107,30 @@ class Follower:
     def handle(self, event: dict[str, Any]) -> dict[str, Any] | None:
         kind = event.get("type")
         payload = event.get("payload") or {}
-        if kind == "run.completed" and payload.get("id") == self.run_id:
+        if kind == EventType.RUN_COMPLETED and payload.get("id") == self.run_id:
             self._close_thinking()
             return payload
         if payload.get("run_id") != self.run_id:
             return None
-        if kind == "message.delta":
+        if kind == EventType.MESSAGE_DELTA:
             self._delta(payload)
-        elif kind == "message.reset":
+        elif kind == EventType.MESSAGE_RESET:
             self._reset(payload)
-        elif kind == "run.retrying":
+        elif kind == EventType.RUN_RETRYING:
             self.progress(
                 f"· provider failed ({one_line(payload.get('error'), 100)}); "
                 f"retry {payload.get('attempt')} in {payload.get('delay_s')} s"
             )
-        elif kind in ("message.created", "message.updated"):
+        elif kind in (EventType.MESSAGE_CREATED, EventType.MESSAGE_UPDATED):
             self._message(payload)
-        elif kind == "permission.requested":
+        elif kind == EventType.PERMISSION_REQUESTED:
             what = " ".join(str(payload[k]) for k in ("tool", "action", "path") if payload.get(k))
             decide = f"/v1/workspaces/{self.workspace_id}/permissions/{payload.get('id')}"
             self.progress(
                 f"· permission needed: {what}; answer with POST {decide} "
                 '{"decision": "allow" | "allow_session" | "deny"}'
             )
-        elif kind == "permission.resolved":
+        elif kind == EventType.PERMISSION_RESOLVED:
             self.progress(f"· permission {payload.get('decision')}: {payload.get('tool')}")
         return None
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from crushd.cancel import CancelToken
 from crushd.common import load_json
+from crushd.events import EventType
 from crushd.sealing import TOOL_CANCELED, tool_result_part
 from crushd.tools.base import Tool, ToolContext, ToolError, ToolResult
 from crushd.tools.paths import is_inside
@@ -171,4 +172,4 @@ class ToolCalls:
             self.session_id, self.run_id, "tool", parts, *self.model_ids
         )
         step.written = True
-        self.publish("message.created", created)
+        self.publish(EventType.MESSAGE_CREATED, created)

@@ -77,7 +77,7 @@ from crushd.errors import (
     StorageUnavailable,
     WorkspaceClosing,
 )
-from crushd.events import EventHub
+from crushd.events import EventHub, EventType
 from crushd.gate import StartGate
 from crushd.keeper import KEEPER_BUDGET, Owed, StorageKeeper
 from crushd.mcp import McpLoop, WorkspaceMcp
@@ -185,7 +185,7 @@ class Workspace:
             config.mcp if mcp_loop is not None else {},
             self.path,
             mcp_loop or McpLoop(),
-            publish=lambda entry: self.hub.publish("mcp.status", None, entry),
+            publish=lambda entry: self.hub.publish(EventType.MCP_STATUS, None, entry),
             workspace_id=self.id,
             sandbox=sandbox,
             clock=clock,
@@ -329,7 +329,7 @@ class Workspace:
             message_id=last["id"] if last else None,
         )
         if terminal is not None:
-            self.hub.publish("run.completed", run["session_id"], terminal)
+            self.hub.publish(EventType.RUN_COMPLETED, run["session_id"], terminal)
             logger.info("event=run_interrupted workspace=%s run=%s", self.id, run["id"])
 
     def _fail_unsealed(self, run: dict[str, Any], error: Exception) -> None:
@@ -343,7 +343,7 @@ class Workspace:
                 error=f"recovery could not seal this run's records: {error!r}",
             )
             if terminal is not None:
-                self.hub.publish("run.completed", run["session_id"], terminal)
+                self.hub.publish(EventType.RUN_COMPLETED, run["session_id"], terminal)
         except Exception:  # the next start tries again; this one goes on
             logger.exception(
                 "event=run_recovery_unfinished workspace=%s run=%s", self.id, run["id"]
@@ -400,8 +400,8 @@ class Workspace:
         session_id = run["session_id"]
         try:
             if session is not None:
-                self.hub.publish("session.created", session_id, session)
-            self.hub.publish("run.queued", session_id, run)
+                self.hub.publish(EventType.SESSION_CREATED, session_id, session)
+            self.hub.publish(EventType.RUN_QUEUED, session_id, run)
         finally:
             with self._lock:
                 self._announcing.discard(run["id"])
@@ -617,7 +617,7 @@ class Workspace:
             run_id, "cancelled", only_from="queued", error=CANCELED_MESSAGE
         )
         if terminal is not None:
-            self.hub.publish("run.completed", terminal["session_id"], terminal)
+            self.hub.publish(EventType.RUN_COMPLETED, terminal["session_id"], terminal)
             self._run_completed(terminal)
         return terminal
 
@@ -635,7 +635,7 @@ class Workspace:
     def create_session(self, title: str) -> dict[str, Any]:
         """Create an empty session; publishes ``session.created``."""
         session = self.store.create_session(title)
-        self.hub.publish("session.created", session["id"], session)
+        self.hub.publish(EventType.SESSION_CREATED, session["id"], session)
         return session
 
     def get_session(self, session_id: str) -> dict[str, Any]:
@@ -652,7 +652,7 @@ class Workspace:
         session = self.store.update_session(session_id, title)
         if session is None:
             raise NotFound(f"session {session_id} not found")
-        self.hub.publish("session.updated", session_id, session)
+        self.hub.publish(EventType.SESSION_UPDATED, session_id, session)
         return session
 
     def delete_session(self, session_id: str) -> None:
@@ -660,7 +660,7 @@ class Workspace:
         publishes ``session.deleted``."""
         if not self.store.delete_session(session_id):
             raise NotFound(f"session {session_id} not found")
-        self.hub.publish("session.deleted", session_id, {"id": session_id})
+        self.hub.publish(EventType.SESSION_DELETED, session_id, {"id": session_id})
 
     def list_messages(self, session_id: str) -> list[dict[str, Any]]:
         self.get_session(session_id)
@@ -811,7 +811,7 @@ class Workspace:
             keep_queued,
         )
         self.hub.publish(
-            "workspace.closing", None, {"workspace_id": self.id, "keep_queued": keep_queued}
+            EventType.WORKSPACE_CLOSING, None, {"workspace_id": self.id, "keep_queued": keep_queued}
         )
         # 1b. On a server stop, running turns first get the drain to finish
         #     on their own (a second signal cuts it short).

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from crushd.config import DEFAULT_MAX_MESSAGE_BYTES
 from crushd.errors import StorageUnavailable
+from crushd.events import EventType
 from crushd.providers.base import on_wait
 from crushd.sealing import closed_input, finish_part
 
@@ -188,7 +189,7 @@ class MessageWriter:
             self._send(write, queued)
             return
         try:
-            self._env.hub.publish("message.delta", self.message["session_id"], direct)
+            self._env.hub.publish(EventType.MESSAGE_DELTA, self.message["session_id"], direct)
         finally:
             self._output_lock.release()
         if write:
@@ -301,7 +302,7 @@ class MessageWriter:
             if had_parts:
                 self._parts, self._tail = [], []
                 self._outbox.append(
-                    ("message.reset", {"message_id": self.id, "run_id": self.run_id})
+                    (EventType.MESSAGE_RESET, {"message_id": self.id, "run_id": self.run_id})
                 )
                 self._dirty = True
             queued = bool(self._outbox)
@@ -371,7 +372,7 @@ class MessageWriter:
 
     def _queue_delta(self, kind: str, text: str) -> None:
         self._shown = True
-        self._outbox.append(("message.delta", self._delta_payload(kind, text)))
+        self._outbox.append((EventType.MESSAGE_DELTA, self._delta_payload(kind, text)))
 
     def _release(self) -> bool:
         """Queue what is held; return whether there was anything."""

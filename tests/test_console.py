@@ -11,6 +11,7 @@ from __future__ import annotations
 import configparser
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import crushd
 from crushd.console import ASSETS
+from crushd.events import EventType
 
 KEY_ENV = "CRUSHD_TEST_CONSOLE_KEY"
 TOKEN = "console-browser-token"
@@ -420,3 +422,18 @@ def test_every_console_file_ships_in_the_package():
     shipped = {f"web/{path.name}" for path in web.iterdir()}
     assert shipped and shipped <= listed
     assert {f"web/{filename}" for filename, _ in ASSETS.values()} == shipped
+
+
+def test_the_page_gets_the_event_types_from_their_one_declaration(client):
+    """The console listens for exactly :class:`EventType`, which the server
+    writes into the page; every event type console.js names is among them."""
+    page = client.get("/").get_data(as_text=True)
+    found = re.search(r'<script type="application/json" id="event-types">(.*?)</script>', page)
+    assert found is not None, page
+    assert json.loads(found.group(1)) == [t.value for t in EventType]
+    script = (Path(crushd.__file__).parent / "web" / "console.js").read_text()
+    prefixes = "|".join(sorted({t.value.split(".")[0] for t in EventType if "." in t.value}))
+    named = set(re.findall(rf"""["']((?:{prefixes})\.[A-Za-z_.]+)["']""", script))
+    assert named, "console.js names no event type: the pattern above is out of date"
+    assert named <= {t.value for t in EventType}, named - {t.value for t in EventType}
+    assert "const EVENT_TYPES = JSON.parse(" in script  # no list of its own

@@ -10,6 +10,7 @@ from openapi_spec_validator import validate
 
 import crushd
 from crushd.common import RUN_STATUSES
+from crushd.events import EventType
 from crushd.mcp import STATUSES
 from crushd.providers import FINISH_REASONS
 
@@ -272,3 +273,9 @@ def test_the_document_states_the_limits_the_server_enforces(spec, client, projec
         assert client.post(agent, json=bad).status_code == 400, bad
     ok = {"prompt": "x", "run_id": "r" * 128, "session_id": None, "model": None}
     assert client.post(agent, json=ok).status_code == 202
+
+
+def test_the_event_types_are_the_declared_ones(spec):
+    """``Event.type`` lists exactly :class:`crushd.events.EventType`."""
+    listed = spec["components"]["schemas"]["Event"]["properties"]["type"]["enum"]
+    assert sorted(listed) == sorted(t.value for t in EventType)

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from crushd.acp import updates
 from crushd.acp.rpc import INTERNAL_ERROR, Outgoing, RpcError
 from crushd.common import TERMINAL_STATUSES, new_id
+from crushd.events import EventType
 from crushd.follow import follow_events
 
 if TYPE_CHECKING:
@@ -230,19 +231,19 @@ class Turn:
         payload = event.get("payload") or {}
         if not isinstance(payload, dict):
             return None
-        if kind == "run.completed":
+        if kind == EventType.RUN_COMPLETED:
             return payload if payload.get("id") == self.run_id else None
         if payload.get("run_id") != self.run_id:
             return None
-        if kind == "message.delta" and payload.get("kind") in ("text", "reasoning"):
+        if kind == EventType.MESSAGE_DELTA and payload.get("kind") in ("text", "reasoning"):
             self._text(payload["message_id"], payload["kind"], payload.get("delta") or "")
-        elif kind in ("message.created", "message.updated"):
+        elif kind in (EventType.MESSAGE_CREATED, EventType.MESSAGE_UPDATED):
             self._message(payload)
-        elif kind == "message.reset":
+        elif kind == EventType.MESSAGE_RESET:
             self._reset(payload.get("message_id") or "")
-        elif kind == "permission.requested":
+        elif kind == EventType.PERMISSION_REQUESTED:
             self._ask(payload)
-        elif kind == "permission.resolved":
+        elif kind == EventType.PERMISSION_RESOLVED:
             self._resolved(payload)
         return None
 

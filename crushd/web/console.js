@@ -10,13 +10,9 @@
 
 const $ = (id) => document.getElementById(id);
 
-const EVENT_TYPES = [
-  "reset", "session.created", "session.updated", "session.deleted",
-  "message.created", "message.updated", "message.delta", "message.reset",
-  "run.queued", "run.started", "run.completed", "run.retrying",
-  "permission.requested", "permission.resolved", "workspace.closing",
-  "session.compacted", "mcp.status",
-];
+// Every event type the server publishes: crushd.events.EventType, which
+// the server writes into the page it serves.
+const EVENT_TYPES = JSON.parse($("event-types").textContent);
 const ACTIVE = new Set(["queued", "running"]);
 // A run's statuses only move forward; an older copy never replaces a newer one.
 const RUN_RANK = { queued: 0, running: 1, completed: 2, cancelled: 2, failed: 2, interrupted: 2 };
