@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from crushd.common import utcnow
 
@@ -78,6 +78,12 @@ class EventType(enum.StrEnum):
     RESET = "reset"
 
 
+def session_of(record: dict[str, Any]) -> str | None:
+    """The session a stored record belongs to: its ``session_id``, or, for
+    a session, its ``id``."""
+    return record["session_id"] if "session_id" in record else record["id"]
+
+
 SEQ_RESERVE_BLOCK = 10_000
 # Queued events are the same objects as the replay buffer's, so a full queue
 # costs references, not copies; past this a reader is too slow to keep.
@@ -89,6 +95,8 @@ SSE_BATCH = 256
 SSE_GATHER = 0.005
 
 _CLOSE = object()
+
+Record = TypeVar("Record", bound=dict[str, Any])
 
 
 @dataclass(frozen=True)
@@ -183,6 +191,22 @@ class EventHub:
         if self._on_event is not None:
             self._on_event(event)
         return event
+
+    def publish_stored(self, type: EventType, write: Callable[[], Record | None]) -> Record | None:
+        """Write, then publish what was written: call ``write`` (a store
+        write returning the record as stored, or None when it changed
+        nothing) and publish that record as ``type`` in its session
+        (:func:`session_of`); return it.
+
+        Every event that announces a stored change goes through here, so
+        none can be published for something not stored yet, nor carry
+        anything but what was stored: nothing is published when ``write``
+        raises (that propagates) or returns None.  Blocks on the write.
+        """
+        stored = write()
+        if stored is not None:
+            self.publish(type, session_of(stored), stored)
+        return stored
 
     def _event(self, type: str, session_id: str | None, payload: dict[str, Any]) -> Event:
         """The event numbered with the current ``seq``, rendered once.  Holds _lock."""

@@ -118,7 +118,6 @@ class RunEnv:
     # UTF-8 bytes one assistant message may stream (MessageWriter.max_bytes).
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     allowed_tools: frozenset[str] = frozenset()
-    on_completed: Callable[[dict[str, Any]], None] = lambda run: None
     clock: Callable[[], float] = time.monotonic
     # Tools that come and go (the MCP servers' tools), read once as a run starts.
     extra_tools: Callable[[], Mapping[str, Tool]] = dict
@@ -182,7 +181,7 @@ class Run:
             allowed_tools=env.allowed_tools,
             permissions=env.permissions,
             store=env.store,
-            publish=self.publish,
+            hub=env.hub,
             model_ids=self._model_ids,
         )
         self.compactor = Compactor(
@@ -226,6 +225,7 @@ class Run:
             self.publish(EventType.RUN_STARTED, self.record)
             if self.user_message is not None:
                 self.publish(EventType.MESSAGE_CREATED, self.user_message)
+            self.publish(EventType.MESSAGE_CREATED, self._first_message)
             self._open_step(self._first_message)
             # An unknown model (configuration changed while it was queued)
             # or a missing key fails the run here, with a message that says so.
@@ -304,15 +304,18 @@ class Run:
             self._usage.pop(0)
 
     def _new_step(self) -> None:
-        message = self._stored(
-            lambda: self.env.store.create_message(
-                self.session_id, self.id, "assistant", [], *self._model_ids
-            )
+        message = self.env.hub.publish_stored(
+            EventType.MESSAGE_CREATED,
+            lambda: self._stored(
+                lambda: self.env.store.create_message(
+                    self.session_id, self.id, "assistant", [], *self._model_ids
+                )
+            ),
         )
         self._open_step(message)
 
     def _open_step(self, message: dict[str, Any]) -> None:
-        self.publish(EventType.MESSAGE_CREATED, message)
+        """Stream the next step into ``message``, stored and announced."""
         self.step = _Step(
             MessageWriter(self.env, message, self.id, max_bytes=self.env.max_message_bytes)
         )
@@ -545,19 +548,24 @@ class Run:
         if not required and not self.env.store.available:
             return
         try:
-            stored = self._stored(self.step.writer.flush)
+            self.env.hub.publish_stored(
+                EventType.MESSAGE_UPDATED, lambda: self._stored(self.step.writer.flush)
+            )
         except StorageUnavailable:
             if required:
                 raise
-            return
-        if stored is not None:
-            self.publish(EventType.MESSAGE_UPDATED, stored)
 
     # -- the end -----------------------------------------------------------
 
     def _finalize(self, outcome: Outcome) -> dict[str, Any] | None:
         """Write the closing records under a detached deadline, then publish
         ``run.completed``.  Runs even though the token is cancelled.
+        Returns the terminal run; None if its records are owed (or could
+        not be written at all, see :meth:`_close`)."""
+        return self._completed(functools.partial(self._close, outcome))
+
+    def _close(self, outcome: Outcome) -> dict[str, Any] | None:
+        """The closing records, written; returns the terminal run.
 
         Writes the database refuses are retried until the deadline; after
         it the records are left in :attr:`owed` and None is returned.  Any
@@ -594,12 +602,12 @@ class Run:
                 return self._close_anyway(exc, deadline)
         if deadline.expired:
             logger.warning("event=run_cleanup_slow run=%s", self.id)
-        return self._completed(terminal)
+        return terminal
 
     def _close_anyway(self, error: Exception, deadline: Deadline) -> dict[str, Any] | None:
         """The closing records raised ``error``: write the least that still
-        ends the run — each write on its own, so one that raises does not
-        stop the others — and publish ``run.completed``.
+        ends the run, each write on its own, so one that raises does not
+        stop the others.
 
         A run whose final writes crashed once stayed ``running`` for good: no
         cancel reached it, its session could not be deleted, and every
@@ -651,7 +659,7 @@ class Run:
                 logger.exception("event=run_close_failed run=%s", self.id)
                 return None
         logger.warning("event=run_closed_anyway run=%s error=%r", self.id, outcome.error)
-        return self._completed(terminal)
+        return terminal
 
     def _attempt(self, what: str, write: Callable[[], T]) -> T | None:
         """One write of :meth:`_close_anyway`; what raises is logged and skipped."""
@@ -667,19 +675,23 @@ class Run:
         Called by the workspace once the database may accept writes again;
         raises StorageUnavailable (the records stay owed) if it still refuses.
         """
-        if self.owed is None:
+        owed = self.owed
+        if owed is None:
             return None
-        with lock_budget(budget):
-            terminal = self.owed()
-        self.owed = None
-        logger.info("event=run_records_written run=%s", self.id)
-        return self._completed(terminal)
 
-    def _completed(self, terminal: dict[str, Any] | None) -> dict[str, Any] | None:
-        if terminal is not None:
-            self.publish(EventType.RUN_COMPLETED, terminal)
-            self.env.on_completed(terminal)
-        return terminal
+        def write() -> dict[str, Any] | None:
+            with lock_budget(budget):
+                terminal = owed()
+            self.owed = None
+            logger.info("event=run_records_written run=%s", self.id)
+            return terminal
+
+        return self._completed(write)
+
+    def _completed(self, close: Callable[[], dict[str, Any] | None]) -> dict[str, Any] | None:
+        """The one place a run publishes ``run.completed``: once ``close``
+        stored its terminal record, with that record."""
+        return self.env.hub.publish_stored(EventType.RUN_COMPLETED, close)
 
     def _close_records(self, outcome: Outcome) -> dict[str, Any] | None:
         """Every closing write, in order; each step is idempotent, so after a
@@ -688,9 +700,7 @@ class Run:
         text, message_id = "", None
         if self.step is not None:
             writer = self.step.writer
-            stored = writer.close()
-            if stored is not None:
-                self.publish(EventType.MESSAGE_UPDATED, stored)
+            self.env.hub.publish_stored(EventType.MESSAGE_UPDATED, writer.close)
             self.tool_calls.write_results(self.step.tools, outcome.result_text)
             text = writer.text("summary" if self.compact else "text")
             message_id = writer.id

@@ -160,12 +160,16 @@ def seal_run_messages(
             parts.append(finish_part(outcome.reason or "error", outcome.message, outcome.details))
             changed = True
         if changed:
-            last = env.store.update_message(msg, parts)
-            env.hub.publish(EventType.MESSAGE_UPDATED, session_id, last)
+            last = env.hub.publish_stored(
+                EventType.MESSAGE_UPDATED,
+                lambda msg=msg, parts=parts: env.store.update_message(msg, parts),
+            )
     if unanswered:
         results = [tool_result_part(p, outcome.result_text, True) for p in unanswered]
         model = last["model"] if last else None
         provider = last["provider"] if last else None
-        created = env.store.create_message(session_id, run_id, "tool", results, model, provider)
-        env.hub.publish(EventType.MESSAGE_CREATED, session_id, created)
+        env.hub.publish_stored(
+            EventType.MESSAGE_CREATED,
+            lambda: env.store.create_message(session_id, run_id, "tool", results, model, provider),
+        )
     return last

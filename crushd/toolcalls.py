@@ -14,7 +14,7 @@ run's thread.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +26,7 @@ from crushd.tools.base import Tool, ToolContext, ToolError, ToolResult
 from crushd.tools.paths import is_inside
 
 if TYPE_CHECKING:
+    from crushd.events import EventHub
     from crushd.permissions import PermissionBroker
     from crushd.store import WorkspaceStore
 
@@ -61,7 +62,7 @@ class ToolCalls:
 
     Takes plain values: the run's tools and :class:`ToolContext`, the
     permission settings of its workspace, and where results go (``store``,
-    and ``publish(type, payload)`` for the run's session).  Not
+    and the workspace's event ``hub``).  Not
     thread-safe: the run's thread owns it.  Blocks while a tool runs and
     while a permission request waits for its answer (both end on a cancel
     of ``context.token`` with :class:`~crushd.cancel.Cancelled`).
@@ -78,7 +79,7 @@ class ToolCalls:
         allowed_tools: frozenset[str],
         permissions: PermissionBroker,
         store: WorkspaceStore,
-        publish: Callable[[str, dict[str, Any]], None],
+        hub: EventHub,
         model_ids: tuple[str | None, str | None],
     ) -> None:
         self.tools = tools
@@ -89,7 +90,7 @@ class ToolCalls:
         self.allowed_tools = allowed_tools
         self.permissions = permissions
         self.store = store
-        self.publish = publish
+        self.hub = hub
         self.model_ids = model_ids  # of the tool messages: the model id and the provider
 
     @property
@@ -168,8 +169,12 @@ class ToolCalls:
         parts = [
             step.results.get(c["id"]) or tool_result_part(c, missing, True) for c in step.calls
         ]
-        created = self.store.create_message(
-            self.session_id, self.run_id, "tool", parts, *self.model_ids
-        )
-        step.written = True
-        self.publish(EventType.MESSAGE_CREATED, created)
+
+        def write() -> dict[str, Any]:
+            created = self.store.create_message(
+                self.session_id, self.run_id, "tool", parts, *self.model_ids
+            )
+            step.written = True
+            return created
+
+        self.hub.publish_stored(EventType.MESSAGE_CREATED, write)

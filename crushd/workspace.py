@@ -77,7 +77,7 @@ from crushd.errors import (
     StorageUnavailable,
     WorkspaceClosing,
 )
-from crushd.events import EventHub, EventType
+from crushd.events import Event, EventHub, EventType
 from crushd.gate import StartGate
 from crushd.keeper import KEEPER_BUDGET, Owed, StorageKeeper
 from crushd.mcp import McpLoop, WorkspaceMcp
@@ -177,7 +177,7 @@ class Workspace:
             first_seq,
             config.event_buffer,
             reserve=lambda n: self.store.set_setting(SEQ_SETTING, str(n)),
-            on_event=lambda e: send(signals.event_published, self.id, event=e),
+            on_event=self._event_published,
         )
         self.permissions = PermissionBroker(self.hub, config.permission_timeout)
         # The MCP servers publish from the loop thread; the hub is thread-safe.
@@ -237,7 +237,6 @@ class Workspace:
             tool_env=tool_env,
             max_message_bytes=config.max_message_bytes,
             allowed_tools=frozenset(config.allowed_tools),
-            on_completed=self._run_completed,
             clock=clock,
             extra_tools=self.mcp.tools,
             user_instructions=config.user_instructions,
@@ -320,16 +319,18 @@ class Workspace:
         """Seal a run a previous process left ``running`` and make it
         ``interrupted``; publishes ``run.completed``."""
         outcome = Outcome.interrupted()
-        last = seal_run_messages(self._env, run["id"], run["session_id"], outcome)
-        terminal = self.store.finish_run(
-            run["id"],
-            outcome.status,
-            error=outcome.error,
-            text=text_of(last["parts"]) if last else "",
-            message_id=last["id"] if last else None,
-        )
-        if terminal is not None:
-            self.hub.publish(EventType.RUN_COMPLETED, run["session_id"], terminal)
+
+        def interrupted() -> dict[str, Any] | None:
+            last = seal_run_messages(self._env, run["id"], run["session_id"], outcome)
+            return self.store.finish_run(
+                run["id"],
+                outcome.status,
+                error=outcome.error,
+                text=text_of(last["parts"]) if last else "",
+                message_id=last["id"] if last else None,
+            )
+
+        if self.hub.publish_stored(EventType.RUN_COMPLETED, interrupted) is not None:
             logger.info("event=run_interrupted workspace=%s run=%s", self.id, run["id"])
 
     def _fail_unsealed(self, run: dict[str, Any], error: Exception) -> None:
@@ -337,13 +338,14 @@ class Workspace:
         becomes ``failed`` anyway, so a record no code can handle never
         makes every start crash (it once did, for good); the start goes on."""
         try:
-            terminal = self.store.finish_run(
-                run["id"],
-                "failed",
-                error=f"recovery could not seal this run's records: {error!r}",
+            self.hub.publish_stored(
+                EventType.RUN_COMPLETED,
+                lambda: self.store.finish_run(
+                    run["id"],
+                    "failed",
+                    error=f"recovery could not seal this run's records: {error!r}",
+                ),
             )
-            if terminal is not None:
-                self.hub.publish(EventType.RUN_COMPLETED, run["session_id"], terminal)
         except Exception:  # the next start tries again; this one goes on
             logger.exception(
                 "event=run_recovery_unfinished workspace=%s run=%s", self.id, run["id"]
@@ -613,20 +615,28 @@ class Workspace:
         return None
 
     def _write_cancelled(self, run_id: str) -> dict[str, Any] | None:
-        terminal = self.store.finish_run(
-            run_id, "cancelled", only_from="queued", error=CANCELED_MESSAGE
+        return self.hub.publish_stored(
+            EventType.RUN_COMPLETED,
+            lambda: self.store.finish_run(
+                run_id, "cancelled", only_from="queued", error=CANCELED_MESSAGE
+            ),
         )
-        if terminal is not None:
-            self.hub.publish(EventType.RUN_COMPLETED, terminal["session_id"], terminal)
-            self._run_completed(terminal)
-        return terminal
 
-    def _run_completed(self, run: dict[str, Any]) -> None:
-        logger.info(
-            "event=run_completed workspace=%s run=%s status=%s", self.id, run["id"], run["status"]
-        )
-        with self._finished:
-            self._finished.notify_all()
+    def _event_published(self, event: Event) -> None:
+        """Every event of the workspace, once the hub let go of its lock:
+        the app's signal first (metrics count a run before its waiters
+        wake), then a ``run.completed`` wakes :meth:`wait_run`."""
+        send(self._signals.event_published, self.id, event=event)
+        if event.type == EventType.RUN_COMPLETED:
+            run = event.data["payload"]
+            logger.info(
+                "event=run_completed workspace=%s run=%s status=%s",
+                self.id,
+                run["id"],
+                run["status"],
+            )
+            with self._finished:
+                self._finished.notify_all()
 
     # -- sessions API ----------------------------------------------------------
     #
@@ -634,9 +644,9 @@ class Workspace:
 
     def create_session(self, title: str) -> dict[str, Any]:
         """Create an empty session; publishes ``session.created``."""
-        session = self.store.create_session(title)
-        self.hub.publish(EventType.SESSION_CREATED, session["id"], session)
-        return session
+        return self.hub.publish_stored(
+            EventType.SESSION_CREATED, lambda: self.store.create_session(title)
+        )
 
     def get_session(self, session_id: str) -> dict[str, Any]:
         session = self.store.get_session(session_id)
@@ -649,18 +659,22 @@ class Workspace:
 
     def update_session(self, session_id: str, title: str) -> dict[str, Any]:
         """Rename a session; publishes ``session.updated``."""
-        session = self.store.update_session(session_id, title)
+        session = self.hub.publish_stored(
+            EventType.SESSION_UPDATED, lambda: self.store.update_session(session_id, title)
+        )
         if session is None:
             raise NotFound(f"session {session_id} not found")
-        self.hub.publish(EventType.SESSION_UPDATED, session_id, session)
         return session
 
     def delete_session(self, session_id: str) -> None:
         """Delete a session with no queued or running run (else SessionBusy);
         publishes ``session.deleted``."""
-        if not self.store.delete_session(session_id):
+
+        def delete() -> dict[str, Any] | None:
+            return {"id": session_id} if self.store.delete_session(session_id) else None
+
+        if self.hub.publish_stored(EventType.SESSION_DELETED, delete) is None:
             raise NotFound(f"session {session_id} not found")
-        self.hub.publish(EventType.SESSION_DELETED, session_id, {"id": session_id})
 
     def list_messages(self, session_id: str) -> list[dict[str, Any]]:
         self.get_session(session_id)
