@@ -161,8 +161,9 @@ class Run:
         # The closing records the database refused past the cleanup
         # deadline; the workspace calls settle() to write them later.
         self.owed: Callable[[], dict[str, Any] | None] | None = None
-        # The provider's model id and the provider's name, for messages.
-        self._model_ids = env.models.message_ids(self.record["model"] or env.models.default)
+        # The provider's model id and the provider's name, for messages: as
+        # the first one recorded them.
+        self._model_ids = (start.message["model"], start.message["provider"])
         self.tools: dict[str, Tool] = {**env.extra_tools(), **env.tools}
         context = ToolContext(
             root=env.root,
@@ -231,7 +232,7 @@ class Run:
             # or a missing key fails the run here, with a message that says so.
             # The assistant message came first, so such a failure still
             # leaves one with its finish part.
-            name = self.record["model"] or env.models.default
+            name = self.record["model"]  # decided at accept, stored with the run
             self.spec = env.models.spec(name)
             self.provider = env.models.provider(name)
             self.system = self._system_prompt()

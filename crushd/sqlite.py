@@ -134,8 +134,8 @@ class SqliteStore:
         # (``WorkspaceStore.start_run`` calls ``context``).  Lock order: last
         # of crushd's locks (the list is in :mod:`crushd.workspace`): while
         # holding it a thread takes no other lock of crushd's, nor may what
-        # it calls (``on_change``, ``start_run``'s ``describe``); only the
-        # leaf locks inside the events it sets and logging's.
+        # it calls (``on_change``); only the leaf locks inside the events it
+        # sets and logging's.
         self._connection_lock = threading.RLock()
         self._closed = False  # guarded by _connection_lock
         # Whether the last write was accepted.  Written under

@@ -19,7 +19,6 @@ recovery that the next one denies).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -501,27 +500,31 @@ class WorkspaceStore(SqliteStore):
     def start_run(
         self,
         run_id: str,
-        default_model: str | None = None,
-        describe: Callable[[str | None], tuple[str | None, str | None]] | None = None,
+        *,
+        model: str | None = None,
+        message_ids: tuple[str | None, str | None] | None = None,
     ) -> RunStart | None:
         """``queued`` -> ``running``, with the run's first records, in one
         transaction; None if the run is no longer queued.
 
-        A ``prompt`` run gets its user message; every run gets its first,
-        empty assistant message, whose model and provider are
-        ``describe(run's model)`` (without ``describe``: the run's model and
-        no provider).  A run queued before runs had a model gets
-        ``default_model``.  One transaction, so that no crash or refused
-        write leaves a running run without the prompt it answers; it also
-        reads the session's context and its size, which the run's first
-        request needs (one turn at the connection lock instead of three).
+        ``model``, when given, is stored as the run's: the one it was
+        accepted with, or for a run queued by a version before runs had a
+        model, the one its workspace gave it when it loaded it.  A ``prompt``
+        run gets its user message; every run gets its first, empty
+        assistant message, which records ``message_ids`` (the provider's
+        model id and the provider; without them, the run's model and no
+        provider).  One transaction, so that no crash or refused write
+        leaves a running run without the prompt it answers; it also reads
+        the session's context and its size, which the run's first request
+        needs (one turn at the connection lock instead of three).
         """
+        model_column = ", model = ?" if model is not None else ""
         with self._use(write=True):
             updated = self._changed(
-                "UPDATE run SET status = 'running', started_at = ?, model = COALESCE(model, ?) "
+                f"UPDATE run SET status = 'running', started_at = ?{model_column} "
                 "WHERE id = ? AND status = 'queued'",
                 utcnow(),
-                default_model,
+                *(() if model is None else (model,)),
                 run_id,
             )
             if not updated:
@@ -532,7 +535,7 @@ class WorkspaceStore(SqliteStore):
             if run["kind"] != "compact":
                 prompt = [{"type": "text", "text": run["prompt"]}]
                 user = self._insert_message(session_id, run_id, "user", prompt, None, None)
-            ids = describe(run["model"]) if describe else (run["model"], None)
+            ids = message_ids if message_ids is not None else (run["model"], None)
             message = self._insert_message(session_id, run_id, "assistant", [], *ids)
             context = self.context(session_id)
             return RunStart(run, user, message, context, self.context_tokens(session_id))

@@ -118,6 +118,7 @@ class ActiveRun:
 
     run_id: str
     session_id: str
+    model: str  # the configured model it runs with, as stored at accept
     token: CancelToken
     user_cancelled: bool = False
     run: Run | None = None
@@ -196,7 +197,9 @@ class Workspace:
         self._lock = threading.Lock()
         self._closing = False  # guarded by _lock
         self._keep_queued = False  # guarded by _lock; True on a server stop
-        self._queues: dict[str, collections.deque[str]] = {}  # guarded by _lock
+        # Session id -> its queued runs, oldest first: run id -> the model
+        # it was accepted with.  Guarded by _lock.
+        self._queues: dict[str, collections.OrderedDict[str, str]] = {}
         self._active: dict[str, ActiveRun] = {}  # session id -> run; guarded by _lock
         # Runs stored and queued whose ``run.queued`` is not published yet;
         # nothing starts or cancels them until it is.  Guarded by _lock.
@@ -310,7 +313,10 @@ class Workspace:
         queued = self.store.list_runs(status="queued", limit=1_000_000, oldest_first=True)
         with self._lock:
             for run in queued:
-                self._queues.setdefault(run["session_id"], collections.deque()).append(run["id"])
+                queue = self._queues.setdefault(run["session_id"], collections.OrderedDict())
+                # A run queued by a version before runs had a model gets the
+                # default here, once; its start stores it.
+                queue[run["id"]] = run["model"] or self.models.default
         self._dispatch_all()
         if queued:
             logger.info("event=queue_restored workspace=%s runs=%d", self.id, len(queued))
@@ -387,17 +393,12 @@ class Workspace:
                 f"workspace {self.id}: the database refuses writes ({self.store.fault}); "
                 "prompts are accepted again once it recovers"
             )
-        if run_id is not None:
-            existing = self.store.get_run(run_id)
-            if existing is not None:
-                return self._replay(existing, prompt, session_id)
-        if model is None:
-            previous = self.store.last_run_model(session_id) if session_id else None
-            model = previous if previous and self.models.spec(previous) else self.models.default
+        # The run's model is decided here, once, and stored with it.
+        model = model if model is not None else self._session_model(session_id)
         run, session, created = self._store_prompt(
             Prompt(run_id or new_id(), prompt, session_id, title_from_prompt(prompt), model, kind)
         )
-        if not created:  # the same id submitted twice at once: this one came second
+        if not created:  # the run_id exists: an idempotent resubmission, or a conflict
             return self._replay(run, prompt, session_id)
         session_id = run["session_id"]
         try:
@@ -418,6 +419,12 @@ class Workspace:
             kind,
         )
         return run, True
+
+    def _session_model(self, session_id: str | None) -> str:
+        """The model of a prompt that names none: the session's previous
+        run's, if it is still configured, else the default."""
+        previous = self.store.last_run_model(session_id) if session_id else None
+        return previous if previous and self.models.spec(previous) else self.models.default
 
     def _store_prompt(self, prompt: Prompt) -> Accepted:
         """Store ``prompt`` as a queued run, in one transaction with the
@@ -447,8 +454,10 @@ class Workspace:
                 if isinstance(result, Exception) or not result[2]:
                     self._announcing.discard(prompt.run_id)
                 else:
-                    queue = self._queues.setdefault(result[0]["session_id"], collections.deque())
-                    queue.append(prompt.run_id)
+                    queue = self._queues.setdefault(
+                        result[0]["session_id"], collections.OrderedDict()
+                    )
+                    queue[prompt.run_id] = result[0]["model"]
             self._announced.notify_all()
 
     def compact(self, session_id: str, model: str | None = None) -> dict[str, Any]:
@@ -463,6 +472,9 @@ class Workspace:
     def _replay(
         existing: dict[str, Any], prompt: str, session_id: str | None
     ) -> tuple[dict[str, Any], bool]:
+        """A prompt whose ``run_id`` the store found taken (in the accept's
+        own transaction, the one place that checks): the same prompt gets
+        the existing run, another RunIdConflict."""
         if existing["prompt"] != prompt or (session_id and existing["session_id"] != session_id):
             raise RunIdConflict(f"run {existing['id']} exists with a different prompt")
         return existing, False
@@ -483,10 +495,10 @@ class Workspace:
         if not queue:
             self._queues.pop(session_id, None)
             return None
-        if queue[0] in self._announcing:
+        if next(iter(queue)) in self._announcing:
             return None
-        run_id = queue.popleft()
-        active = ActiveRun(run_id, session_id, self._token.child(f"run:{run_id}"))
+        run_id, model = queue.popitem(last=False)
+        active = ActiveRun(run_id, session_id, model, self._token.child(f"run:{run_id}"))
         self._active[session_id] = active
         self._latch.count_up()
         return active
@@ -536,7 +548,9 @@ class Workspace:
                 return
             try:
                 start = self.store.start_run(
-                    active.run_id, self.models.default, self.models.message_ids
+                    active.run_id,
+                    model=active.model,
+                    message_ids=self.models.message_ids(active.model),
                 )
             except StorageUnavailable:
                 self._requeue(active)
@@ -573,9 +587,9 @@ class Workspace:
         with self._lock:
             closing, keep = self._closing, self._keep_queued and not active.user_cancelled
             if not closing and not active.token.cancelled:
-                self._queues.setdefault(active.session_id, collections.deque()).appendleft(
-                    active.run_id
-                )
+                queue = self._queues.setdefault(active.session_id, collections.OrderedDict())
+                queue[active.run_id] = active.model
+                queue.move_to_end(active.run_id, last=False)
         logger.info("event=run_start_deferred workspace=%s run=%s", self.id, active.run_id)
         if (closing or active.token.cancelled) and not keep:
             self._cancel_queued(active.run_id)
@@ -718,7 +732,7 @@ class Workspace:
             queue = self._queues.get(session_id)
             dequeued = queue is not None and run_id in queue
             if dequeued:
-                queue.remove(run_id)
+                del queue[run_id]
             active = self._active.get(session_id)
             if dequeued or active is None or active.run_id != run_id:
                 active = None
@@ -750,7 +764,7 @@ class Workspace:
             else:
                 active = None
             self._await_announced(lambda: self._queues.get(session_id, ()))
-            queue = self._queues.pop(session_id, collections.deque())
+            queue = self._queues.pop(session_id, collections.OrderedDict())
             self._latch.count_up()  # the close must wait for the records written below
         try:
             if active is not None:

@@ -274,7 +274,7 @@ def test_what_a_write_returns_is_what_a_read_gives_back(store):
     assert new["queued_runs"] == 1 and new["is_busy"]
     message = store.create_message(session["id"], None, "user", PARTS, "m", "echo")
     assert store.list_messages(session["id"]) == [message]
-    start = store.start_run("r1", None, lambda model: (model, None))
+    start = store.start_run("r1")
     assert store.get_run("r1") == start.run
     assert store.run_messages("r1") == [start.user_message, start.message]
 
@@ -284,7 +284,9 @@ def test_start_run_writes_the_first_records_with_it(store):
     earlier = store.create_message(session["id"], None, "user", [{"type": "text", "text": "0"}])
     queue_run(store, "r1", session["id"], "the prompt")
 
-    start = store.start_run("r1", "dflt", lambda model: (f"id-of-{model}", "prov"))
+    # Queued without a model (as by an older version): its workspace gives
+    # it the default when it loads it, and the start stores it.
+    start = store.start_run("r1", model="dflt", message_ids=("id-of-dflt", "prov"))
 
     assert start.run["status"] == "running"
     user, assistant = store.run_messages("r1")
@@ -310,7 +312,7 @@ def test_start_run_of_a_compaction_writes_no_user_message(store):
     session = store.create_session("s")
     store.accept_run("c1", "", session["id"], "unused", 10, model="big", kind="compact")
 
-    start = store.start_run("c1", "dflt", lambda model: (model, None))
+    start = store.start_run("c1")
 
     assert start.user_message is None
     assert [m["role"] for m in store.run_messages("c1")] == ["assistant"]
