@@ -15,7 +15,7 @@ run's thread.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from crushd.cancel import CancelToken
@@ -45,6 +45,15 @@ def arguments(call: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(params, dict):
         raise ToolError("tool arguments must be a JSON object")
     return params
+
+
+def call_context(tool: Tool, params: dict[str, Any], context: ToolContext) -> ToolContext:
+    """The context of one call: ``context`` with the paths the call touches
+    (:meth:`Tool.paths`), resolved once.  The permission decision is made on
+    these and the tool touches exactly these, so a symbolic link swapped in
+    between cannot redirect the call; a tool resolves paths itself only
+    when called without them.  Raises ToolError for bad arguments."""
+    return replace(context, paths=tuple(tool.paths(params, context)))
 
 
 @dataclass
@@ -122,8 +131,8 @@ class ToolCalls:
         if tool is None:
             raise ToolError(f"unknown tool {call['name']!r}")
         params = arguments(call)
-        ctx = self.context
-        outside = [p for p in tool.paths(params, ctx) if not is_inside(p, ctx.root)]
+        ctx = call_context(tool, params, self.context)
+        outside = [p for p in ctx.paths if not is_inside(p, ctx.root)]
         escapes = tool.escapes(params, ctx)  # e.g. bash unsandboxed
         if self.needs_permission(tool, bool(outside) or escapes):
             ask = tool.describe(params, ctx)

@@ -2,16 +2,18 @@
 between the permission check and the open, and grep matching in a child
 process with a deadline and prompt cancel.
 
-The race tests play the run loop's part (``paths()``, refuse what lies
-outside as an unanswered permission would, then ``run()`` with the same
-arguments object) against a thread that swaps ``<ws>/d`` between a real
-directory and a link out of the workspace with ``renameat2(RENAME_EXCHANGE)``,
-so ``d`` always exists as one or the other.
+The race tests call the tools through the run loop's own code
+(:class:`crushd.toolcalls.ToolCalls`: the paths resolved once, checked,
+refused as an unanswered permission would refuse them when they lie
+outside, then handed to ``run()``) against a thread that swaps ``<ws>/d``
+between a real directory and a link out of the workspace with
+``renameat2(RENAME_EXCHANGE)``, so ``d`` always exists as one or the other.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import re
 import sys
@@ -27,9 +29,9 @@ from helpers import api, descendants, messages, parts, processes_with, register,
 from helpers import wait_terminal as wait_run
 
 from crushd.cancel import Cancelled, CancelToken
+from crushd.toolcalls import StepCalls, ToolCalls, call_context
 from crushd.tools import ToolContext, ToolError, ToolResult, default_tools, grepchild, safeopen
 from crushd.tools import search as search_module
-from crushd.tools.paths import is_inside
 
 SECRET = "SECRET-TOKEN-3f9a"
 OUTSIDE = "OUTSIDE-TEXT-77c1"
@@ -54,12 +56,49 @@ def hidden_ws(root: Path) -> ToolContext:
     return ToolContext(root=root, token=CancelToken(name="test"), hidden=hidden)
 
 
+class Refuse:
+    """The permission broker of :func:`run_loop`: a call that has to ask is
+    refused (as an unanswered request is), or fails the test."""
+
+    def __init__(self, allowed: bool) -> None:
+        self.allowed = allowed
+
+    def is_allowed(self, session_id: str, tool: str) -> bool:
+        return False
+
+    def request(self, **ask) -> str:
+        assert self.allowed, f"the run loop asked permission: {ask}"
+        return "deny"
+
+
+def run_loop(ctx: ToolContext, name: str, params: dict, deny: bool) -> tuple[bool, ToolResult]:
+    """One call through the run loop's code (yolo, so only a path outside
+    the workspace asks): whether it was denied, and its result."""
+    calls = ToolCalls(
+        default_tools(),
+        ctx,
+        session_id="s",
+        run_id="r",
+        yolo=True,
+        allowed_tools=frozenset(),
+        permissions=Refuse(deny),
+        store=None,
+        hub=None,
+        model_ids=(None, None),
+    )
+    step = StepCalls([{"id": "c1", "name": name, "input": json.dumps(params)}])
+    denied = calls.run(step)
+    result = step.results["c1"]
+    return denied is not None, ToolResult(result["content"], result["is_error"])
+
+
 def tool_call(ctx: ToolContext, name: str, **params) -> ToolResult:
     """Call a tool as the run loop does, failing the test on a permission ask
-    (every path here lies inside the workspace)."""
-    tool = default_tools()[name]
-    assert all(is_inside(p, ctx.root) for p in tool.paths(params, ctx))
-    return tool.run(params, ctx)
+    (every path here lies inside the workspace); a tool error is raised."""
+    _, result = run_loop(ctx, name, params, deny=False)
+    if result.is_error:
+        raise ToolError(result.content)
+    return result
 
 
 def refused(ctx: ToolContext, name: str, **params) -> str:
@@ -163,26 +202,31 @@ def test_a_link_swapped_in_after_the_check_is_refused(open_mode, root, outside):
     (root / "d" / "secret").write_text("inside\n")
     write = {"path": "d/f", "content": "x"}
     view = {"path": "d/secret"}
-    assert tools["write"].paths(write, ctx) == [root / "d" / "f"]  # what the run loop checks
-    assert tools["view"].paths(view, ctx) == [root / "d" / "secret"]
+    # What the run loop checks, and hands to run().
+    write_ctx, view_ctx = (
+        call_context(tools["write"], write, ctx),
+        call_context(tools["view"], view, ctx),
+    )
+    assert list(write_ctx.paths) == [root / "d" / "f"]
+    assert list(view_ctx.paths) == [root / "d" / "secret"]
     (root / "d").rename(root / "d.real")
     (root / "d").symlink_to(outside)
     with pytest.raises(ToolError) as info:
-        tools["write"].run(write, ctx)
+        tools["write"].run(write, write_ctx)
     assert str(info.value) == (
         "write: d/f changed while it was being opened (a symbolic link appeared); "
         "nothing was written"
     )
     with pytest.raises(ToolError, match="symbolic link appeared"):
-        tools["view"].run(view, ctx)
+        tools["view"].run(view, view_ctx)
     # A link put in place of the file itself is not followed either.
     (root / "d").unlink()
     (root / "d.real").rename(root / "d")
     leaf = {"path": "d/leaf", "content": "x"}
-    tools["write"].paths(leaf, ctx)
+    leaf_ctx = call_context(tools["write"], leaf, ctx)
     (root / "d" / "leaf").symlink_to(outside / "secret")
     with pytest.raises(ToolError, match="symbolic link appeared"):
-        tools["write"].run(leaf, ctx)
+        tools["write"].run(leaf, leaf_ctx)
     assert outside_untouched(outside)
 
 
@@ -249,19 +293,17 @@ class Flipper:
 
 
 def race(ctx: ToolContext, name: str, params: dict, count: int) -> Iterator[ToolResult | str]:
-    """Call ``name`` ``count`` times as the run loop would: a call whose
+    """Call ``name`` ``count`` times through the run loop: a call whose
     checked path lies outside is not run (the user said no).  Yields each
     result, or the refusal's message."""
-    tool = default_tools()[name]
     for _ in range(count):
-        call = dict(params)
-        try:
-            if not all(is_inside(p, ctx.root) for p in tool.paths(call, ctx)):
-                yield "outside: denied"
-                continue
-            yield tool.run(call, ctx)
-        except ToolError as exc:
-            yield str(exc)
+        denied, result = run_loop(ctx, name, params, deny=True)
+        if denied:
+            yield "outside: denied"
+        elif result.is_error:
+            yield result.content
+        else:
+            yield result
 
 
 @pytest.mark.parametrize("name", ["write", "view"])

@@ -39,7 +39,13 @@ class ToolContext:
     them) that no tool may read or write, whatever the permissions say:
     crushd's data directory, token, config file and socket, and the
     ``sandbox_hide`` paths — what the sandbox hides from ``bash``.
-    ``env`` is the environment a command started for the model gets."""
+    ``env`` is the environment a command started for the model gets.
+
+    ``paths`` is set for one call by the run loop
+    (:func:`crushd.toolcalls.call_context`): the paths :meth:`Tool.paths`
+    reported for it, which the permission decision was made on.  The tool
+    touches exactly those; None (a tool called directly) makes it resolve
+    them itself."""
 
     root: Path
     token: CancelToken
@@ -49,6 +55,7 @@ class ToolContext:
     hidden: tuple[str, ...] = ()
     env: dict[str, str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    paths: tuple[Path, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,11 @@ class Tool(ABC):
         permission even in yolo mode.  Raises :class:`ToolError` on bad params."""
         return []
 
+    def checked_paths(self, params: dict[str, Any], ctx: ToolContext) -> list[Path]:
+        """The paths this call touches: those the run loop checked
+        (``ctx.paths``), else, for a direct call, :meth:`paths` now."""
+        return list(ctx.paths) if ctx.paths is not None else self.paths(params, ctx)
+
     def escapes(self, params: dict[str, Any], ctx: ToolContext) -> bool:
         """True if this call leaves the protection the workspace relies on
         (``bash`` run outside its sandbox): it asks permission even in yolo
@@ -78,7 +90,7 @@ class Tool(ABC):
         return False
 
     def describe(self, params: dict[str, Any], ctx: ToolContext) -> PermissionAsk:
-        paths = self.paths(params, ctx)
+        paths = self.checked_paths(params, ctx)
         return PermissionAsk(action=self.name, path=str(paths[0]) if paths else str(ctx.root))
 
     @abstractmethod

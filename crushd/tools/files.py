@@ -4,8 +4,9 @@ replaces an exact string.
 Each tool resolves its one path with :func:`crushd.tools.paths.resolve` and
 reports it from :meth:`paths`; whether a path outside the workspace may be
 touched is the run loop's decision, not the tool's.  ``run`` then opens
-that same path through :mod:`crushd.tools.safeopen`: never a path on the
-hidden list, never through a symbolic link, never by name a second time.
+that same path (``ToolContext.paths``) through :mod:`crushd.tools.safeopen`:
+never a path on the hidden list, never through a symbolic link, never
+resolved by name a second time.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from crushd.tools.common import (
     iter_lines,
     truncate,
 )
-from crushd.tools.paths import CheckedPaths, display, resolve
+from crushd.tools.paths import display, resolve
 from crushd.tools.safeopen import create_file, open_file
 
 DEFAULT_VIEW_LIMIT = 2000
@@ -39,25 +40,18 @@ class _FileTool(Tool):
 
     action = ""
 
-    def __init__(self) -> None:
-        self._checked = CheckedPaths()
-
     def _check(self, params: Any) -> dict[str, Any]:
         return check_params(self.name, params, self.parameters)
 
     def paths(self, params: dict[str, Any], ctx: ToolContext) -> list[Path]:
-        return self._checked.report(
-            params, ctx, lambda: [resolve(self._check(params)["path"], ctx.root)]
-        )
+        return [resolve(self._check(params)["path"], ctx.root)]
 
-    def _path(self, params: dict[str, Any], checked: dict[str, Any], ctx: ToolContext) -> Path:
-        """The path to touch: the one :meth:`paths` reported for this call
-        (and the run loop checked), else resolved now."""
-        reported = self._checked.take(params, ctx)
-        return reported[0] if reported else resolve(checked["path"], ctx.root)
+    def _path(self, params: dict[str, Any], ctx: ToolContext) -> Path:
+        """The path to touch: the one the run loop checked, else resolved now."""
+        return self.checked_paths(params, ctx)[0]
 
     def describe(self, params: dict[str, Any], ctx: ToolContext) -> PermissionAsk:
-        return PermissionAsk(action=self.action, path=str(self.paths(params, ctx)[0]))
+        return PermissionAsk(action=self.action, path=str(self._path(params, ctx)))
 
 
 class ViewTool(_FileTool):
@@ -94,7 +88,7 @@ class ViewTool(_FileTool):
 
     def run(self, params: dict[str, Any], ctx: ToolContext) -> ToolResult:
         checked = self._check(params)
-        path = self._path(params, checked, ctx)
+        path = self._path(params, ctx)
         offset: int = checked["offset"]
         limit: int = checked["limit"]
         shown = display(path, ctx.root)
@@ -166,7 +160,7 @@ class WriteTool(_FileTool):
 
     def run(self, params: dict[str, Any], ctx: ToolContext) -> ToolResult:
         checked = self._check(params)
-        path = self._path(params, checked, ctx)
+        path = self._path(params, ctx)
         data = checked["content"].encode("utf-8")
         ctx.token.raise_if_cancelled()
         _write(self.name, path, data, ctx)
@@ -203,7 +197,7 @@ class EditTool(_FileTool):
 
     def run(self, params: dict[str, Any], ctx: ToolContext) -> ToolResult:
         checked = self._check(params)
-        path = self._path(params, checked, ctx)
+        path = self._path(params, ctx)
         old: str = checked["old_string"]
         new: str = checked["new_string"]
         shown = display(path, ctx.root)

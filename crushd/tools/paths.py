@@ -7,21 +7,17 @@ workspace is seen for what it is.  Tools never refuse a path themselves;
 :meth:`Tool.paths` hands the resolved paths to the run loop, which asks for
 permission when :func:`is_inside` is false.
 
-The run loop calls :meth:`Tool.paths` and then :meth:`Tool.run` with the
-same arguments object; a symbolic link changed in between would make a
-second :func:`resolve` in ``run`` name another path than the one checked.
-:class:`CheckedPaths` keeps what ``paths`` reported for ``run`` to use, and
-:mod:`crushd.tools.safeopen` opens exactly that path, following no link.
+The run loop resolves a call's paths once (:func:`crushd.toolcalls.call_context`)
+and hands the ones it checked to :meth:`Tool.run` in ``ToolContext.paths``:
+a symbolic link changed in between would make a second :func:`resolve` in
+``run`` name another path than the one checked.
+:mod:`crushd.tools.safeopen` then opens exactly that path, following no link.
 """
 
 from __future__ import annotations
 
 import os
-import threading
-from collections import OrderedDict
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from crushd.tools.base import ToolError
 
@@ -92,45 +88,3 @@ def display(path: Path, root: Path) -> str:
     if not below:
         return abs_path
     return os.path.relpath(abs_path, real_root)
-
-
-class CheckedPaths:
-    """What a tool's :meth:`paths` reported for one call, kept for its
-    :meth:`run`, so ``run`` touches the paths the permission check saw.
-
-    A call is one arguments object with one context (compared by identity,
-    and held, so neither id can be reused while an entry lives).  Entries
-    of calls that never run (denied) fall out after ``size`` newer ones.
-    Thread-safe; never blocks beyond its lock.
-    """
-
-    def __init__(self, size: int = 64) -> None:
-        self._size = size
-        self._lock = threading.Lock()
-        # id(params) -> (params, ctx, paths); guarded by _lock
-        self._calls: OrderedDict[int, tuple[Any, Any, list[Path]]] = OrderedDict()
-
-    def report(self, params: Any, ctx: Any, compute: Callable[[], list[Path]]) -> list[Path]:
-        """The paths already reported for this call, or ``compute()``'s,
-        remembered.  ``compute`` runs outside the lock (it reads the disk)."""
-        with self._lock:
-            entry = self._calls.get(id(params))
-            if entry is not None and entry[0] is params and entry[1] is ctx:
-                return list(entry[2])
-        paths = compute()
-        with self._lock:
-            self._calls[id(params)] = (params, ctx, list(paths))
-            self._calls.move_to_end(id(params))
-            while len(self._calls) > self._size:
-                self._calls.popitem(last=False)
-        return paths
-
-    def take(self, params: Any, ctx: Any) -> list[Path] | None:
-        """The paths reported for this call, forgotten; None if there were none
-        (``run`` called directly: it resolves the paths itself)."""
-        with self._lock:
-            entry = self._calls.get(id(params))
-            if entry is None or entry[0] is not params or entry[1] is not ctx:
-                return None
-            del self._calls[id(params)]
-            return list(entry[2])

@@ -26,7 +26,7 @@ from crushd.tools import grepchild
 from crushd.tools.base import PermissionAsk, Tool, ToolContext, ToolError, ToolResult
 from crushd.tools.common import SKIP_DIRS, check_params, truncate
 from crushd.tools.globs import compile_glob, split_glob
-from crushd.tools.paths import CheckedPaths, display, resolve
+from crushd.tools.paths import display, resolve
 from crushd.tools.safeopen import Listing, hidden_entry, open_dir, open_subdir, walk
 
 LS_DEFAULT_DEPTH = 2
@@ -46,9 +46,6 @@ _DIR_PROPERTY = {
 class _WalkTool(Tool):
     action = ""
 
-    def __init__(self) -> None:
-        self._checked = CheckedPaths()
-
     def _check(self, params: Any) -> dict[str, Any]:
         return check_params(self.name, params, self.parameters)
 
@@ -56,18 +53,14 @@ class _WalkTool(Tool):
         return resolve(checked.get("path") or ".", ctx.root)
 
     def paths(self, params: dict[str, Any], ctx: ToolContext) -> list[Path]:
-        return self._checked.report(params, ctx, lambda: [self._base(self._check(params), ctx)])
+        return [self._base(self._check(params), ctx)]
 
-    def _reported_base(
-        self, params: dict[str, Any], checked: dict[str, Any], ctx: ToolContext
-    ) -> Path:
-        """The base :meth:`paths` reported for this call (and the run loop
-        checked), else resolved now."""
-        reported = self._checked.take(params, ctx)
-        return reported[0] if reported else self._base(checked, ctx)
+    def _checked_base(self, params: dict[str, Any], ctx: ToolContext) -> Path:
+        """The directory to walk: the one the run loop checked, else resolved now."""
+        return self.checked_paths(params, ctx)[0]
 
     def describe(self, params: dict[str, Any], ctx: ToolContext) -> PermissionAsk:
-        return PermissionAsk(action=self.action, path=str(self.paths(params, ctx)[0]))
+        return PermissionAsk(action=self.action, path=str(self._checked_base(params, ctx)))
 
 
 def _walk(
@@ -121,7 +114,7 @@ class LsTool(_WalkTool):
 
     def run(self, params: dict[str, Any], ctx: ToolContext) -> ToolResult:
         checked = self._check(params)
-        base = self._reported_base(params, checked, ctx)
+        base = self._checked_base(params, ctx)
         shown = display(base, ctx.root)
         ctx.token.raise_if_cancelled()
         try:
@@ -250,7 +243,7 @@ class GlobTool(_WalkTool):
     def run(self, params: dict[str, Any], ctx: ToolContext) -> ToolResult:
         checked = self._check(params)
         _, rest = self._split(checked)
-        base = self._reported_base(params, checked, ctx)
+        base = self._checked_base(params, ctx)
         matcher = compile_glob(rest)
         ctx.token.raise_if_cancelled()
         try:
@@ -344,7 +337,7 @@ class GrepTool(_WalkTool):
         honours the hidden list and opens files exactly as this process
         would; killed after :data:`GREP_TIMEOUT` seconds or on a cancel."""
         checked = self._check(params)
-        base = self._reported_base(params, checked, ctx)
+        base = self._checked_base(params, ctx)
         ctx.token.raise_if_cancelled()
         job = grepchild.Job(
             pattern=checked["pattern"],
