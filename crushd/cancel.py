@@ -40,10 +40,10 @@ class CancelToken:
     def __init__(self, parent: CancelToken | None = None, name: str = "") -> None:
         self.name = name
         self._event = threading.Event()
-        self._lock = threading.Lock()
-        self._callbacks: dict[int, Callable[[], None]] = {}  # guarded by _lock
-        self._next_handle = 0  # guarded by _lock
-        self._reason: str | None = None  # guarded by _lock
+        self._callbacks_lock = threading.Lock()
+        self._callbacks: dict[int, Callable[[], None]] = {}  # guarded by _callbacks_lock
+        self._next_handle = 0  # guarded by _callbacks_lock
+        self._reason: str | None = None  # guarded by _callbacks_lock
         self._parent = parent
         self._parent_handle: int | None = None
         if parent is not None:
@@ -64,7 +64,7 @@ class CancelToken:
 
     def cancel(self, reason: str = "cancelled") -> bool:
         """Cancel this token and its descendants; return False if it already was."""
-        with self._lock:
+        with self._callbacks_lock:
             if self._event.is_set():
                 return False
             self._reason = reason
@@ -92,7 +92,7 @@ class CancelToken:
         If the token is already cancelled the callback runs now, on the
         calling thread.  Returns a handle for :meth:`remove_callback`.
         """
-        with self._lock:
+        with self._callbacks_lock:
             if not self._event.is_set():
                 handle = self._next_handle
                 self._next_handle += 1
@@ -102,7 +102,7 @@ class CancelToken:
         return -1
 
     def remove_callback(self, handle: int) -> None:
-        with self._lock:
+        with self._callbacks_lock:
             self._callbacks.pop(handle, None)
 
     def release(self) -> None:

@@ -93,38 +93,38 @@ class StartGate:
         self._new_timer = timer
         # Guards the count, the held items and the timer; a leaf: nothing
         # is taken while it is held (launches and timer starts come after).
-        self._lock = threading.Lock()
-        self._accepting = 0  # guarded by _lock
-        self._quiet_since = float("-inf")  # when the last accept ended; guarded by _lock
-        # launch -> [(launch by, item)], oldest first; guarded by _lock.
+        self._held_lock = threading.Lock()
+        self._accepting = 0  # guarded by _held_lock
+        self._quiet_since = float("-inf")  # when the last accept ended; guarded by _held_lock
+        # launch -> [(launch by, item)], oldest first; guarded by _held_lock.
         self._held: dict[Launch, list[tuple[float, Any]]] = {}
-        self._timer: Timer | None = None  # guarded by _lock
-        self._timer_at = 0.0  # when _timer fires; guarded by _lock
+        self._timer: Timer | None = None  # guarded by _held_lock
+        self._timer_at = 0.0  # when _timer fires; guarded by _held_lock
         # Counts the timers made, so a cancelled or replaced one that fires
-        # anyway knows it is stale; guarded by _lock.
+        # anyway knows it is stale; guarded by _held_lock.
         self._timer_serial = 0
 
     @property
     def accepting(self) -> int:
         """How many prompts are being accepted now."""
-        with self._lock:
+        with self._held_lock:
             return self._accepting
 
     @property
     def held(self) -> int:
         """How many items are held now."""
-        with self._lock:
+        with self._held_lock:
             return sum(len(held) for held in self._held.values())
 
     @contextlib.contextmanager
     def accept(self) -> Iterator[None]:
         """Around accepting one prompt; never blocks."""
-        with self._lock:
+        with self._held_lock:
             self._accepting += 1
         try:
             yield
         finally:
-            with self._lock:
+            with self._held_lock:
                 self._accepting -= 1
                 if self._accepting == 0:
                     self._quiet_since = self._clock()
@@ -138,7 +138,7 @@ class StartGate:
         whatever was held before them for the same ``launch``."""
         if not items:
             return
-        with self._lock:
+        with self._held_lock:
             by = self._clock() + self.bound
             self._held.setdefault(launch, []).extend((by, item) for item in items)
             due = self._take_due()
@@ -147,7 +147,7 @@ class StartGate:
 
     def release(self, launch: Launch) -> None:
         """Hand what is held for ``launch`` to it now (its owner is closing)."""
-        with self._lock:
+        with self._held_lock:
             held = self._held.pop(launch, [])
             timer = self._arm()
         self._go(timer, {launch: [item for _, item in held]} if held else {})
@@ -155,7 +155,7 @@ class StartGate:
     def _release_at(self) -> float:
         """When everything held may go, as far as the accepts say: never
         while one is under way; once they have been quiet for
-        :attr:`quiet`, or at once for a lone held run.  Holds _lock."""
+        :attr:`quiet`, or at once for a lone held run.  Holds _held_lock."""
         if self._accepting:
             return float("inf")
         if sum(len(held) for held in self._held.values()) <= 1:
@@ -164,7 +164,7 @@ class StartGate:
 
     def _take_due(self) -> dict[Launch, list[Any]]:
         """Everything held once the accepts allow it (:meth:`_release_at`),
-        else what has waited its bound.  Holds _lock."""
+        else what has waited its bound.  Holds _held_lock."""
         now = self._clock()
         if self._release_at() <= now:
             due = {launch: [item for _, item in held] for launch, held in self._held.items()}
@@ -183,7 +183,7 @@ class StartGate:
     def _arm(self) -> Timer | None:
         """Keep a timer set for the oldest held item, none when nothing is
         held; returns a new timer for the caller to start once it let go
-        of _lock.  Holds _lock."""
+        of _held_lock.  Holds _held_lock."""
         if not self._held:
             if self._timer is not None:
                 self._timer.cancel()  # its thread ends at once
@@ -201,7 +201,7 @@ class StartGate:
         return self._timer
 
     def _expire(self, serial: int) -> None:
-        with self._lock:
+        with self._held_lock:
             if self._timer is None or serial != self._timer_serial:
                 return  # cancelled, or replaced by a sooner one
             self._timer = None
@@ -210,7 +210,7 @@ class StartGate:
         self._go(timer, due)
 
     def _go(self, timer: Timer | None, due: dict[Launch, list[Any]]) -> None:
-        """After a decision taken under _lock, with the lock let go: start
+        """After a decision taken under _held_lock, with the lock let go: start
         the timer :meth:`_arm` returned, then hand back what is due."""
         if timer is not None:
             timer.start()

@@ -77,14 +77,14 @@ class McpLoop:
     at the first :meth:`submit` and ended by :meth:`stop`.  Thread-safe."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None  # guarded by _lock
-        self._thread: threading.Thread | None = None  # guarded by _lock
-        self._stopped = False  # guarded by _lock
+        self._loop_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None  # guarded by _loop_lock
+        self._thread: threading.Thread | None = None  # guarded by _loop_lock
+        self._stopped = False  # guarded by _loop_lock
 
     def submit(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future[Any]:
         """Schedule ``coro`` on the loop; never blocks.  Raises RuntimeError once stopped."""
-        with self._lock:
+        with self._loop_lock:
             if self._stopped:
                 coro.close()
                 raise RuntimeError("the MCP event loop has stopped")
@@ -114,7 +114,7 @@ class McpLoop:
     def stop(self, timeout: float = 5.0) -> None:
         """End the loop (its tasks are cancelled) and join its thread.  Blocks
         up to ``timeout``; idempotent.  Stop the workspaces' servers first."""
-        with self._lock:
+        with self._loop_lock:
             self._stopped = True
             loop, thread = self._loop, self._thread
         if loop is None or thread is None:
@@ -174,12 +174,12 @@ class McpClient:
         self._on_status = on_status
         self._run_dir = run_dir
         self._workspace_id = workspace_id
-        self._lock = threading.Lock()
-        self._status = "starting" if config.enabled else "disabled"  # guarded by _lock
-        self._error: str | None = None  # guarded by _lock
-        self._tools: list[Any] = []  # mcp Tool models; guarded by _lock
-        self._pgid: int | None = None  # the supervisor's pid; guarded by _lock
-        self._attempted_at: float | None = None  # by _clock; guarded by _lock
+        self._status_lock = threading.Lock()
+        self._status = "starting" if config.enabled else "disabled"  # guarded by _status_lock
+        self._error: str | None = None  # guarded by _status_lock
+        self._tools: list[Any] = []  # mcp Tool models; guarded by _status_lock
+        self._pgid: int | None = None  # the supervisor's pid; guarded by _status_lock
+        self._attempted_at: float | None = None  # by _clock; guarded by _status_lock
         self._retry_interval = retry_interval
         self._clock = clock  # monotonic seconds, for the retry interval
         self._closed = False  # loop only
@@ -195,7 +195,7 @@ class McpClient:
 
     def entry(self) -> dict[str, Any]:
         """The server's entry of ``GET /v1/workspaces/{id}/mcp``."""
-        with self._lock:
+        with self._status_lock:
             return {
                 "name": self.config.name,
                 "transport": self.config.transport,
@@ -211,7 +211,7 @@ class McpClient:
         not installed yet) is tried again in the background, at most once per
         ``retry_interval``: this run goes without it, a later one may not."""
         now = self._clock()
-        with self._lock:
+        with self._status_lock:
             tools = list(self._tools)
             retry = (
                 self._status == "failed"
@@ -267,7 +267,7 @@ class McpClient:
     async def _begin(self) -> None:
         if self._closed or (self._task is not None and not self._task.done()):
             return
-        with self._lock:
+        with self._status_lock:
             self._attempted_at = self._clock()
         self._ready = asyncio.get_running_loop().create_future()
         self._stop = asyncio.Event()
@@ -304,7 +304,7 @@ class McpClient:
         assert self._ready is not None
         await asyncio.shield(self._ready)
         if self._session is None:
-            with self._lock:
+            with self._status_lock:
                 raise McpUnavailable(self._error or "not connected")
         return self._session
 
@@ -326,7 +326,7 @@ class McpClient:
                     await session.initialize()
                     tools = await _list_tools(session)
                 self._session = session
-                with self._lock:
+                with self._status_lock:
                     self._tools = tools
                 self._set_status("connected", None)
                 logger.info(
@@ -451,7 +451,7 @@ class McpClient:
             pgid = int(path.read_text())
         except (OSError, ValueError):  # the supervisor had not written it yet, or failed
             return
-        with self._lock:
+        with self._status_lock:
             self._pgid = pgid
 
     async def _kill_leftovers(self) -> None:
@@ -459,7 +459,7 @@ class McpClient:
         group if the server lingers), kill what the server left in its group."""
         if self._pgid is None:
             self._read_pgid()
-        with self._lock:
+        with self._status_lock:
             pgid, self._pgid = self._pgid, None
         if pgid is not None and live_members(pgid):
             signal_group(pgid, signal.SIGKILL, "leftovers", who="mcp")
@@ -480,12 +480,12 @@ class McpClient:
         """SIGKILL the server's process group now; True if there was one.  Thread-safe."""
         if self._pgid is None:
             self._read_pgid()
-        with self._lock:
+        with self._status_lock:
             pgid = self._pgid
         return pgid is not None and signal_group(pgid, signal.SIGKILL, "stop_overran", who="mcp")
 
     def _set_status(self, status: str, error: str | None) -> None:
-        with self._lock:
+        with self._status_lock:
             changed = (status, error) != (self._status, self._error)
             self._status, self._error = status, error
         if changed:
@@ -652,8 +652,8 @@ class WorkspaceMcp:
     ) -> None:
         self._publish = publish
         self._workspace_id = workspace_id
-        self._lock = threading.Lock()
-        self._closing = False  # guarded by _lock
+        self._closing_lock = threading.Lock()
+        self._closing = False  # guarded by _closing_lock
         self._loop = loop
         local = any(c.transport == "stdio" and c.enabled for c in configs.values())
         self._run_dir = tempfile.TemporaryDirectory(prefix="crushd-mcp-") if local else None
@@ -695,7 +695,7 @@ class WorkspaceMcp:
         return offered
 
     def _status_changed(self, entry: dict[str, Any]) -> None:
-        with self._lock:
+        with self._closing_lock:
             if self._closing:
                 return
         self._publish(entry)
@@ -704,7 +704,7 @@ class WorkspaceMcp:
         """Stop every server (whole process groups) within ``timeout`` seconds,
         SIGKILL those still running then, and return their names (also
         logged).  Blocks; idempotent."""
-        with self._lock:
+        with self._closing_lock:
             if self._closing:
                 return []
             self._closing = True

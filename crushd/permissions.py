@@ -37,16 +37,16 @@ class PermissionBroker:
         self._hub = hub
         self._timeout = timeout
         # Guards the two maps below; a leaf lock (events are published after it).
-        self._lock = threading.Lock()
-        self._pending: dict[str, _Pending] = {}  # guarded by _lock
-        self._session_allowed: dict[str, set[str]] = {}  # guarded by _lock
+        self._pending_lock = threading.Lock()
+        self._pending: dict[str, _Pending] = {}  # guarded by _pending_lock
+        self._session_allowed: dict[str, set[str]] = {}  # guarded by _pending_lock
 
     def is_allowed(self, session_id: str, tool: str) -> bool:
-        with self._lock:
+        with self._pending_lock:
             return tool in self._session_allowed.get(session_id, ())
 
     def pending(self) -> list[dict[str, Any]]:
-        with self._lock:
+        with self._pending_lock:
             return [p.request for p in self._pending.values()]
 
     def request(
@@ -77,7 +77,7 @@ class PermissionBroker:
             "created_at": utcnow(),
         }
         pending = _Pending(request)
-        with self._lock:
+        with self._pending_lock:
             self._pending[pid] = pending
         handle = token.on_cancel(pending.done.set)
         self._hub.publish(EventType.PERMISSION_REQUESTED, session_id, request)
@@ -85,7 +85,7 @@ class PermissionBroker:
             pending.done.wait(self._timeout)
         finally:
             token.remove_callback(handle)
-            with self._lock:
+            with self._pending_lock:
                 self._pending.pop(pid, None)
                 decision = pending.decision
         if decision is None:
@@ -100,7 +100,7 @@ class PermissionBroker:
     def decide(self, pid: str, decision: str) -> dict[str, Any]:
         if decision not in DECISIONS:
             raise InvalidRequest(f"decision must be one of {', '.join(DECISIONS)}")
-        with self._lock:
+        with self._pending_lock:
             pending = self._pending.pop(pid, None)
             if pending is None or pending.done.is_set():
                 raise NotFound(f"permission request {pid} is not pending")

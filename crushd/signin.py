@@ -49,12 +49,12 @@ class SignIns:
         self._limit = limit
         self._clock = clock
         # Guards _ids: cookie id -> the time it was issued, oldest first.
-        self._lock = threading.Lock()
+        self._ids_lock = threading.Lock()
         self._ids: collections.OrderedDict[str, float] = collections.OrderedDict()
 
     def issue(self) -> str:
         session_id = secrets.token_urlsafe(32)
-        with self._lock:
+        with self._ids_lock:
             self._ids[session_id] = self._clock()
             while len(self._ids) > self._limit:
                 self._ids.popitem(last=False)
@@ -63,7 +63,7 @@ class SignIns:
     def valid(self, session_id: str | None) -> bool:
         if not session_id:
             return False
-        with self._lock:
+        with self._ids_lock:
             issued = self._ids.get(session_id)
             if issued is None:
                 return False
@@ -74,11 +74,11 @@ class SignIns:
 
     def revoke(self, session_id: str | None) -> None:
         if session_id:
-            with self._lock:
+            with self._ids_lock:
                 self._ids.pop(session_id, None)
 
     def __len__(self) -> int:
-        with self._lock:
+        with self._ids_lock:
             return len(self._ids)
 
 

@@ -56,7 +56,7 @@ class Session:
     models: list[dict[str, Any]]
     model: str | None  # the configured model name prompts ask for
     untitled: bool = False  # created here, titled from its first prompt
-    turns: list[Turn] = field(default_factory=list)  # guarded by Agent._lock
+    turns: list[Turn] = field(default_factory=list)  # guarded by Agent._sessions_lock
 
 
 class Agent:
@@ -69,7 +69,7 @@ class Agent:
         self.stopping = threading.Event()
         self.conn: Connection = None  # type: ignore[assignment]  # set by attach()
         # Guards the two fields below.  Nothing slow is done under it.
-        self._lock = threading.Lock()
+        self._sessions_lock = threading.Lock()
         self._sessions: dict[str, Session] = {}
         self._streams: set[Any] = set()  # open event streams, woken by stop()
         self._requests: dict[str, Callable[[Any], Any]] = {
@@ -149,7 +149,7 @@ class Agent:
         """End every turn's event stream and join every thread (bounded).
         Runs are not cancelled: they are the daemon's.  Idempotent."""
         self.stopping.set()
-        with self._lock:
+        with self._sessions_lock:
             streams = list(self._streams)
         for stream in streams:
             stream.abort()
@@ -158,14 +158,14 @@ class Agent:
     @contextlib.contextmanager
     def watching(self, stream: Any) -> Iterator[None]:
         """Register an open event stream so that :meth:`stop` can end it."""
-        with self._lock:
+        with self._sessions_lock:
             self._streams.add(stream)
         try:
             if self.stopping.is_set():
                 stream.abort()
             yield
         finally:
-            with self._lock:
+            with self._sessions_lock:
                 self._streams.discard(stream)
 
     # -- sessions --------------------------------------------------------------
@@ -255,7 +255,7 @@ class Agent:
         return {"configOptions": _config_options(session)}
 
     def _remember(self, session: Session) -> None:
-        with self._lock:
+        with self._sessions_lock:
             known = self._sessions.get(session.id)
             if known is not None:  # keep the turns in flight
                 session.turns = known.turns
@@ -263,7 +263,7 @@ class Agent:
             self._sessions[session.id] = session
 
     def _session(self, sid: str) -> Session:
-        with self._lock:
+        with self._sessions_lock:
             session = self._sessions.get(sid)
         if session is None:
             raise RpcError(
@@ -279,7 +279,7 @@ class Agent:
         from crushd.client import ClientError
         from crushd.workspace import title_from_prompt
 
-        with self._lock:
+        with self._sessions_lock:
             if not session.untitled:
                 return
             session.untitled = False
@@ -306,7 +306,7 @@ class Agent:
         if not text.strip():
             raise RpcError(INVALID_PARAMS, "the prompt is empty")
         turn = Turn(self, session, text, request_id)
-        with self._lock:
+        with self._sessions_lock:
             session.turns.append(turn)
         return turn
 
@@ -319,11 +319,11 @@ class Agent:
                 f"crushd acp is stopping; run {turn.run_id} goes on in the daemon",
             ) from None
         finally:
-            with self._lock:
+            with self._sessions_lock:
                 turn.session.turns.remove(turn)
 
     def _cancel(self, which: Callable[[Turn], bool], sid: str | None = None) -> None:
-        with self._lock:
+        with self._sessions_lock:
             sessions = [self._sessions[sid]] if sid in self._sessions else []
             if sid is None:
                 sessions = list(self._sessions.values())

@@ -66,8 +66,8 @@ class Outgoing:
         self.result: Any = None
         self.error: RpcError | None = None
         self._done = threading.Event()
-        self._lock = threading.Lock()
-        self._callbacks: list[Callable[[Outgoing], None]] = []  # guarded by _lock
+        self._callbacks_lock = threading.Lock()
+        self._callbacks: list[Callable[[Outgoing], None]] = []  # guarded by _callbacks_lock
 
     @property
     def done(self) -> bool:
@@ -79,7 +79,7 @@ class Outgoing:
     def on_done(self, callback: Callable[[Outgoing], None]) -> None:
         """Call ``callback(self)`` once settled (at once if it is already),
         on the settling thread: it must not block."""
-        with self._lock:
+        with self._callbacks_lock:
             if not self._done.is_set():
                 self._callbacks.append(callback)
                 return
@@ -87,7 +87,7 @@ class Outgoing:
 
     def settle(self, result: Any = None, error: RpcError | None = None) -> bool:
         """Record the outcome; False if it was already settled."""
-        with self._lock:
+        with self._callbacks_lock:
             if self._done.is_set():
                 return False
             self.result, self.error = result, error
@@ -109,8 +109,8 @@ class Reply:
         self._connection = connection
         self.id = request_id
         self.method = method
-        self._lock = threading.Lock()
-        self._sent = False  # guarded by _lock
+        self._sent_lock = threading.Lock()
+        self._sent = False  # guarded by _sent_lock
 
     def result(self, value: Any) -> None:
         self._send({"jsonrpc": "2.0", "id": self.id, "result": value})
@@ -119,7 +119,7 @@ class Reply:
         self._send({"jsonrpc": "2.0", "id": self.id, "error": error.to_json()})
 
     def _send(self, message: dict[str, Any]) -> None:
-        with self._lock:
+        with self._sent_lock:
             if self._sent:
                 logger.debug("event=acp_second_reply method=%s id=%r", self.method, self.id)
                 return
@@ -146,7 +146,7 @@ class Connection:
         self._write_lock = threading.Lock()  # guards _writer and _broken
         self._broken = False
         # Guards the three fields below.  A leaf lock: nothing is called under it.
-        self._lock = threading.Lock()
+        self._outgoing_lock = threading.Lock()
         self._next_id = 0
         self._outgoing: dict[int, Outgoing] = {}
         self._threads: set[threading.Thread] = set()
@@ -199,7 +199,7 @@ class Connection:
 
     def _settle(self, message: dict[str, Any]) -> None:
         request_id = message.get("id")
-        with self._lock:
+        with self._outgoing_lock:
             outgoing = self._outgoing.pop(request_id, None) if isinstance(request_id, int) else None
         if outgoing is None:
             logger.debug("event=acp_unexpected_response id=%r", request_id)
@@ -237,7 +237,7 @@ class Connection:
     def request(self, method: str, params: Any) -> Outgoing:
         """Send a request; the returned :class:`Outgoing` settles with the
         response.  After :meth:`close` it is settled at once with an error."""
-        with self._lock:
+        with self._outgoing_lock:
             request_id = self._next_id
             self._next_id += 1
             outgoing = Outgoing(request_id, method)
@@ -267,13 +267,13 @@ class Connection:
             except Exception:  # thread boundary
                 logger.exception("event=acp_thread_crashed thread=%s", name)
             finally:
-                with self._lock:
+                with self._outgoing_lock:
                     self._threads.discard(threading.current_thread())
 
         # Daemon threads: a call stuck on a daemon that stopped answering
         # must not hold the process after close() has given up on it.
         thread = threading.Thread(target=run, name=name, daemon=True)
-        with self._lock:
+        with self._outgoing_lock:
             if self.closed.is_set():
                 return
             self._threads.add(thread)
@@ -299,14 +299,14 @@ class Connection:
         """Settle our pending requests with an error, join every thread
         (within ``timeout`` in all); return the names of those still running.
         Idempotent."""
-        with self._lock:
+        with self._outgoing_lock:
             self.closed.set()
             outgoing, self._outgoing = list(self._outgoing.values()), {}
         for pending in outgoing:
             pending.settle(error=_closed_error())
         deadline = time.monotonic() + timeout
         while True:
-            with self._lock:
+            with self._outgoing_lock:
                 threads = [t for t in self._threads if t.is_alive()]
             if not threads or time.monotonic() >= deadline:
                 break

@@ -85,9 +85,9 @@ class Turn:
         self.request_id = request_id
         self.run_id = new_id()  # chosen here so events match before the 202 arrives
         self.cancel_requested = threading.Event()
-        self._lock = threading.Lock()
-        self._submitted = False  # guarded by _lock
-        self._asked: dict[str, Outgoing] = {}  # permission id -> our request; under _lock
+        self._requests_lock = threading.Lock()
+        self._submitted = False  # guarded by _requests_lock
+        self._asked: dict[str, Outgoing] = {}  # permission id -> our request; under _requests_lock
         # Below: touched only by the prompt's thread (and the permission
         # threads' in_progress, which only reads _kinds).
         self._announced: set[str] = set()  # tool call ids shown to the editor
@@ -101,7 +101,7 @@ class Turn:
     def cancel(self) -> None:
         """Ask the daemon to cancel the run (``session/cancel``).  Does not
         block: the request goes from a thread of its own."""
-        with self._lock:
+        with self._requests_lock:
             self.cancel_requested.set()
             submitted = self._submitted
         if submitted:
@@ -147,7 +147,7 @@ class Turn:
                     stream.close()
                 raise self.agent.rpc_error(exc) from None
             logger.info("event=acp_prompt session=%s run=%s", session.id, self.run_id)
-            with self._lock:
+            with self._requests_lock:
                 self._submitted = True
                 cancel = self.cancel_requested.is_set()
             if cancel:
@@ -304,7 +304,7 @@ class Turn:
         pid = request.get("id")
         if not pid:
             return
-        with self._lock:
+        with self._requests_lock:
             if pid in self._asked:
                 return
         call = updates.permission_tool_call(request, self.session.root)
@@ -316,7 +316,7 @@ class Turn:
         options = _options(request, self.session.root)
         params = {"sessionId": self.session.id, "toolCall": call, "options": options}
         outgoing = self.agent.conn.request("session/request_permission", params)
-        with self._lock:
+        with self._requests_lock:
             self._asked[pid] = outgoing
         outgoing.on_done(
             lambda answered: self.agent.conn.spawn(
@@ -352,7 +352,7 @@ class Turn:
     def _resolved(self, payload: dict[str, Any]) -> None:
         """The daemon settled a request (a decision from elsewhere, its
         timeout, the run's end): withdraw the editor's question if open."""
-        with self._lock:
+        with self._requests_lock:
             outgoing = self._asked.get(payload.get("id") or "")
         if outgoing is not None and not outgoing.done and not self.cancel_requested.is_set():
             self.agent.conn.withdraw(outgoing)
@@ -363,7 +363,7 @@ class Turn:
         it must), so they are not withdrawn then."""
         if self.cancel_requested.is_set():
             return
-        with self._lock:
+        with self._requests_lock:
             open_ = [o for o in self._asked.values() if not o.done]
         for outgoing in open_:
             self.agent.conn.withdraw(outgoing)

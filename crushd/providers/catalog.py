@@ -119,7 +119,7 @@ class ModelCatalog:
         self._idle_timeout = idle_timeout
         self._env = os.environ if env is None else env
         self._factory = factory
-        self._lock = threading.Lock()  # guards _providers and _closed
+        self._providers_lock = threading.Lock()  # guards _providers and _closed
         self._providers: dict[str, Provider] = dict(providers or {})
         self._closed = False
 
@@ -158,7 +158,7 @@ class ModelCatalog:
         run queued under an older configuration) or whose key is missing, so
         the run fails with a message that says what to fix.
         """
-        with self._lock:
+        with self._providers_lock:
             if self._closed:
                 raise stopping()
             provider = self._providers.get(name)
@@ -194,7 +194,7 @@ class ModelCatalog:
 
     def close(self) -> None:
         """Close every client built so far; later :meth:`provider` calls fail.  Idempotent."""
-        with self._lock:
+        with self._providers_lock:
             self._closed = True
             providers, self._providers = list(self._providers.values()), {}
         for provider in providers:

@@ -171,15 +171,15 @@ class Clients:
         self._headers = extra_headers or {}
         self._ssl = httpx.create_ssl_context()
         self._cookies = http.cookiejar.CookieJar()
-        self._lock = threading.Lock()
-        self._idle: list[httpx.Client] = []  # guarded by _lock
-        self._all: list[httpx.Client] = []  # guarded by _lock
-        self._closed = False  # guarded by _lock
+        self._pool_lock = threading.Lock()
+        self._idle: list[httpx.Client] = []  # guarded by _pool_lock
+        self._all: list[httpx.Client] = []  # guarded by _pool_lock
+        self._closed = False  # guarded by _pool_lock
 
     @contextlib.contextmanager
     def lease(self) -> Iterator[httpx.Client]:
         """A client for one request; ProviderError once :meth:`close` was called."""
-        with self._lock:
+        with self._pool_lock:
             if self._closed:
                 raise stopping()
             client = self._idle.pop() if self._idle else None
@@ -191,7 +191,7 @@ class Clients:
                 cookies=self._cookies,
                 verify=self._ssl,
             )
-            with self._lock:
+            with self._pool_lock:
                 closed = self._closed
                 if not closed:
                     self._all.append(client)
@@ -201,19 +201,19 @@ class Clients:
         try:
             yield client
         finally:
-            with self._lock:
+            with self._pool_lock:
                 if not self._closed:
                     self._idle.append(client)
 
     @property
     def count(self) -> int:
         """How many clients there are: the most requests ever in flight at once."""
-        with self._lock:
+        with self._pool_lock:
             return len(self._all)
 
     def close(self) -> None:
         """Close every client, those lent out too; idempotent."""
-        with self._lock:
+        with self._pool_lock:
             self._closed = True
             clients, self._all, self._idle = self._all, [], []
         for client in clients:
@@ -307,22 +307,22 @@ class _SocketBreaker:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._sock: socket.socket | None = None  # guarded by _lock
-        self._fired = False  # guarded by _lock
+        self._socket_lock = threading.Lock()
+        self._sock: socket.socket | None = None  # guarded by _socket_lock
+        self._fired = False  # guarded by _socket_lock
 
     def attach(self, stream: Any) -> None:
         sock = stream.get_extra_info("socket") if stream is not None else None
         if not isinstance(sock, socket.socket):
             return
-        with self._lock:
+        with self._socket_lock:
             self._sock = sock
             fired = self._fired
         if fired:
             _shutdown(sock)
 
     def fire(self) -> None:
-        with self._lock:
+        with self._socket_lock:
             self._fired = True
             sock = self._sock
         if sock is not None:
