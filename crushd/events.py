@@ -136,34 +136,35 @@ class EventHub:
         on_event: Callable[[Event], None] | None = None,
     ) -> None:
         self.workspace_id = workspace_id
-        # Guards numbering, buffer, subscribers and the closed flag.  After
-        # the workspace and message-writer locks in the lock order; held
-        # while ``reserve`` writes the store, never while ``on_event`` runs.
-        self._lock = threading.Lock()
-        self._seq = first_seq - 1  # guarded by _lock
-        self._reserved = self._seq  # guarded by _lock
-        # The replay buffer; guarded by _lock.
+        # Guards numbering, buffer, subscribers and the closed flag.  Second
+        # in the lock order (crushd.workspace), after a message writer's
+        # output lock; held while ``reserve`` writes the store, never while
+        # ``on_event`` runs.
+        self._events_lock = threading.Lock()
+        self._seq = first_seq - 1  # guarded by _events_lock
+        self._reserved = self._seq  # guarded by _events_lock
+        # The replay buffer; guarded by _events_lock.
         self._buffer: collections.deque[Event] = collections.deque(maxlen=buffer_size)
-        self._subscribers: set[Subscriber] = set()  # guarded by _lock
-        self._closed = False  # guarded by _lock
+        self._subscribers: set[Subscriber] = set()  # guarded by _events_lock
+        self._closed = False  # guarded by _events_lock
         self._reserve = reserve
         self._on_event = on_event
 
     @property
     def last_seq(self) -> int:
-        with self._lock:
+        with self._events_lock:
             return self._seq
 
     @property
     def subscriber_count(self) -> int:
-        with self._lock:
+        with self._events_lock:
             return len(self._subscribers)
 
     def publish(
         self, type: EventType, session_id: str | None, payload: dict[str, Any]
     ) -> Event | None:
         """Number, buffer and fan out one event; returns None after close."""
-        with self._lock:
+        with self._events_lock:
             if self._closed:
                 logger.debug("event=event_after_close type=%s", type)
                 return None
@@ -209,7 +210,7 @@ class EventHub:
         return stored
 
     def _event(self, type: str, session_id: str | None, payload: dict[str, Any]) -> Event:
-        """The event numbered with the current ``seq``, rendered once.  Holds _lock."""
+        """The event numbered with the current ``seq``, rendered once.  Holds _events_lock."""
         type = str(type)  # an EventType as the plain string it stands for
         data = {
             "seq": self._seq,
@@ -232,7 +233,7 @@ class EventHub:
         anything published) the third value is a ``reset`` event to send first.
         """
         sub = Subscriber(session_id)
-        with self._lock:
+        with self._events_lock:
             backlog: list[Event] = []
             reset: Event | None = None
             if since is not None:
@@ -252,12 +253,12 @@ class EventHub:
         return sub, backlog, reset
 
     def unsubscribe(self, sub: Subscriber) -> None:
-        with self._lock:
+        with self._events_lock:
             self._subscribers.discard(sub)
 
     def close(self) -> None:
         """End every subscriber's stream; later publishes are dropped."""
-        with self._lock:
+        with self._events_lock:
             self._closed = True
             subscribers, self._subscribers = self._subscribers, set()
         for sub in subscribers:

@@ -1,7 +1,7 @@
 """The storage keeper: what the database refused is written once it accepts
 writes again.
 
-While a workspace's database refuses writes (see :mod:`crushd.store`),
+While a workspace's database refuses writes (see :mod:`crushd.sqlite`),
 records that could not be written within a run's cleanup deadline — a
 run's closing records, a queued run's cancellation — are *owed*.  The
 :class:`StorageKeeper`, one thread per workspace, tries again with backoff

@@ -98,8 +98,8 @@ class Metrics:
         )
         # Guards _started: run id -> (start time, first delta seen).  An
         # entry lives from run.started to run.completed.
-        self._lock = threading.Lock()
-        self._started: dict[str, list[Any]] = {}  # guarded by _lock
+        self._started_lock = threading.Lock()
+        self._started: dict[str, list[Any]] = {}  # guarded by _started_lock
         signals.event_published.connect(self._on_event, weak=False)
 
     def _on_event(self, sender: str, event: Any) -> None:
@@ -107,10 +107,10 @@ class Metrics:
         released its lock; a few dictionary operations."""
         payload = event.data["payload"]
         if event.type == EventType.RUN_STARTED:
-            with self._lock:
+            with self._started_lock:
                 self._started[payload["id"]] = [self._clock(), False]
         elif event.type == EventType.MESSAGE_DELTA:
-            with self._lock:
+            with self._started_lock:
                 entry = self._started.get(payload.get("run_id", ""))
                 first = entry is not None and not entry[1]
                 if first:
@@ -120,7 +120,7 @@ class Metrics:
         elif event.type == EventType.RUN_RETRYING:
             self.provider_retries.inc()
         elif event.type == EventType.RUN_COMPLETED:
-            with self._lock:
+            with self._started_lock:
                 entry = self._started.pop(payload["id"], None)
             if entry is not None:
                 self.run_duration.observe(max(0.0, self._clock() - entry[0]))

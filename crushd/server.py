@@ -156,16 +156,16 @@ class Server:
         self.stop_control = StopController(self.stop)
         self.registry: RegistryStore | None = None  # opened by start()
         self._dir_lock: DataDirLock | None = None  # taken by start()
-        # Guards the workspace map and the started/closed flags; held only
-        # for dict and flag updates, never while a workspace opens, closes or
-        # answers (it comes before Workspace._lock in the lock order).
-        self._lock = threading.Lock()
-        self._workspaces: dict[str, Workspace] = {}  # guarded by _lock
+        # Guards the workspace map and the started/closed flags; a leaf: held
+        # only for dict and flag updates, never while a workspace opens,
+        # closes or answers.
+        self._workspaces_lock = threading.Lock()
+        self._workspaces: dict[str, Workspace] = {}  # guarded by _workspaces_lock
         # Registered workspaces start() did not open (outside --allow-root),
-        # id -> registry record with its "closed_reason"; guarded by _lock.
+        # id -> registry record with its "closed_reason"; guarded by _workspaces_lock.
         self._refused: dict[str, dict[str, Any]] = {}
-        self._started = False  # guarded by _lock
-        self._closed = False  # guarded by _lock; True once stop() began
+        self._started = False  # guarded by _workspaces_lock
+        self._closed = False  # guarded by _workspaces_lock; True once stop() began
         self._stopped = threading.Event()  # set when stop() has finished
         # Serializes registrations, so two POSTs of one path open it once.
         self._register_lock = threading.Lock()
@@ -213,7 +213,7 @@ class Server:
         directory; a failed start closes what it opened (and the provider):
         the server cannot be started again.
         """
-        with self._lock:
+        with self._workspaces_lock:
             if self._closed:
                 raise RuntimeError("a stopped server cannot be started again")
             if self._started:
@@ -238,7 +238,7 @@ class Server:
                     self._open(record)
                     continue
                 # Registered under a wider --allow-root: kept, not opened.
-                with self._lock:
+                with self._workspaces_lock:
                     self._refused[record["id"]] = {**record, "closed_reason": reason}
                 logger.warning(
                     "event=workspace_not_opened workspace=%s path=%s reason=%r",
@@ -286,7 +286,7 @@ class Server:
             tool_env=command_env(settings.env),
             gate=self.gate,
         )
-        with self._lock:
+        with self._workspaces_lock:
             self._workspaces[workspace.id] = workspace
         workspace.start()
         logger.info("event=workspace_opened workspace=%s path=%s", workspace.id, workspace.path)
@@ -381,7 +381,7 @@ class Server:
 
     def get(self, workspace_id: str) -> Workspace:
         """The open workspace; 404 if unknown, 409 if registered but not open."""
-        with self._lock:
+        with self._workspaces_lock:
             workspace = self._workspaces.get(workspace_id)
             refused = self._refused.get(workspace_id)
         if refused is not None:
@@ -395,7 +395,7 @@ class Server:
     def describe(self, workspace_id: str | None = None) -> Any:
         """The JSON of one workspace (or, without an id, of all of them),
         those registered but not opened included, with their reason."""
-        with self._lock:
+        with self._workspaces_lock:
             if workspace_id is None:
                 open_ones = list(self._workspaces.values())
                 refused = list(self._refused.values())
@@ -411,12 +411,12 @@ class Server:
         return described[0]
 
     def workspaces(self) -> list[Workspace]:
-        with self._lock:
+        with self._workspaces_lock:
             return list(self._workspaces.values())
 
     def unregister(self, workspace_id: str, purge: bool = False) -> None:
         """Close a workspace in the contract's order, then forget it.  Blocks."""
-        with self._lock:
+        with self._workspaces_lock:
             refused = self._refused.pop(workspace_id, None)
         if refused is not None:  # never opened: nothing to close
             self._registry().unregister(workspace_id, purge)
@@ -427,7 +427,7 @@ class Server:
         workspace = self.get(workspace_id)
         if not workspace.close():  # a concurrent DELETE's close has not finished
             raise WorkspaceClosing(f"workspace {workspace_id} is still closing")
-        with self._lock:
+        with self._workspaces_lock:
             if self._workspaces.get(workspace_id) is not workspace:
                 return  # a concurrent DELETE finished first
             del self._workspaces[workspace_id]
@@ -472,7 +472,7 @@ class Server:
         idempotent: a second caller waits for the first (as long as a whole
         stop may take) and learns whether it finished.  Returns True once
         the server is stopped."""
-        with self._lock:
+        with self._workspaces_lock:
             first = not self._closed
             self._closed = True
         if not first:
@@ -495,7 +495,7 @@ class Server:
             thread.start()
         for thread in threads:
             thread.join()
-        with self._lock:
+        with self._workspaces_lock:
             self._workspaces.clear()
         self.mcp_loop.stop()
         self.models.close()

@@ -7,29 +7,38 @@ accepted run to a terminal record (or, on a server stop, leaves the queued
 ones on disk for the next start).  :meth:`Workspace.close` is the shutdown
 order of the contract, written out step by step.
 
-Locks, in the only order they may be taken (a thread holding one may take
-those after it, never one before it):
+Locks, and the only ways they nest (a thread holding one takes no lock
+but those named under it):
 
 1. ``MessageWriter._output_lock`` (:mod:`crushd.writer`) — the output of one
-   streaming message: its events are published and its parts written under
-   it, so the blinker receivers run under it (they may take the locks
-   below, never a writer's).  Taken holding no other lock, but for a try
-   that never waits.
-2. ``Workspace._lock`` — the closing flag, the queues, the active map, the
-   runs being announced (``_announced`` is a condition on it).
-3. ``EventHub._lock`` (:mod:`crushd.events`) — numbering, buffer, subscribers.
-4. ``SqliteStore._connection_lock`` (:mod:`crushd.sqlite`) — the one SQLite
-   connection.
+   streaming message.  Taken holding no other lock, but for a try under
+   that message's ``_parts_lock`` that never waits.  Its events are
+   published and its parts written under it, so it is held across 2 and 3
+   and across the blinker receivers ``publish`` calls, which take only
+   leaves (``Metrics._started_lock``) and must never call a writer.
+2. ``EventHub._events_lock`` (:mod:`crushd.events`) — numbering, buffer,
+   subscribers.  Taken holding nothing or 1; held while ``reserve`` writes
+   the store (so across 3), never while ``on_event`` runs.
+3. ``SqliteStore._connection_lock`` (:mod:`crushd.sqlite`) — the one SQLite
+   connection.  Taken holding nothing, 1 or 2; while it is held only the
+   leaf inside the event ``on_change`` sets is taken.
 
-Leaves, taken last with nothing taken while they are held: a run token's
-lock (:class:`~crushd.cancel.CancelToken`) and the latch's, which 2 holds
-when it dispatches a run or a cancel counts one up; ``Workspace._finished``;
-``MessageWriter._parts_lock``, one message's parts in memory;
-and three that are never taken holding any other lock either, since their
-owners call back (launch runs, queue them, write records) only after they
-let go: ``StartGate._lock`` (:mod:`crushd.gate`),
-``AcceptBatcher._batch_lock`` (:mod:`crushd.accepts`) and
-``StorageKeeper._owed_lock`` (:mod:`crushd.keeper`).
+``Workspace._runs_lock`` — the closing flag and where each run is: queued,
+being announced (``_announced`` is a condition on it), active.  Taken
+holding no other lock; while it is held only a run token's lock
+(:class:`~crushd.cancel.CancelToken`) and the latch's are taken, when it
+dispatches a run or a cancel counts one up.  ``Server._register_lock``
+(:mod:`crushd.server`), held while a registration opens a workspace, comes
+before all of these.
+
+Leaves, with nothing taken while they are held: those two;
+``Workspace._finished``; ``MessageWriter._parts_lock``, one message's parts
+in memory (but for the try above); ``PermissionBroker._pending_lock``;
+``Server._workspaces_lock``; and three that are never taken holding any
+other lock either, since their owners call back (launch runs, queue them,
+write records) only after they let go: ``StartGate._held_lock``
+(:mod:`crushd.gate`), ``AcceptBatcher._batch_lock`` (:mod:`crushd.accepts`)
+and ``StorageKeeper._owed_lock`` (:mod:`crushd.keeper`).
 
 The workspace lock is held for decisions only, never across a database
 call or a thread start: the runs finishing and starting take it too, and
@@ -43,7 +52,7 @@ Prompts are stored in shared batches (:mod:`crushd.accepts`), and runs wait
 to be started while prompts are being accepted (:mod:`crushd.gate`: one
 gate for the process, built by the server and passed to each workspace).
 
-Storage faults.  While the database refuses writes (see :mod:`crushd.store`)
+Storage faults.  While the database refuses writes (see :mod:`crushd.sqlite`)
 prompts get 503 ``storage_unavailable`` at once and no queued run starts.
 Records that could not be written within a run's cleanup deadline — a run's
 closing records, a queued run's cancellation — are *owed*: the run stays
@@ -194,19 +203,19 @@ class Workspace:
         # Runs dispatched while prompts are being accepted wait here.
         self._gate = gate if gate is not None else StartGate()
         # Guards the flags, queues and maps below; first in the lock order.
-        self._lock = threading.Lock()
-        self._closing = False  # guarded by _lock
-        self._keep_queued = False  # guarded by _lock; True on a server stop
+        self._runs_lock = threading.Lock()
+        self._closing = False  # guarded by _runs_lock
+        self._keep_queued = False  # guarded by _runs_lock; True on a server stop
         # Session id -> its queued runs, oldest first: run id -> the model
-        # it was accepted with.  Guarded by _lock.
+        # it was accepted with.  Guarded by _runs_lock.
         self._queues: dict[str, collections.OrderedDict[str, str]] = {}
-        self._active: dict[str, ActiveRun] = {}  # session id -> run; guarded by _lock
+        self._active: dict[str, ActiveRun] = {}  # session id -> run; guarded by _runs_lock
         # Runs stored and queued whose ``run.queued`` is not published yet;
-        # nothing starts or cancels them until it is.  Guarded by _lock.
+        # nothing starts or cancels them until it is.  Guarded by _runs_lock.
         self._announcing: set[str] = set()
-        self._announced = threading.Condition(self._lock)  # notified when it shrinks
+        self._announced = threading.Condition(self._runs_lock)  # notified when it shrinks
         # Stores the prompts being accepted in shared transactions and
-        # queues the new runs (under _lock) before their submitters return.
+        # queues the new runs (under _runs_lock) before their submitters return.
         self._accepts: AcceptBatcher[Prompt, Accepted] = AcceptBatcher(
             lambda prompts: self.store.accept_runs(prompts, self.config.max_queue),
             self._queue_stored,
@@ -251,11 +260,11 @@ class Workspace:
 
     @property
     def closing(self) -> bool:
-        with self._lock:
+        with self._runs_lock:
             return self._closing
 
     def to_dict(self) -> dict[str, Any]:
-        with self._lock:
+        with self._runs_lock:
             closing = self._closing
         active = queued = 0
         if not self.store.closed:
@@ -286,7 +295,7 @@ class Workspace:
 
     def queued_run_count(self) -> int:
         """Runs waiting behind their session's active run (from memory)."""
-        with self._lock:
+        with self._runs_lock:
             return sum(len(queue) for queue in self._queues.values())
 
     # -- startup -------------------------------------------------------------
@@ -311,7 +320,7 @@ class Workspace:
                 )
                 self._fail_unsealed(run, exc)
         queued = self.store.list_runs(status="queued", limit=1_000_000, oldest_first=True)
-        with self._lock:
+        with self._runs_lock:
             for run in queued:
                 queue = self._queues.setdefault(run["session_id"], collections.OrderedDict())
                 # A run queued by a version before runs had a model gets the
@@ -406,7 +415,7 @@ class Workspace:
                 self.hub.publish(EventType.SESSION_CREATED, session_id, session)
             self.hub.publish(EventType.RUN_QUEUED, session_id, run)
         finally:
-            with self._lock:
+            with self._runs_lock:
                 self._announcing.discard(run["id"])
                 self._announced.notify_all()
                 starting = self._dispatch(session_id)
@@ -435,12 +444,12 @@ class Workspace:
         the new row waits until it is queued and announced) and is queued
         in insert order before this returns.
         """
-        with self._lock:
+        with self._runs_lock:
             self._announcing.add(prompt.run_id)
         try:
             return self._accepts.accept(prompt)
         except AcceptsClosed:
-            with self._lock:
+            with self._runs_lock:
                 self._announcing.discard(prompt.run_id)
                 self._announced.notify_all()
             raise WorkspaceClosing(f"workspace {self.id} is closing") from None
@@ -449,7 +458,7 @@ class Workspace:
         """The batcher's hand-back, before the submitters wake: each new run
         joins its session's queue, in insert order; the others (refused, or
         an id that existed) are not announcing any more."""
-        with self._lock:
+        with self._runs_lock:
             for prompt, result in zip(prompts, results, strict=True):
                 if isinstance(result, Exception) or not result[2]:
                     self._announcing.discard(prompt.run_id)
@@ -482,7 +491,7 @@ class Workspace:
     def _dispatch(self, session_id: str) -> ActiveRun | None:
         """Take the session's next queued run if it has none active; the
         caller hands it to :meth:`_launch` once it let go of the lock.
-        Holds _lock.
+        Holds _runs_lock.
 
         A run not announced yet waits: its submitter dispatches it after
         publishing ``run.queued``, so ``run.started`` never comes first.
@@ -505,7 +514,7 @@ class Workspace:
 
     def _launch(self, *runs: ActiveRun | None) -> None:
         """Hand dispatched runs to the executor once no prompt is being
-        accepted (the start gate).  Never under _lock: the executor may
+        accepted (the start gate).  Never under _runs_lock: the executor may
         start a thread, and that waits for the new thread to get the GIL,
         which with a hundred runs streaming takes milliseconds that every
         other taker of the lock would wait too."""
@@ -541,7 +550,7 @@ class Workspace:
         active.thread = threading.current_thread().name
         try:
             if active.token.cancelled:
-                with self._lock:
+                with self._runs_lock:
                     keep = self._keep_queued and not active.user_cancelled
                 if not keep:  # never started: a cancelled record, no messages
                     self._cancel_queued(active.run_id)
@@ -574,7 +583,7 @@ class Workspace:
     def _release(self, active: ActiveRun) -> None:
         """The run is over and its records are written: free its session."""
         active.token.release()
-        with self._lock:
+        with self._runs_lock:
             if self._active.get(active.session_id) is active:
                 del self._active[active.session_id]
             starting = self._dispatch(active.session_id)
@@ -584,7 +593,7 @@ class Workspace:
     def _requeue(self, active: ActiveRun) -> None:
         """A run whose start the database refused goes back to the head of
         its session's queue (it is still ``queued`` on disk)."""
-        with self._lock:
+        with self._runs_lock:
             closing, keep = self._closing, self._keep_queued and not active.user_cancelled
             if not closing and not active.token.cancelled:
                 queue = self._queues.setdefault(active.session_id, collections.OrderedDict())
@@ -598,14 +607,14 @@ class Workspace:
         """Start the next queued run of every session that can start one
         (at startup, and whenever the storage keeper finds the database
         accepting writes)."""
-        with self._lock:
+        with self._runs_lock:
             starting = [self._dispatch(session_id) for session_id in list(self._queues)]
         self._launch(*starting)
 
     def _await_announced(self, run_ids: Callable[[], Iterable[str]]) -> None:
         """Wait until ``run.queued`` is out for every id ``run_ids()`` gives.
 
-        Holds _lock (the wait releases it, so ``run_ids`` is asked again on
+        Holds _runs_lock (the wait releases it, so ``run_ids`` is asked again on
         every wake-up).  Publishing takes microseconds; the bound only keeps
         a broken receiver from hanging a cancel or a close.
         """
@@ -614,7 +623,7 @@ class Workspace:
 
     def _cancel_queued(self, run_id: str) -> dict[str, Any] | None:
         """Make a run that never started ``cancelled`` and announce it.
-        Writes and publishes: never call it holding _lock.  If the database
+        Writes and publishes: never call it holding _runs_lock.  If the database
         refuses the write, the cancellation is owed (and counted on the latch)."""
         try:
             return self._write_cancelled(run_id)
@@ -727,7 +736,7 @@ class Workspace:
         if run["status"] in TERMINAL_STATUSES:
             return run, False
         session_id = run["session_id"]
-        with self._lock:
+        with self._runs_lock:
             self._await_announced(lambda: (run_id,))
             queue = self._queues.get(session_id)
             dequeued = queue is not None and run_id in queue
@@ -757,7 +766,7 @@ class Workspace:
         ``queued_only``); return their ids, active first."""
         self.get_session(session_id)
         cancelled: list[str] = []
-        with self._lock:
+        with self._runs_lock:
             active = self._active.get(session_id)
             if active is not None and not queued_only:
                 active.user_cancelled = True
@@ -816,7 +825,7 @@ class Workspace:
         # 1. Refuse new prompts: once the batcher is closed submit() raises
         #    WorkspaceClosing; a prompt it took in before is stored and
         #    queued before the snapshot.
-        with self._lock:
+        with self._runs_lock:
             already = self._closing
             self._closing = True
             if not already:
@@ -827,7 +836,7 @@ class Workspace:
         # written stays queued on disk, for the next start.
         if not self._accepts.close(timeout):
             logger.warning("event=accept_batch_slow workspace=%s", self.id)
-        with self._lock:
+        with self._runs_lock:
             never_started = [rid for q in self._queues.values() for rid in q]
             self._queues.clear()
         started = time.monotonic()
@@ -853,13 +862,13 @@ class Workspace:
         # 3. Queued runs that never started become cancelled (not on a server stop),
         #    each once its submitter has announced it.
         if not keep_queued:
-            with self._lock:
+            with self._runs_lock:
                 self._await_announced(lambda: never_started)
             for run_id in never_started:
                 self._cancel_queued(run_id)
         # 4. Wait for every dispatched run to return, bounded.
         if not self._latch.wait(timeout):
-            with self._lock:
+            with self._runs_lock:
                 stuck = [a.run_id for a in self._active.values()]
             logger.warning(
                 "event=workspace_runs_stuck workspace=%s runs=%s timeout=%s",
@@ -874,7 +883,7 @@ class Workspace:
         #    threads (bounded; what is still alive is logged), end the streams
         #    and close the database — nothing touches it after this.
         self._keeper.stop()
-        with self._lock:
+        with self._runs_lock:
             leftovers = list(self._active.values())
         self._flush(leftovers)
         self.mcp.close(self.config.cleanup_timeout)

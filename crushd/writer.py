@@ -36,7 +36,7 @@ Locks, in the only order they may be taken:
    written or waited for while it is held (the clock is read).
 
 The locks of what the output goes to come after both, as :mod:`crushd.workspace`
-lists them: ``EventHub._lock``, then ``SqliteStore._connection_lock``.
+lists them: ``EventHub._events_lock``, then ``SqliteStore._connection_lock``.
 """
 
 from __future__ import annotations
