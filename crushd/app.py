@@ -32,8 +32,10 @@ HTTP_CODES = {
 }
 
 
-def error_body(code: str, message: str) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message}}
+def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON of every error; ``details`` (a request error's own fields,
+    such as the ``files`` of ``workspace_changed``) go beside the two."""
+    return {"error": {"code": code, "message": message, **(details or {})}}
 
 
 def create_app(config: Config | None = None, server: Server | None = None) -> Flask:
@@ -132,7 +134,7 @@ def create_app(config: Config | None = None, server: Server | None = None) -> Fl
         headers = exc.headers()
         if exc.status == 401:
             headers["WWW-Authenticate"] = "Bearer"
-        return error_body(exc.code, exc.message), exc.status, headers
+        return error_body(exc.code, exc.message, exc.details()), exc.status, headers
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Any:

@@ -61,11 +61,15 @@ from pathlib import Path
 
 from crushd import restore as restoring
 from crushd import treediff
-from crushd.errors import RequestError
-from crushd.gitshadow import (
-    EMPTY_TREE,
+from crushd.errors import (
     CheckpointClosed,
     CheckpointError,
+    DiffTooLarge,
+    RestoreBlocked,
+    WorkspaceChanged,
+)
+from crushd.gitshadow import (
+    EMPTY_TREE,
     GitFailed,
     GitRunner,
     GitTimeout,
@@ -73,9 +77,9 @@ from crushd.gitshadow import (
     git_environment,
     prepare_repository,
 )
-from crushd.restore import Interrupted, RestoreBlocked, Restored
+from crushd.restore import Interrupted, Restored
 from crushd.snapshots import Pin, Skipped, Snapshot, Snapshotter
-from crushd.treediff import DEFAULT_MAX_DIFF_BYTES, DiffTooLarge, FileStat
+from crushd.treediff import DEFAULT_MAX_DIFF_BYTES, FileStat
 
 __all__ = [
     "EMPTY_TREE",
@@ -110,22 +114,6 @@ REF_ROOT = "refs/crushd/"
 
 _REF_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")
 _PRUNE_ROUNDS = 6  # gc passes the size cap may take before it gives up
-
-
-class WorkspaceChanged(RequestError, CheckpointError):
-    """Files to restore differ from what crushd last recorded; nothing was written.
-
-    ``paths`` lists them.  A 409: the client may look, then retry with force.
-    """
-
-    status = 409
-    code = "workspace_changed"
-
-    def __init__(self, paths: Sequence[str]) -> None:
-        self.paths = list(paths)
-        shown = ", ".join(self.paths[:10])
-        more = f" and {len(self.paths) - 10} more" if len(self.paths) > 10 else ""
-        super().__init__(f"changed since crushd recorded them: {shown}{more}")
 
 
 class UnsafeWorkTree(CheckpointError):
@@ -192,7 +180,12 @@ class CheckpointStore:
     first call), ``work_tree`` the workspace (refused when unsafe, see
     :func:`check_work_tree`).  ``clock`` dates pins and retention;
     ``timeout`` bounds each git call (plus time for the bytes it hashes or
-    writes), ``gc_timeout`` each ``git gc``.
+    writes), ``gc_timeout`` each ``git gc``.  ``exclude`` are paths relative
+    to the work tree that are never recorded, nor anything below them
+    (crushd's hidden list: its data directory, token, config file, socket
+    and ``sandbox_hide`` paths inside the workspace), so no secret reaches
+    a tree or a diff; one recorded before it was excluded is dropped at the
+    next snapshot.
     """
 
     def __init__(
@@ -208,6 +201,7 @@ class CheckpointStore:
         git: str = "git",
         timeout: float = 60.0,
         gc_timeout: float = DEFAULT_GC_TIMEOUT,
+        exclude: Iterable[str] = (),
     ) -> None:
         self.work_tree = check_work_tree(work_tree)
         self.git_dir = Path(os.path.realpath(git_dir))
@@ -226,7 +220,12 @@ class CheckpointStore:
         env = git_environment(self.git_dir, self.work_tree, index)
         self._git = GitRunner(env, self.git_dir.parent, git=git, timeout=timeout)
         self._snapshots = Snapshotter(
-            self._git, self.work_tree, index, max_file_bytes=max_file_bytes, max_files=max_files
+            self._git,
+            self.work_tree,
+            index,
+            max_file_bytes=max_file_bytes,
+            max_files=max_files,
+            exclude=restoring.normalize(exclude),
         )
         # Lock order: _lock, then _gc_gate (then GitRunner's own).
         self._lock = threading.Lock()  # guards the index, the refs, the journal, the work tree

@@ -32,11 +32,16 @@ class CrushdError(Exception):
 
 
 class RequestError(CrushdError):
-    """An error a request ends with: ``status``, ``code`` and ``headers()``."""
+    """An error a request ends with: ``status``, ``code``, ``headers()`` and
+    ``details()``, fields added to the JSON ``error`` object beside ``code``
+    and ``message`` (``files`` of :class:`WorkspaceChanged`)."""
 
     status = 500
 
     def headers(self) -> dict[str, str]:
+        return {}
+
+    def details(self) -> dict[str, object]:
         return {}
 
 
@@ -117,6 +122,89 @@ class StoreClosed(WorkspaceClosing):
     answers 409 ``workspace_closing`` as the contract says; the class of its
     own tells a log (and a test) which of the two happened.
     """
+
+
+# -- checkpoints -----------------------------------------------------------------
+#
+# The store's own errors (crushd.checkpoints and the modules beneath it) are
+# CheckpointError; those a request can end with are request errors too.
+
+
+class CheckpointError(CrushdError):
+    """Base of every checkpoint store error; one that is not also a request
+    error is a fault of the store (git failed), a 500 if a request meets it."""
+
+    code = "checkpoint_error"
+
+
+class CheckpointClosed(CheckpointError, WorkspaceClosing):
+    """The checkpoint store was closed (its workspace is closing); nothing
+    more runs.  To a request racing the close, 409 ``workspace_closing``."""
+
+    code = "workspace_closing"
+
+
+class WorkspaceChanged(RequestError, CheckpointError):
+    """Files to restore differ from what crushd last recorded, or another
+    session's run changed them since; nothing was written.
+
+    ``paths`` lists them, and the JSON error carries them as ``files``: the
+    client may look, then retry with ``"force": true``.
+    """
+
+    status = 409
+    code = "workspace_changed"
+
+    def __init__(self, paths: list[str] | tuple[str, ...]) -> None:
+        self.paths = sorted(paths)
+        shown = ", ".join(self.paths[:10])
+        more = f" and {len(self.paths) - 10} more" if len(self.paths) > 10 else ""
+        super().__init__(
+            f"changed since crushd recorded them: {shown}{more} "
+            '(look at them, then send "force": true to overwrite them)'
+        )
+
+    def details(self) -> dict[str, object]:
+        return {"files": self.paths}
+
+
+class RestoreBlocked(RequestError, CheckpointError):
+    """Something in the workspace stands where a restore must write (a link,
+    a directory with files in it); force does not help, nothing was written."""
+
+    status = 409
+    code = "restore_blocked"
+
+
+class DiffTooLarge(RequestError, CheckpointError):
+    """The diff is longer than its bound; a stat (``?stat=1``) or one tool
+    call's diff still works."""
+
+    status = 422
+    code = "diff_too_large"
+
+
+class CheckpointsDisabled(RequestError):
+    """The workspace records no checkpoints (``--no-checkpoints``,
+    ``checkpoints = false``, or a work tree that must not be recorded)."""
+
+    status = 409
+    code = "checkpoints_disabled"
+
+
+class CheckpointExpired(RequestError):
+    """The checkpoints a diff or revert needs were pruned by retention."""
+
+    status = 410
+    code = "checkpoint_expired"
+
+
+class NothingToRevert(RequestError):
+    """A revert whose messages are all reverted already, or an unrevert with
+    no revert in force."""
+
+    status = 409
+    code = "nothing_to_revert"
 
 
 # -- errors that never reach HTTP ----------------------------------------------

@@ -22,9 +22,10 @@ through a shell, because three things must hold for all of them:
 * **Failures say what git said.**  A non-zero exit raises :class:`GitFailed`
   with git's stderr, so a log line or an API error shows the real cause.
 
-The errors of the checkpoint store are declared here, at its lowest layer,
-so the runner raises them too; they belong in :mod:`crushd.errors` once the
-store is wired in.
+The store's errors live in :mod:`crushd.errors` with every other error
+(:class:`~crushd.errors.CheckpointError` and those a request can end with);
+the two that only git raises, :class:`GitFailed` and :class:`GitTimeout`,
+are declared here and re-exported with them.
 """
 
 from __future__ import annotations
@@ -42,8 +43,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
-from crushd.errors import CrushdError
+from crushd.errors import CheckpointClosed, CheckpointError
 from crushd.procgroup import signal_group
+
+__all__ = [
+    "CheckpointClosed",
+    "CheckpointError",
+    "GitFailed",
+    "GitRunner",
+    "GitStream",
+    "GitTimeout",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -97,18 +107,6 @@ _CONFIG = """\
 # Highest-precedence attributes: no conversion on the way in or out, so a
 # tree holds the file's bytes whatever the workspace's .gitattributes say.
 _ATTRIBUTES = "* -text !eol -ident -filter !working-tree-encoding\n"
-
-
-class CheckpointError(CrushdError):
-    """Base of every checkpoint store error."""
-
-    code = "checkpoint_error"
-
-
-class CheckpointClosed(CheckpointError):
-    """The store was closed (its workspace is closing); nothing more runs."""
-
-    code = "checkpoint_closed"
 
 
 class GitFailed(CheckpointError):

@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from crushd import atomicfs
-from crushd.gitshadow import CheckpointError, GitRunner, GitStream, check_oid, work_budget
+from crushd.errors import CheckpointError, RestoreBlocked
+from crushd.gitshadow import GitRunner, GitStream, check_oid, work_budget
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +50,6 @@ JOURNAL = "restore-journal.json"
 _LINK = "120000"
 _EXECUTABLE = "100755"
 _GITLINK = "160000"
-
-
-class RestoreBlocked(CheckpointError):
-    """Something in the workspace stands where a restore must write (a link, a full directory)."""
-
-    code = "restore_blocked"
 
 
 @dataclass(frozen=True)

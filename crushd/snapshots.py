@@ -109,12 +109,17 @@ class Snapshotter:
         *,
         max_file_bytes: int,
         max_files: int,
+        exclude: Iterable[bytes] = (),
     ) -> None:
         self._git = git
         self.work_tree = work_tree
         self._index = index
         self.max_file_bytes = max_file_bytes
         self.max_files = max_files
+        # Paths never recorded, with everything below them (crushd's hidden
+        # list): dropped from the index even if recorded before.
+        self.exclude = tuple(sorted(set(exclude)))
+        self._excluded_dropped = not self.exclude  # recorded ones are dropped by the first write
         self._last_tree: tuple[tuple[int, int, int], str] | None = None
 
     def write(self) -> Snapshot:
@@ -139,10 +144,17 @@ class Snapshotter:
         skipped: list[Skipped] = []
         update: list[bytes] = []  # add or refresh (a new file that vanished is skipped by git)
         drop: list[bytes] = []  # in the index, but gone, beneath a link, or not recordable
+        if not self._excluded_dropped:  # recorded before they were excluded, unchanged since
+            listed = self._records(["ls-files", "-z", "--", *map(os.fsdecode, self.exclude)])
+            drop += [p for p in listed if self._excluded(p)]
         nbytes = 0  # what update-index will hash
         # Both listings walk the tree; started together they use two cores.
         with self._git.stream(self._others_args()) as others:
             for path in dict.fromkeys(self._records(["ls-files", "-z", "-m", "-d"])):
+                if self._excluded(path):
+                    if path not in drop:
+                        drop.append(path)
+                    continue
                 st = _lstat(root, path, dirs)
                 if st is not None and _recordable(st) and st.st_size <= self.max_file_bytes:
                     update.append(path)
@@ -165,6 +177,7 @@ class Snapshotter:
                 timeout=self._budget(nbytes + more),
             )
         tree = self._write_tree()
+        self._excluded_dropped = True
         snap = Snapshot(
             tree=tree,
             skipped=tuple(skipped),
@@ -189,7 +202,14 @@ class Snapshotter:
         user_exclude = self.work_tree / ".git" / "info" / "exclude"
         if user_exclude.is_file() and not user_exclude.is_symlink():
             args.append(f"--exclude-from={user_exclude}")
+        # So that git does not even list a large hidden directory; the
+        # check in _untracked is what holds.
+        args += [f"--exclude={_literal_pattern(p)}" for p in self.exclude]
         return args
+
+    def _excluded(self, path: bytes) -> bool:
+        """Whether ``path`` is an excluded path or lies beneath one."""
+        return any(path == e or path.startswith(e + b"/") for e in self.exclude)
 
     def _untracked(
         self,
@@ -208,6 +228,8 @@ class Snapshotter:
         new: list[bytes] = []
         nbytes = 0
         while (path := others.record()) is not None:
+            if self._excluded(path.rstrip(b"/")):
+                continue
             if path.endswith(b"/"):  # git lists a nested repository as its directory
                 skipped.append(Skipped(os.fsdecode(path[:-1]), "nested_repository"))
                 continue
@@ -291,6 +313,14 @@ def _index_entries(index: Path) -> int:
     if len(header) < 12 or header[:4] != b"DIRC":
         raise CheckpointError(f"{index} is not a git index")
     return int.from_bytes(header[8:12], "big")
+
+
+def _literal_pattern(path: bytes) -> str:
+    """An ignore pattern matching exactly ``path`` (relative to the work tree)
+    and what lies below it: anchored, every wildcard and special character
+    escaped."""
+    text = os.fsdecode(path)
+    return "/" + "".join("\\" + c if c in "\\*?[]!# " else c for c in text)
 
 
 def _z(paths: Iterable[bytes]) -> bytes:

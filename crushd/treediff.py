@@ -15,16 +15,11 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from crushd.gitshadow import CheckpointError, GitRunner, check_oid
+from crushd.errors import DiffTooLarge
+from crushd.gitshadow import GitRunner, check_oid
 from crushd.restore import normalize
 
 DEFAULT_MAX_DIFF_BYTES = 16 << 20
-
-
-class DiffTooLarge(CheckpointError):
-    """The diff is longer than the caller's bound; ask for a stat or fewer paths."""
-
-    code = "diff_too_large"
 
 
 @dataclass(frozen=True)

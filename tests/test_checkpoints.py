@@ -184,6 +184,28 @@ def test_gitignore_and_the_users_exclude_are_honoured(store, work):
     assert store.changed_paths(snap.tree, later.tree) == [".gitignore", "kept.txt"]
 
 
+def test_excluded_paths_are_never_recorded_and_dropped_once_excluded(tmp_path, work):
+    """crushd's hidden list inside a workspace (a data directory, a token):
+    no tree holds it, odd names included, and one recorded before it was
+    hidden leaves the next tree."""
+    for name in ("keys/id_rsa", "keys/sub/deep", "[x]*? #!.tok", "later.env", "kept.txt"):
+        write(work / name, "secret" if name != "kept.txt" else "ok")
+    first = CheckpointStore(tmp_path / "ck.git", work, exclude=["keys", "[x]*? #!.tok"])
+    try:
+        assert set(tree_files(first, first.snapshot().tree)) == {"later.env", "kept.txt"}
+    finally:
+        first.close()
+    again = CheckpointStore(
+        tmp_path / "ck.git", work, exclude=["keys", "[x]*? #!.tok", "later.env"]
+    )
+    try:
+        assert set(tree_files(again, again.snapshot().tree)) == {"kept.txt"}
+        write(work / "keys/new", "secret")
+        assert set(tree_files(again, again.snapshot().tree)) == {"kept.txt"}
+    finally:
+        again.close()
+
+
 def test_host_git_settings_and_variables_do_not_reach_the_store(tmp_path, work, monkeypatch):
     user_repo = tmp_path / "elsewhere"
     subprocess.run(["git", "init", "-q", str(user_repo)], check=True)

@@ -27,6 +27,14 @@ CONTRACT = {
     "TooManyStreams": (503, "too_many_streams"),
     "StorageUnavailable": (503, "storage_unavailable"),
     "StoreBusy": (503, "storage_unavailable"),
+    # Checkpoints (SPEC §5; README.rst "Checkpoints")
+    "CheckpointClosed": (409, "workspace_closing"),
+    "WorkspaceChanged": (409, "workspace_changed"),
+    "RestoreBlocked": (409, "restore_blocked"),
+    "CheckpointsDisabled": (409, "checkpoints_disabled"),
+    "NothingToRevert": (409, "nothing_to_revert"),
+    "CheckpointExpired": (410, "checkpoint_expired"),
+    "DiffTooLarge": (422, "diff_too_large"),
 }
 
 
@@ -57,6 +65,21 @@ def test_errors_that_never_reach_http_are_not_request_errors():
         assert issubclass(cls, StartupError)
     failed = errors.ProviderError("Too many steps", "stopped after 3")
     assert failed.message == "Too many steps: stopped after 3" and failed.status is None
+
+
+def test_workspace_changed_lists_the_files_in_the_error(tmp_path):
+    app = create_app(make_config(tmp_path))
+
+    @app.get("/v1/test-changed")
+    def changed():
+        raise errors.WorkspaceChanged(["src/b.py", "a.txt"])
+
+    response = app.test_client().get("/v1/test-changed")
+    assert response.status_code == 409
+    error = response.get_json()["error"]
+    assert error["code"] == "workspace_changed" and error["files"] == ["a.txt", "src/b.py"]
+    assert "a.txt, src/b.py" in error["message"]
+    app.extensions["crushd"].stop()
 
 
 def test_a_busy_database_answers_503_storage_unavailable(tmp_path):
