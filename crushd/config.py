@@ -90,6 +90,14 @@ class Config:
     #: before its step is ended with finish reason ``max_bytes``.
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     auto_compact: bool = True  # False: only POST .../compact compacts a session
+    #: Checkpoints (crushd.checkpointing): a shadow git repository per
+    #: workspace records its files before each run and after each tool call
+    #: that can change them.  Per workspace also ``checkpoints = false``.
+    checkpoints: bool = True
+    checkpoint_max_file_bytes: int = 2 * 1024 * 1024  # larger files are left out
+    checkpoint_max_files: int = 100_000  # new files past it are left out, with a note
+    checkpoint_keep_days: float = 7.0  # runs' checkpoints older than this are pruned
+    checkpoint_max_bytes: int = 1024 * 1024 * 1024  # past it the oldest runs' go first
     #: The user's own instruction file; None means ``$XDG_CONFIG_HOME/crushd/AGENTS.md``
     #: as the environment says when the config is built.
     user_instructions: Path | None = None
@@ -228,6 +236,8 @@ class Config:
             "max_body",
             "event_buffer",
             "max_message_bytes",
+            "checkpoint_max_files",
+            "checkpoint_max_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1")
@@ -248,6 +258,8 @@ class Config:
             "echo_delay",
             "bash_timeout",
             "max_retry_wait",
+            "checkpoint_max_file_bytes",
+            "checkpoint_keep_days",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must not be negative")
@@ -294,6 +306,8 @@ class Config:
                 )
             if not os.path.isabs(os.path.expanduser(path)):
                 raise ConfigError(f"{where}the workspace path must be absolute")
+            if not isinstance(table.get("checkpoints", True), bool):
+                raise ConfigError(f"{where}checkpoints must be true or false")
             _check_sandbox(
                 where,
                 table.get("sandbox", self.sandbox),
@@ -308,11 +322,7 @@ class Config:
         ``sandbox``/``network``/``sandbox_*`` keys, overridden by its
         ``[workspaces."<path>"]`` table (whose lists add to the top-level
         ones).  Paths compare after resolving symbolic links."""
-        real = os.path.realpath(workspace)
-        table: dict[str, Any] = {}
-        for path, candidate in self.workspaces.items():
-            if os.path.realpath(os.path.expanduser(path)) == real:
-                table = candidate
+        table = self._workspace_table(workspace)
         return SandboxSettings(
             mode=table.get("sandbox", self.sandbox),
             network=table.get("network", self.network),
@@ -321,8 +331,31 @@ class Config:
             env=tuple([*self.sandbox_env, *table.get("sandbox_env", [])]),
         )
 
+    def checkpoints_for(self, workspace: str | os.PathLike[str]) -> bool:
+        """Whether the workspace at ``workspace`` records checkpoints: its
+        ``[workspaces."<path>"]`` table's ``checkpoints``, else the top-level
+        one (``--no-checkpoints`` turns them off everywhere)."""
+        return self.checkpoints and self._workspace_table(workspace).get("checkpoints", True)
 
-WORKSPACE_KEYS = ("sandbox", "network", "sandbox_read", "sandbox_hide", "sandbox_env")
+    def _workspace_table(self, workspace: str | os.PathLike[str]) -> dict[str, Any]:
+        """The ``[workspaces."<path>"]`` table of ``workspace`` ({} if none);
+        paths compare after resolving symbolic links."""
+        real = os.path.realpath(workspace)
+        table: dict[str, Any] = {}
+        for path, candidate in self.workspaces.items():
+            if os.path.realpath(os.path.expanduser(path)) == real:
+                table = candidate
+        return table
+
+
+WORKSPACE_KEYS = (
+    "sandbox",
+    "network",
+    "sandbox_read",
+    "sandbox_hide",
+    "sandbox_env",
+    "checkpoints",
+)
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\*?")
 
 
@@ -455,6 +488,24 @@ SERVE_OPTIONS: tuple[Option, ...] = (
         "max_message_bytes",
         "Bytes one assistant message may stream before its step ends (finish reason max_bytes).",
         default_text="1 MiB",
+    ),
+    Option(
+        "checkpoints",
+        "Record each run's file changes in a shadow git repository, for diff, revert and "
+        "fork (--no-checkpoints: not at all; per workspace: checkpoints = false).",
+        default_text="on",
+    ),
+    Option(
+        "checkpoint_max_file_bytes",
+        "Files larger than this are left out of checkpoints (and listed).",
+        default_text="2 MiB",
+    ),
+    Option("checkpoint_max_files", "New files past this many are left out of a checkpoint."),
+    Option("checkpoint_keep_days", "Days a run's checkpoints are kept before they are pruned."),
+    Option(
+        "checkpoint_max_bytes",
+        "Disk a workspace's checkpoints may take; past it the oldest runs' are pruned first.",
+        default_text="1 GiB",
     ),
     Option("log_level", "Log level.", choices=LOG_LEVELS),
 )

@@ -71,6 +71,15 @@ class EventType(enum.StrEnum):
     PERMISSION_RESOLVED = "permission.resolved"
     #: An MCP server's status changed; payload: its entry as in ``GET .../mcp``.
     MCP_STATUS = "mcp.status"
+    #: A tool call that can change files changed some; payload: ``{"run_id",
+    #: "tool_call_id", "tool", "files": [diff stat entries], "note"}``
+    #: (:mod:`crushd.checkpointing`).
+    RUN_DIFF = "run.diff"
+    #: A session was reverted: files restored, later messages marked;
+    #: payload: ``{"session_id", "revert"}`` (:mod:`crushd.reverts`).
+    SESSION_REVERTED = "session.reverted"
+    #: A session's latest revert was undone; payload: ``{"session_id", "revert"}``.
+    SESSION_UNREVERTED = "session.unreverted"
     #: The workspace is closing (or the server stopping): the stream ends after it.
     WORKSPACE_CLOSING = "workspace.closing"
     #: Sent first to a reconnecting stream whose events are no longer

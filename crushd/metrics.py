@@ -42,7 +42,8 @@ class Metrics:
 
     ``runs_active`` and ``runs_queued`` are functions read at each scrape
     (the workspaces' in-memory counts), ``event_streams`` likewise (open
-    event-stream subscribers).  ``clock`` is monotonic seconds.
+    event-stream subscribers), ``checkpoint_bytes`` the checkpoint stores'
+    size as last measured.  ``clock`` is monotonic seconds.
     """
 
     def __init__(
@@ -52,6 +53,7 @@ class Metrics:
         runs_active: Callable[[], int],
         runs_queued: Callable[[], int],
         event_streams: Callable[[], int],
+        checkpoint_bytes: Callable[[], int] = lambda: 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -90,6 +92,11 @@ class Metrics:
         Gauge("crushd_event_streams", "Open event streams.", registry=self.registry).set_function(
             event_streams
         )
+        Gauge(
+            "crushd_checkpoint_store_bytes",
+            "Disk the workspaces' checkpoint repositories take (measured now and then).",
+            registry=self.registry,
+        ).set_function(checkpoint_bytes)
         self.http_requests = Counter(
             "crushd_http_requests",
             "HTTP requests answered, by method and status code.",

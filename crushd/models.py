@@ -78,6 +78,62 @@ def _add_context_columns(db: pw.Database) -> None:
         )
 
 
+def _add_checkpoint_tables(db: pw.Database) -> None:
+    migrator = SchemaMigrator.from_database(db)
+    with migrator.migration_context():
+        migrate(migrator.add_column("message", "reverted_by", pw.CharField(null=True)))
+    _sql(
+        """CREATE TABLE checkpoint_run (
+            run_id TEXT PRIMARY KEY REFERENCES run (id) ON DELETE CASCADE,
+            session_id TEXT NOT NULL REFERENCES session (id) ON DELETE CASCADE,
+            pin_group TEXT NOT NULL,
+            before_tree TEXT NOT NULL,
+            after_tree TEXT NOT NULL,
+            note TEXT NOT NULL,
+            truncated INTEGER NOT NULL,
+            expired INTEGER NOT NULL,
+            created_at TEXT NOT NULL)""",
+        """CREATE TABLE checkpoint_step (
+            pk INTEGER PRIMARY KEY AUTOINCREMENT,
+            run_id TEXT NOT NULL REFERENCES run (id) ON DELETE CASCADE,
+            session_id TEXT NOT NULL REFERENCES session (id) ON DELETE CASCADE,
+            tool_call_id TEXT NOT NULL,
+            tool TEXT NOT NULL,
+            before_tree TEXT NOT NULL,
+            after_tree TEXT NOT NULL,
+            paths TEXT NOT NULL,
+            created_at TEXT NOT NULL)""",
+        "CREATE INDEX checkpoint_step_run ON checkpoint_step (run_id, pk)",
+        "CREATE INDEX checkpoint_step_session ON checkpoint_step (session_id, pk)",
+        """CREATE TABLE checkpoint_revert (
+            pk INTEGER PRIMARY KEY AUTOINCREMENT,
+            id TEXT NOT NULL UNIQUE,
+            session_id TEXT NOT NULL REFERENCES session (id) ON DELETE CASCADE,
+            run_id TEXT,
+            message_id TEXT,
+            from_pk INTEGER,
+            paths TEXT NOT NULL,
+            target_tree TEXT NOT NULL,
+            expected_tree TEXT,
+            before_tree TEXT,
+            after_tree TEXT,
+            undo_before_tree TEXT,
+            undo_after_tree TEXT,
+            message_ids TEXT NOT NULL,
+            result TEXT,
+            undo_result TEXT,
+            forced INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            error TEXT,
+            pin_group TEXT NOT NULL,
+            expired INTEGER NOT NULL,
+            created_at TEXT NOT NULL,
+            undone_at TEXT)""",
+        "CREATE INDEX checkpoint_revert_session ON checkpoint_revert (session_id, pk)",
+        "CREATE INDEX message_reverted ON message (reverted_by)",
+    )(db)
+
+
 WORKSPACE_MIGRATIONS: list[Migration] = [
     # 1: sessions, messages with JSON parts, runs, key/value meta.
     _sql(
@@ -127,6 +183,9 @@ WORKSPACE_MIGRATIONS: list[Migration] = [
     # 5: compaction: the prompt tokens of the session's last model request,
     #    the summary in force and the first message kept after it.
     _add_context_columns,
+    # 6: checkpoints: the trees of each run and of each tool call that can
+    #    change files, the reverts, and the revert a message is reverted by.
+    _add_checkpoint_tables,
 ]
 
 REGISTRY_MIGRATIONS: list[Migration] = [

@@ -14,7 +14,7 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, request
 
-from crushd import __version__
+from crushd import __version__, reverts
 from crushd.common import RUN_STATUSES, load_json
 from crushd.errors import InvalidRequest, ShuttingDown, TooManyStreams
 from crushd.events import sse_stream
@@ -291,6 +291,60 @@ def get_queue(wid: str, sid: str) -> Any:
 @api.delete("/workspaces/<wid>/sessions/<sid>/queue")
 def clear_queue(wid: str, sid: str) -> Any:
     return {"cancelled": server().get(wid).cancel_session(sid, queued_only=True)}
+
+
+# -- checkpoints -------------------------------------------------------------
+
+
+@api.get("/workspaces/<wid>/runs/<run_id>/diff")
+def run_diff(wid: str, run_id: str) -> Any:
+    workspace = server().get(wid)
+    tool_call_id = request.args.get("tool_call_id") or None
+    stat = bool_arg("stat")
+    answer = workspace.checkpoints.diff(run_id, tool_call_id, stat=stat)
+    if stat:
+        return answer
+    return Response(answer, content_type="text/x-diff; charset=utf-8")
+
+
+@api.post("/workspaces/<wid>/sessions/<sid>/revert")
+def revert_session(wid: str, sid: str) -> Any:
+    workspace = server().get(wid)
+    data = body()
+    return reverts.revert(
+        workspace.checkpoints,
+        sid,
+        run_id=text_field(data, "run_id", required=False),
+        message_id=text_field(data, "message_id", required=False),
+        dry_run=bool_field(data, "dry_run") or False,
+        force=bool_field(data, "force") or False,
+    )
+
+
+@api.post("/workspaces/<wid>/sessions/<sid>/unrevert")
+def unrevert_session(wid: str, sid: str) -> Any:
+    workspace = server().get(wid)
+    data = body(optional=True)
+    return reverts.unrevert(
+        workspace.checkpoints,
+        sid,
+        dry_run=bool_field(data, "dry_run") or False,
+        force=bool_field(data, "force") or False,
+    )
+
+
+@api.post("/workspaces/<wid>/sessions/<sid>/fork")
+def fork_session(wid: str, sid: str) -> Any:
+    workspace = server().get(wid)
+    data = body(optional=True)
+    forked = reverts.fork(
+        workspace.checkpoints,
+        sid,
+        message_id=text_field(data, "message_id", required=False),
+        restore_files=bool_field(data, "restore_files") or False,
+        force=bool_field(data, "force") or False,
+    )
+    return forked, 201
 
 
 # -- permissions -------------------------------------------------------------

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from crushd.cancel import Cancelled, CancelToken, Deadline
+from crushd.checkpointing import RunCheckpoint, WorkspaceCheckpoints
 from crushd.config import DEFAULT_MAX_MESSAGE_BYTES
 from crushd.context import (
     DEFAULT_MAX_INSTRUCTIONS_BYTES,
@@ -125,6 +126,8 @@ class RunEnv:
     user_instructions: Path | None = None
     max_instructions_bytes: int = DEFAULT_MAX_INSTRUCTIONS_BYTES
     auto_compact: bool = True  # compact a session that outgrows its model's window
+    # Records the files each run changes (crushd.checkpointing); None: not at all.
+    checkpoints: WorkspaceCheckpoints | None = None
 
 
 # -- the run ---------------------------------------------------------------
@@ -173,6 +176,7 @@ class Run:
             hidden=env.hidden,
             env=env.tool_env,
         )
+        self.checkpoint = RunCheckpoint(env.checkpoints, self.id, self.session_id, token)
         self.tool_calls = ToolCalls(
             self.tools,
             context,
@@ -184,6 +188,7 @@ class Run:
             store=env.store,
             hub=env.hub,
             model_ids=self._model_ids,
+            checkpoint=self.checkpoint,
         )
         self.compactor = Compactor(
             env.store,
@@ -227,6 +232,8 @@ class Run:
             if self.user_message is not None:
                 self.publish(EventType.MESSAGE_CREATED, self.user_message)
             self.publish(EventType.MESSAGE_CREATED, self._first_message)
+            if not self.compact:  # the tree before it, written while the model answers
+                self.checkpoint.begin()
             self._open_step(self._first_message)
             # An unknown model (configuration changed while it was queued)
             # or a missing key fails the run here, with a message that says so.

@@ -150,6 +150,7 @@ class Server:
             runs_active=lambda: sum(w.active_run_count() for w in self.workspaces()),
             runs_queued=lambda: sum(w.queued_run_count() for w in self.workspaces()),
             event_streams=lambda: sum(w.hub.subscriber_count for w in self.workspaces()),
+            checkpoint_bytes=lambda: sum(w.checkpoints.size for w in self.workspaces()),
         )
         self.started = self.clock()
         # The one owner of "stop requested" and "stop now" (crushd.stopping).
@@ -450,7 +451,8 @@ class Server:
         """From memory only, taking no lock a database call may hold: it
         answers in milliseconds whatever the databases are doing.
         ``storage`` is ``unavailable`` while any workspace's database
-        refuses writes."""
+        refuses writes; ``checkpoint_bytes`` is the checkpoint stores' disk
+        use as last measured."""
         workspaces = self.workspaces()
         return {
             "status": "stopping" if self.stopping.is_set() else "ok",
@@ -461,6 +463,7 @@ class Server:
             "sandbox": "bwrap" if self.bubblewrap and self.bubblewrap.available else "unavailable",
             "sandbox_isolation": self.bubblewrap.describe() if self.bubblewrap else None,
             "storage": "ok" if all(w.storage_available for w in workspaces) else "unavailable",
+            "checkpoint_bytes": sum(w.checkpoints.size for w in workspaces),
         }
 
     # -- stop ----------------------------------------------------------------

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from crushd.checkpoint_records import CheckpointRecords
 from crushd.common import ACTIVE_STATUSES, TERMINAL_STATUSES, new_id, utcnow
 from crushd.errors import NotFound, QueueFull, RequestError, SessionBusy
 from crushd.models import WORKSPACE_MIGRATIONS
@@ -42,7 +43,9 @@ _SESSION = (
     "id, title, created_at, updated_at, prompt_tokens, completion_tokens, "
     "cache_read_tokens, cache_write_tokens, cost_usd"
 )
-_MESSAGE = "id, session_id, run_id, role, parts, model, provider, created_at, updated_at"
+_MESSAGE = (
+    "id, session_id, run_id, role, parts, model, provider, created_at, updated_at, reverted_by"
+)
 _RUN = (
     "id, session_id, kind, model, prompt, status, error, message_id, text, created_at, "
     "started_at, finished_at, prompt_tokens, completion_tokens, cache_read_tokens, "
@@ -83,8 +86,9 @@ class RunStart:
     context_tokens: int
 
 
-class WorkspaceStore(SqliteStore):
-    """Sessions, messages and runs of one workspace.
+class WorkspaceStore(CheckpointRecords, SqliteStore):
+    """Sessions, messages and runs of one workspace (and their checkpoint
+    records, :class:`~crushd.checkpoint_records.CheckpointRecords`).
 
     Plain SQL on the one connection, not peewee's query builder: a run
     makes about a dozen of these calls, and building each query cost about
@@ -232,6 +236,7 @@ class WorkspaceStore(SqliteStore):
             "provider": row[6],
             "created_at": row[7],
             "updated_at": row[8],
+            "reverted": row[9] is not None,
         }
 
     def create_message(
@@ -257,7 +262,10 @@ class WorkspaceStore(SqliteStore):
     ) -> dict[str, Any]:
         """Holds _connection_lock, in a write transaction."""
         now = utcnow()
-        row = (new_id(), session_id, run_id, role, json.dumps(parts), model, provider, now, now)
+        row = (
+            *(new_id(), session_id, run_id, role, json.dumps(parts), model, provider),
+            *(now, now, None),
+        )
         self._changed(f"INSERT INTO message ({_MESSAGE}) VALUES ({_MESSAGE_VALUES})", *row)
         self._changed("UPDATE session SET updated_at = ? WHERE id = ?", now, session_id)
         return self._message_dict(row)  # as stored, not read back
@@ -295,8 +303,9 @@ class WorkspaceStore(SqliteStore):
         ``summary`` is the message of the completed compaction in force (or
         None); ``messages`` are the ones after the cut, oldest first, the
         summary itself left out.  With ``before`` (a message id) only those
-        stored before that message.  Nothing is ever deleted: the messages
-        route still lists them all.
+        stored before that message.  Reverted messages are left out, and a
+        summary that was reverted is not in force.  Nothing is ever deleted:
+        the messages route still lists them all.
         """
         with self._use():
             session = self._one(
@@ -305,10 +314,13 @@ class WorkspaceStore(SqliteStore):
             if session is None:
                 return None, []
             summary_id, keep_pk = session
-            where, params = ["session_id = ?"], [session_id]
+            where, params = ["session_id = ?", "reverted_by IS NULL"], [session_id]
             summary = None
             if summary_id is not None:
-                summary = self._one(f"SELECT pk, {_MESSAGE} FROM message WHERE id = ?", summary_id)
+                summary = self._one(
+                    f"SELECT pk, {_MESSAGE} FROM message WHERE id = ? AND reverted_by IS NULL",
+                    summary_id,
+                )
             if summary is not None:
                 where.append("pk >= ? AND id != ?")
                 params += [keep_pk or summary[0], summary_id]

@@ -26,6 +26,7 @@ from crushd.tools.base import Tool, ToolContext, ToolError, ToolResult
 from crushd.tools.paths import is_inside
 
 if TYPE_CHECKING:
+    from crushd.checkpointing import RunCheckpoint
     from crushd.events import EventHub
     from crushd.permissions import PermissionBroker
     from crushd.store import WorkspaceStore
@@ -90,6 +91,7 @@ class ToolCalls:
         store: WorkspaceStore,
         hub: EventHub,
         model_ids: tuple[str | None, str | None],
+        checkpoint: RunCheckpoint | None = None,
     ) -> None:
         self.tools = tools
         self.context = context
@@ -101,6 +103,8 @@ class ToolCalls:
         self.store = store
         self.hub = hub
         self.model_ids = model_ids  # of the tool messages: the model id and the provider
+        # Snapshots the workspace around each call that can change files.
+        self.checkpoint = checkpoint
 
     @property
     def token(self) -> CancelToken:
@@ -153,7 +157,10 @@ class ToolCalls:
                     else f"Permission request timed out: {tool.name}"
                 )
                 return denied, ToolResult(f"{denied}. The user did not allow this call.", True)
-        return None, tool.run(params, ctx)
+        if self.checkpoint is None:
+            return None, tool.run(params, ctx)
+        with self.checkpoint.around(tool, call["id"]):
+            return None, tool.run(params, ctx)
 
     def needs_permission(self, tool: Tool, always: bool) -> bool:
         """``always``: the call reaches outside the workspace or its sandbox,

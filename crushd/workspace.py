@@ -65,10 +65,11 @@ A close waits for them within its shutdown timeout, like for any other run.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from dataclasses import dataclass, field
@@ -77,12 +78,14 @@ from typing import Any
 
 from crushd.accepts import AcceptBatcher, AcceptsClosed
 from crushd.cancel import CancelToken, CountdownLatch
+from crushd.checkpointing import WorkspaceCheckpoints
 from crushd.common import TERMINAL_STATUSES, new_id, text_of
 from crushd.config import Config
 from crushd.errors import (
     InvalidRequest,
     NotFound,
     RunIdConflict,
+    SessionBusy,
     StorageUnavailable,
     WorkspaceClosing,
 )
@@ -214,6 +217,9 @@ class Workspace:
         # nothing starts or cancels them until it is.  Guarded by _runs_lock.
         self._announcing: set[str] = set()
         self._announced = threading.Condition(self._runs_lock)  # notified when it shrinks
+        # Sessions a revert or fork holds (hold_session): none of their runs
+        # starts until it ends.  Guarded by _runs_lock.
+        self._held: set[str] = set()
         # Stores the prompts being accepted in shared transactions and
         # queues the new runs (under _runs_lock) before their submitters return.
         self._accepts: AcceptBatcher[Prompt, Accepted] = AcceptBatcher(
@@ -231,6 +237,24 @@ class Workspace:
         # again, then starts the queued runs; its thread starts in start().
         self._keeper = StorageKeeper(self.store, self._dispatch_all, self.id)
         self.store.on_change = self._keeper.wake
+        # Records each run's file changes (crushd.checkpointing); its worker
+        # thread starts in start(), after it repaired the repository.
+        self.checkpoints = WorkspaceCheckpoints(
+            workspace_id=self.id,
+            root=self.path,
+            git_dir=directory / "checkpoints.git",
+            records=self.store,
+            hub=self.hub,
+            enabled=config.checkpoints_for(self.path),
+            max_file_bytes=config.checkpoint_max_file_bytes,
+            max_files=config.checkpoint_max_files,
+            keep_days=config.checkpoint_keep_days,
+            max_bytes=config.checkpoint_max_bytes,
+            hidden=hidden,
+            active_runs=self.active_run_count,
+            hold_session=self.hold_session,
+            close_timeout=config.cleanup_timeout,
+        )
         self._env = RunEnv(
             workspace_id=self.id,
             root=self.path,
@@ -254,6 +278,7 @@ class Workspace:
             user_instructions=config.user_instructions,
             max_instructions_bytes=config.max_instructions_bytes,
             auto_compact=config.auto_compact,
+            checkpoints=self.checkpoints,
         )
 
     # -- state ---------------------------------------------------------------
@@ -308,6 +333,7 @@ class Workspace:
         servers start in the background."""
         self._keeper.start()
         self.mcp.start()
+        self.checkpoints.start()  # a revert a crash cut short is finished first
         for run in self.store.list_runs(status="running", limit=1_000_000, oldest_first=True):
             try:
                 self._interrupt(run)
@@ -500,6 +526,8 @@ class Workspace:
         """
         if self._closing or session_id in self._active or not self.store.available:
             return None
+        if session_id in self._held:
+            return None
         queue = self._queues.get(session_id)
         if not queue:
             self._queues.pop(session_id, None)
@@ -660,6 +688,34 @@ class Workspace:
             )
             with self._finished:
                 self._finished.notify_all()
+
+    @contextlib.contextmanager
+    def hold_session(self, session_id: str) -> Iterator[None]:
+        """Keep the session's runs from starting while the block runs (a
+        revert changing its files); raises SessionBusy at once if it has a
+        queued or running run, or another hold.  Prompts are still accepted
+        meanwhile: they queue, and start when the hold ends."""
+        with self._runs_lock:
+            if self._closing:
+                raise WorkspaceClosing(f"workspace {self.id} is closing")
+            busy = (
+                session_id in self._active
+                or session_id in self._held
+                or bool(self._queues.get(session_id))
+            )
+            if busy:
+                raise SessionBusy(
+                    f"session {session_id} has a queued or running run (or is being "
+                    "reverted); cancel it or wait until it ends"
+                )
+            self._held.add(session_id)
+        try:
+            yield
+        finally:
+            with self._runs_lock:
+                self._held.discard(session_id)
+                starting = self._dispatch(session_id)
+            self._launch(starting)
 
     # -- sessions API ----------------------------------------------------------
     #
@@ -879,7 +935,9 @@ class Workspace:
         # 5. Stop the storage keeper (records still owed now are left to the
         #    next start, which seals runs left running), flush what stuck runs
         #    buffered, stop the MCP servers (whole process groups, bounded;
-        #    stragglers are killed and logged), stop the executor and join its
+        #    stragglers are killed and logged), let the checkpoint worker
+        #    finish the snapshots the runs left it (bounded; the git still
+        #    running after it is killed), stop the executor and join its
         #    threads (bounded; what is still alive is logged), end the streams
         #    and close the database — nothing touches it after this.
         self._keeper.stop()
@@ -887,6 +945,7 @@ class Workspace:
             leftovers = list(self._active.values())
         self._flush(leftovers)
         self.mcp.close(self.config.cleanup_timeout)
+        self.checkpoints.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._join(leftovers)
         self.hub.close()

@@ -45,6 +45,11 @@ SPEC_ROUTES = {
     ("get", "/v1/workspaces/{id}/permissions"),
     ("post", "/v1/workspaces/{id}/permissions/{pid}"),
     ("get", "/v1/workspaces/{id}/mcp"),
+    # SPEC §5 "Checkpoints"
+    ("get", "/v1/workspaces/{id}/runs/{run_id}/diff"),
+    ("post", "/v1/workspaces/{id}/sessions/{sid}/revert"),
+    ("post", "/v1/workspaces/{id}/sessions/{sid}/unrevert"),
+    ("post", "/v1/workspaces/{id}/sessions/{sid}/fork"),
     # SPEC §4 "Console and metrics"
     ("get", "/"),
     ("post", "/v1/login"),
@@ -70,6 +75,13 @@ SPEC_ERROR_CODES = {
     "shutting_down",
     "too_many_streams",
     "storage_unavailable",
+    # SPEC §5 "Checkpoints", and the refusals README.rst "Checkpoints" adds
+    "workspace_changed",
+    "restore_blocked",
+    "checkpoints_disabled",
+    "nothing_to_revert",
+    "checkpoint_expired",
+    "diff_too_large",
 }
 
 # Error statuses whose body is deliberately not an Error: health reports "stopping".
@@ -114,7 +126,7 @@ def test_every_spec_route_is_documented(spec):
     extra = documented - SPEC_ROUTES
     assert not missing, f"routes of SPEC §3 missing from openapi.json: {sorted(missing)}"
     assert not extra, f"routes in openapi.json that SPEC §3 does not list: {sorted(extra)}"
-    assert len(SPEC_ROUTES) == 30
+    assert len(SPEC_ROUTES) == 34
 
 
 def test_info_version_matches_package(spec):
@@ -196,11 +208,24 @@ def test_every_operation_documents_the_browser_guard(spec):
         ("post", "/v1/login", {"204", "400", "401", "403"}),
         ("post", "/v1/logout", {"204", "403"}),
         ("get", "/metrics", {"200", "401", "403"}),
+        ("get", "/v1/workspaces/{id}/runs/{run_id}/diff", {"200", "404", "409", "410", "422"}),
+        ("post", "/v1/workspaces/{id}/sessions/{sid}/revert", {"200", "400", "404", "409", "410"}),
+        ("post", "/v1/workspaces/{id}/sessions/{sid}/unrevert", {"200", "404", "409", "410"}),
+        ("post", "/v1/workspaces/{id}/sessions/{sid}/fork", {"201", "404", "409"}),
     ],
 )
 def test_spec_status_codes(spec, method, path, statuses):
     documented = set(spec["paths"][path][method]["responses"])
     assert statuses <= documented, f"{method.upper()} {path}: missing {statuses - documented}"
+
+
+def test_revert_409_names_its_refusals_and_the_error_lists_files(spec):
+    response = spec["paths"]["/v1/workspaces/{id}/sessions/{sid}/revert"]["post"]["responses"]
+    examples = _resolve(spec, response["409"])["content"]["application/json"]["examples"]
+    assert {"session_busy", "workspace_changed", "restore_blocked"} <= set(examples)
+    assert examples["workspace_changed"]["value"]["error"]["files"]
+    error = spec["components"]["schemas"]["Error"]["properties"]["error"]["properties"]
+    assert error["files"]["items"] == {"type": "string"}
 
 
 def test_agent_409_names_both_conflict_codes(spec):

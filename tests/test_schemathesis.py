@@ -53,4 +53,4 @@ def test_the_openapi_document_matches_the_server(daemon_factory, project, tmp_pa
         env={**os.environ, "CRUSHD_WORKSPACE_ID": wid},
     )
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
-    assert "Tested: 28" in done.stdout, done.stdout[-3000:]
+    assert "Tested: 32" in done.stdout, done.stdout[-3000:]

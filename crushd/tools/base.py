@@ -72,6 +72,8 @@ class Tool(ABC):
     description: str = ""
     parameters: dict[str, Any] = {}  # JSON schema of the arguments object
     mutating: bool = False  # asks permission unless the workspace is yolo
+    # May change files in the workspace: checkpointed around each call (crushd.checkpointing).
+    changes_files: bool = False
 
     def paths(self, params: dict[str, Any], ctx: ToolContext) -> list[Path]:
         """Resolved paths this call touches; any outside ``ctx.root`` needs

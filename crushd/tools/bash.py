@@ -133,6 +133,7 @@ class BashTool(Tool):
         "additionalProperties": False,
     }
     mutating = True
+    changes_files = True
 
     def _check(self, params: Any) -> dict[str, Any]:
         checked = check_params(self.name, params, self.parameters)

@@ -143,6 +143,7 @@ class WriteTool(_FileTool):
     name = "write"
     action = "write file"
     mutating = True
+    changes_files = True
     description = (
         "Create a file or replace its whole content with `content`, written exactly as "
         "given (UTF-8). Missing parent directories are created. To change part of an "
@@ -171,6 +172,7 @@ class EditTool(_FileTool):
     name = "edit"
     action = "edit file"
     mutating = True
+    changes_files = True
     description = (
         "Replace an exact piece of text in a file. `old_string` must match the file "
         "character for character, indentation and line breaks included (copy it from "

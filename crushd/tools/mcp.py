@@ -82,7 +82,10 @@ def _mirrors(texts: list[str], structured: Any) -> bool:
 class McpTool(Tool):
     """An MCP server's tool as crushd offers it: asks permission unless the
     workspace is yolo, the tool is in the server's ``allow`` or it was
-    allowed for the session."""
+    allowed for the session.  A server's tool may change any file, so every
+    call is checkpointed."""
+
+    changes_files = True
 
     def __init__(self, client: McpServer, tool: Any) -> None:
         self.client = client
