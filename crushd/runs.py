@@ -21,8 +21,10 @@ cleanup deadline either way.  A turn whose writes stay refused ends
 The run owns the parts it works with: the streaming message of each step
 (:class:`~crushd.writer.MessageWriter`), the tool calls and their
 permissions (:class:`~crushd.toolcalls.ToolCalls`), the compaction
-(:class:`~crushd.context.Compactor`); the closing parts are
-:mod:`crushd.sealing`'s.  A Run takes no lock of its own.
+(:class:`~crushd.context.Compactor`) and its end
+(:class:`~crushd.closing.RunClosing`: the closing records and what is
+owed); the closing parts are :mod:`crushd.sealing`'s.  A Run takes no lock
+of its own.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from crushd.cancel import Cancelled, CancelToken, Deadline
 from crushd.checkpointing import RunCheckpoint, WorkspaceCheckpoints
+from crushd.closing import STORE_RETRY_FIRST, STORE_RETRY_MAX, RunClosing
 from crushd.config import DEFAULT_MAX_MESSAGE_BYTES
 from crushd.context import (
     DEFAULT_MAX_INSTRUCTIONS_BYTES,
@@ -65,8 +68,7 @@ from crushd.providers.base import (
 )
 from crushd.providers.catalog import ModelCatalog, ModelSpec
 from crushd.providers.retry import NO_RETRIES, RetryPolicy, stream_with_retries
-from crushd.sealing import Outcome, seal_run_messages, tool_result_part
-from crushd.sqlite import lock_budget
+from crushd.sealing import Outcome, tool_result_part
 from crushd.store import RunStart, WorkspaceStore
 from crushd.toolcalls import StepCalls, ToolCalls
 from crushd.tools.base import Tool, ToolContext
@@ -78,11 +80,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Backoff between attempts of a write the database refused.
-STORE_RETRY_FIRST = 0.05
-STORE_RETRY_MAX = 1.0
 STORAGE_TITLE = "Storage unavailable"
-CLOSE_FAILED_TITLE = "Closing records failed"
 
 T = TypeVar("T")
 
@@ -161,9 +159,6 @@ class Run:
         # Reported, not stored yet; each with whether its prompt tokens are
         # the session's context (a summary's request does not count).
         self._usage: list[tuple[Usage, bool]] = []
-        # The closing records the database refused past the cleanup
-        # deadline; the workspace calls settle() to write them later.
-        self.owed: Callable[[], dict[str, Any] | None] | None = None
         # The provider's model id and the provider's name, for messages: as
         # the first one recorded them.
         self._model_ids = (start.message["model"], start.message["provider"])
@@ -198,6 +193,15 @@ class Run:
             stored=self._stored,
             flush=self._flush_step,
             publish=self.publish,
+        )
+
+        self.closing = RunClosing(
+            env,
+            self.id,
+            self.session_id,
+            kind="summary" if self.compact else "text",
+            tool_calls=self.tool_calls,
+            write_usage=self._write_usage,
         )
 
     @property
@@ -566,154 +570,17 @@ class Run:
     # -- the end -----------------------------------------------------------
 
     def _finalize(self, outcome: Outcome) -> dict[str, Any] | None:
-        """Write the closing records under a detached deadline, then publish
-        ``run.completed``.  Runs even though the token is cancelled.
-        Returns the terminal run; None if its records are owed (or could
-        not be written at all, see :meth:`_close`)."""
-        return self._completed(functools.partial(self._close, outcome))
+        """Close the run as ``outcome`` says: its records, then
+        ``run.completed`` (:meth:`RunClosing.finalize
+        <crushd.closing.RunClosing.finalize>`).  Returns the terminal run."""
+        return self.closing.finalize(outcome, self.step)
 
-    def _close(self, outcome: Outcome) -> dict[str, Any] | None:
-        """The closing records, written; returns the terminal run.
-
-        Writes the database refuses are retried until the deadline; after
-        it the records are left in :attr:`owed` and None is returned.  Any
-        other error in them (a bug, a record they cannot handle) falls back
-        to :meth:`_close_anyway`: the run still ends ``failed``.
-        """
-        deadline = Deadline(self.env.cleanup_timeout)
-        status = outcome.status
-
-        def close() -> dict[str, Any] | None:
-            return self._close_records(outcome)
-
-        delay = STORE_RETRY_FIRST
-        while True:
-            try:
-                with lock_budget(max(deadline.remaining(), 0.01)):
-                    terminal = close()
-                break
-            except StorageUnavailable as exc:
-                if deadline.expired:
-                    logger.warning(
-                        "event=run_records_owed run=%s status=%s error=%r",
-                        self.id,
-                        status,
-                        exc.message,
-                    )
-                    self.owed = close
-                    return None
-                # Wakes up as soon as another write gets through.
-                self.env.store.wait_available(min(delay, deadline.remaining()))
-                delay = min(delay * 2, STORE_RETRY_MAX)
-            except Exception as exc:  # thread boundary: a bug, or the database closed
-                logger.exception("event=run_cleanup_failed run=%s status=%s", self.id, status)
-                return self._close_anyway(exc, deadline)
-        if deadline.expired:
-            logger.warning("event=run_cleanup_slow run=%s", self.id)
-        return terminal
-
-    def _close_anyway(self, error: Exception, deadline: Deadline) -> dict[str, Any] | None:
-        """The closing records raised ``error``: write the least that still
-        ends the run, each write on its own, so one that raises does not
-        stop the others.
-
-        A run whose final writes crashed once stayed ``running`` for good: no
-        cancel reached it, its session could not be deleted, and every
-        start sealed it again and crashed the same way.  So it becomes
-        ``failed`` with ``error`` saying why, whatever else could not be
-        sealed.  Returns the terminal run; None if even that write raised
-        (logged; a refused one is owed, like any closing record).
-        """
-        if self.env.store.closed:  # the workspace closed under a stuck run: nothing can be written
-            return None
-        outcome = Outcome.failed(
-            CLOSE_FAILED_TITLE, f"the run's closing records could not be written: {error!r}"
-        )
-        text, message_id = "", None
-        with lock_budget(max(deadline.remaining(), 1.0)):
-            if self.step is not None:
-                writer, step = self.step.writer, self.step
-                message_id = writer.id
-                self._attempt("message", writer.close)
-                writer.abandon()
-                self._attempt(
-                    "results",
-                    lambda: self.tool_calls.write_results(step.tools, outcome.result_text),
-                )
-                text = (
-                    self._attempt(
-                        "text", lambda: writer.text("summary" if self.compact else "text")
-                    )
-                    or ""
-                )
-            self._attempt(
-                "seal", lambda: seal_run_messages(self.env, self.id, self.session_id, outcome)
-            )
-
-            def finish() -> dict[str, Any] | None:
-                return self.env.store.finish_run(
-                    self.id, "failed", error=outcome.error, text=text, message_id=message_id
-                )
-
-            try:
-                terminal = finish()
-            except StorageUnavailable as exc:
-                logger.warning(
-                    "event=run_records_owed run=%s status=failed error=%r", self.id, exc.message
-                )
-                self.owed = finish
-                return None
-            except Exception:  # thread boundary: nothing is left to try
-                logger.exception("event=run_close_failed run=%s", self.id)
-                return None
-        logger.warning("event=run_closed_anyway run=%s error=%r", self.id, outcome.error)
-        return terminal
-
-    def _attempt(self, what: str, write: Callable[[], T]) -> T | None:
-        """One write of :meth:`_close_anyway`; what raises is logged and skipped."""
-        try:
-            return write()
-        except Exception:  # thread boundary: the next write may still get through
-            logger.exception("event=run_close_step_failed run=%s step=%s", self.id, what)
-            return None
+    @property
+    def owed(self) -> Callable[[], dict[str, Any] | None] | None:
+        """The closing records the database refused past the cleanup deadline."""
+        return self.closing.owed
 
     def settle(self, budget: float) -> dict[str, Any] | None:
-        """Write the owed closing records and publish ``run.completed``.
-
-        Called by the workspace once the database may accept writes again;
-        raises StorageUnavailable (the records stay owed) if it still refuses.
-        """
-        owed = self.owed
-        if owed is None:
-            return None
-
-        def write() -> dict[str, Any] | None:
-            with lock_budget(budget):
-                terminal = owed()
-            self.owed = None
-            logger.info("event=run_records_written run=%s", self.id)
-            return terminal
-
-        return self._completed(write)
-
-    def _completed(self, close: Callable[[], dict[str, Any] | None]) -> dict[str, Any] | None:
-        """The one place a run publishes ``run.completed``: once ``close``
-        stored its terminal record, with that record."""
-        return self.env.hub.publish_stored(EventType.RUN_COMPLETED, close)
-
-    def _close_records(self, outcome: Outcome) -> dict[str, Any] | None:
-        """Every closing write, in order; each step is idempotent, so after a
-        refused write the whole sequence is simply tried again."""
-        self._write_usage()
-        text, message_id = "", None
-        if self.step is not None:
-            writer = self.step.writer
-            self.env.hub.publish_stored(EventType.MESSAGE_UPDATED, writer.close)
-            self.tool_calls.write_results(self.step.tools, outcome.result_text)
-            text = writer.text("summary" if self.compact else "text")
-            message_id = writer.id
-        if outcome.reason is not None:
-            seal_run_messages(self.env, self.id, self.session_id, outcome)
-        return self.env.store.finish_run(
-            self.id, outcome.status, error=outcome.error, text=text, message_id=message_id
-        )
+        """Write the owed closing records, then publish ``run.completed``
+        (:meth:`RunClosing.settle <crushd.closing.RunClosing.settle>`)."""
+        return self.closing.settle(budget)
