@@ -170,6 +170,12 @@ class CheckpointRecords:
             )
         return (_step_dict(row) for row in rows)
 
+    def newest_checkpoint_group(self) -> str | None:
+        """The pin group of the run that started last (retention keeps it)."""
+        with self._use():
+            row = self._one("SELECT pin_group FROM checkpoint_run ORDER BY created_at DESC LIMIT 1")
+            return row[0] if row else None
+
     def expire_checkpoint_groups(self, groups: Iterable[str]) -> int:
         """Mark the runs and reverts whose pins retention dropped; how many."""
         wanted = sorted(set(groups))

@@ -86,11 +86,13 @@ STEP_WAIT = 60.0
 #: How often the idle worker looks whether a prune is due, and how often one is.
 PRUNE_CHECK = 600.0
 PRUNE_INTERVAL = 86400.0
-#: The disk use shown by health and /metrics is measured at most this often.
-SIZE_INTERVAL = 10.0
+#: The disk use health and /metrics show is measured once the worker has
+#: been idle this long after a job (a walk of the repository's files).
+SIZE_INTERVAL = 1.0
 
 #: The pin that keeps the latest recorded tree through every prune.
 LATEST_PIN = "latest/tree"
+LATEST_GROUP = "latest"
 _REF_SAFE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,99}")
 _STOP = object()
 
@@ -186,7 +188,6 @@ class WorkspaceCheckpoints:
         # Worker state: written on the worker thread (or by start(), before it runs).
         self.latest: str | None = None  # the tree recorded last
         self._last_prune = 0.0
-        self._last_size = 0.0
         self.size = 0  # bytes the repository takes, measured now and then
 
     @property
@@ -267,17 +268,23 @@ class WorkspaceCheckpoints:
         return self.submit(work).result()
 
     def _work(self) -> None:
-        """The worker thread: jobs in order; now and then a prune."""
+        """The worker thread: jobs in order; once idle, the disk use is
+        measured (if a job ran since) and now and then a prune runs."""
+        measured = True
         while True:
             try:
-                job = self._jobs.get(timeout=PRUNE_CHECK)
+                job = self._jobs.get(timeout=PRUNE_CHECK if measured else SIZE_INTERVAL)
             except queue.Empty:
+                if not measured:
+                    self._measure()
+                    measured = True
                 if self._clock() - self._last_prune >= PRUNE_INTERVAL and not self.active_runs():
                     self._run(_Job(self._prune))
                 continue
             if job is _STOP:
                 return
             self._run(job)
+            measured = False
 
     def _run(self, job: _Job) -> None:
         if not job.future.set_running_or_notify_cancel():
@@ -290,13 +297,10 @@ class WorkspaceCheckpoints:
             job.future.set_exception(exc)
         else:
             job.future.set_result(result)
-        if self._clock() - self._last_size >= SIZE_INTERVAL:
-            self._measure()
 
     def _measure(self) -> None:
         if self.store is not None:
             self.size = self.store.size_bytes()
-            self._last_size = self._clock()
 
     # -- recording (worker jobs) ---------------------------------------------
 
@@ -374,13 +378,15 @@ class WorkspaceCheckpoints:
                 )
                 snap = store.snapshot(pin=LATEST_PIN, note="the tree crushd recorded last")
                 self.latest = snap.tree
-        pruned = store.prune(protect={LATEST_PIN.partition("/")[0]})
+        # The store keeps its newest group, which is the pin just made (pins
+        # are dated to the second): the newest run's is kept by name.
+        newest = self.records.newest_checkpoint_group()
+        pruned = store.prune(protect={LATEST_GROUP, *([newest] if newest else [])})
         groups = {ref.rpartition("/")[0] for ref in pruned.removed}
         if groups:
             self.records.expire_checkpoint_groups(groups)
         self._last_prune = self._clock()
         self.size = pruned.bytes_after
-        self._last_size = self._clock()
         logger.info(
             "event=checkpoint_retention workspace=%s groups_removed=%d bytes=%d",
             self.workspace_id,
@@ -404,8 +410,9 @@ class WorkspaceCheckpoints:
         """What a run (or one of its tool calls) changed: the unified diff,
         or with ``stat`` ``{"run_id", "tool_call_id", "files", "note"}``.
 
-        A run without a checkpoint yet (queued, or its first snapshot still
-        under way) changed nothing recorded: empty.  NotFound for an unknown
+        A run without a checkpoint yet (queued) changed nothing recorded:
+        empty; for one that started, what the worker still has to do is
+        waited for first (its first snapshot may be under way).  NotFound for an unknown
         run or tool call, CheckpointExpired once retention dropped its trees.
         """
         store = self.require()
@@ -413,6 +420,11 @@ class WorkspaceCheckpoints:
         if run is None:
             raise NotFound(f"run {run_id} not found")
         record = self.records.checkpoint_run(run_id)
+        if record is None and run["status"] != "queued":
+            # Its first snapshot may still be the worker's: wait for what it has.
+            with contextlib.suppress(CheckpointClosed):
+                self.call(self._barrier)
+            record = self.records.checkpoint_run(run_id)
         if record is None:
             if run["status"] in ("queued", "running"):
                 return _diff_answer(run_id, tool_call_id, [], "", stat)

@@ -545,3 +545,10 @@ def acp(url: str | None, unix_socket: str | None, token_file: str | None, log_le
     except ClientError as exc:
         fail(exc.message)
     sys.exit(code)
+
+
+# The checkpoint commands live in a module of their own; they use the helpers above.
+from crushd.cli_checkpoints import COMMANDS as _CHECKPOINT_COMMANDS  # noqa: E402
+
+for _command in _CHECKPOINT_COMMANDS:
+    main.add_command(_command)

@@ -57,12 +57,16 @@ class StreamBroken(ClientError):
 
 
 class ApiError(ClientError):
-    """The daemon answered with an error status and its JSON error body."""
+    """The daemon answered with an error status and its JSON error body;
+    ``files`` are those a ``workspace_changed`` error lists."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, files: list[str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
+        self.files = files or []
 
     def __str__(self) -> str:
         return f"{self.message} ({self.status} {self.code})"
@@ -183,15 +187,17 @@ class Client:
         return DaemonUnreachable(f"lost the connection to crushd at {self.address}: {exc}")
 
     def _error(self, response: httpx.Response) -> ApiError:
+        files: list[str] = []
         try:
             error = response.json()["error"]
             code, message = str(error["code"]), str(error["message"])
+            files = [str(f) for f in error.get("files") or []]
         except (ValueError, KeyError, TypeError):  # not crushd, or a proxy's error page
             code = "http_error"
             message = f"HTTP {response.status_code} from {self.address}"
         if response.status_code == 401:
             message += "; set CRUSHD_TOKEN or pass --token-file FILE"
-        return ApiError(response.status_code, code, message)
+        return ApiError(response.status_code, code, message, files)
 
     def request(
         self,
@@ -201,8 +207,10 @@ class Client:
         json_body: Any = None,
         params: dict[str, Any] | None = None,
         timeout: float | None = None,
+        text: bool = False,
     ) -> Any:
-        """One API call; returns the decoded JSON (None for an empty body)."""
+        """One API call; returns the decoded JSON (None for an empty body),
+        or with ``text`` the body as text."""
         kwargs: dict[str, Any] = {"json": json_body, "params": _clean(params)}
         if timeout is not None:
             kwargs["timeout"] = httpx.Timeout(timeout, connect=5.0)
@@ -212,6 +220,8 @@ class Client:
             raise self._unreachable(exc) from None
         if response.status_code >= 400:
             raise self._error(response)
+        if text:
+            return response.text
         if not response.content:
             return None
         try:
@@ -278,6 +288,25 @@ class Client:
 
     def cancel(self, workspace_id: str, run_id: str) -> dict[str, Any]:
         return self.request("POST", f"/v1/workspaces/{workspace_id}/runs/{run_id}/cancel")
+
+    def diff(
+        self,
+        workspace_id: str,
+        run_id: str,
+        tool_call_id: str | None = None,
+        stat: bool = False,
+    ) -> Any:
+        """What the run changed: the unified diff as text, or with ``stat`` the files (JSON)."""
+        params = {"tool_call_id": tool_call_id, "stat": "1" if stat else None}
+        path = f"/v1/workspaces/{workspace_id}/runs/{run_id}/diff"
+        return self.request("GET", path, params=params, text=not stat)
+
+    def revert(
+        self, workspace_id: str, session_id: str, action: str = "revert", **body: Any
+    ) -> dict[str, Any]:
+        """POST ``.../sessions/{id}/<action>`` (``revert``, ``unrevert``, ``fork``)."""
+        path = f"/v1/workspaces/{workspace_id}/sessions/{session_id}/{action}"
+        return self.request("POST", path, json_body=_clean(body) or {}, timeout=300)
 
     def events(
         self,

@@ -49,6 +49,14 @@ async def hang(seconds: float = 3600) -> str:
 
 
 @server.tool()
+def write_note(path: str, text: str) -> str:
+    """Write ``text`` to ``path``, relative to the server's working
+    directory (the workspace): a tool that changes files."""
+    Path(path).write_text(text)
+    return f"wrote {path}"
+
+
+@server.tool()
 def crash() -> str:
     """Exit the whole server without answering."""
     os._exit(3)
