@@ -229,6 +229,48 @@ def test_a_permission_answered_with_allow(fake, live_factory, project, page, mon
         assert http.get(f"/v1/workspaces/{wid}/permissions").json() == []
 
 
+def test_a_runs_diff_is_shown_and_revert_undoes_it(fake, live_factory, project, page, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "sk-console")
+    (project / "a.txt").write_text("one\n")
+    command = "echo two >> a.txt && echo new > b.txt"
+    fake.script([ToolCall("bash", {"command": command}, id="call_bash")])
+    fake.script([Text("Changed a and b.")])
+    live = live_factory(
+        provider="openai", model="m", base_url=fake.openai_base_url, api_key_env=KEY_ENV
+    )
+    with api(live.url) as http:
+        http.post("/v1/workspaces", json={"path": str(project), "yolo": True})
+    page.goto(live.url)
+    expect(page.get_by_role("status")).to_have_text("Connected")
+    page.get_by_role("textbox", name="Prompt", exact=True).fill("change a and b")
+    page.get_by_role("button", name="Send", exact=True).click()
+    run = runs_list(page).get_by_role("listitem").first
+    expect(run).to_contain_text("completed")
+    run.get_by_role("button", name="Diff", exact=True).click()
+    diff = run.get_by_label("Diff", exact=True)
+    expect(diff).to_contain_text("+two")
+    expect(diff).to_contain_text("+++ b/b.txt")
+
+    reverted = page.locator("article.msg.reverted")
+    run.get_by_role("button", name="Revert", exact=True).click()
+    expect(reverted).to_have_count(4)
+    expect(run).to_contain_text("reverted")
+    assert (project / "a.txt").read_text() == "one\n" and not (project / "b.txt").exists()
+    page.get_by_role("button", name="Undo revert", exact=True).click()
+    expect(reverted).to_have_count(0)
+    expect(page.get_by_role("button", name="Undo revert", exact=True)).to_be_hidden()
+    assert (project / "b.txt").read_text() == "new\n"
+
+    # A file changed by hand since: the page names it and asks before overwriting.
+    (project / "a.txt").write_text("by hand\n")
+    run.get_by_role("button", name="Revert", exact=True).click()
+    expect(run.get_by_role("alert")).to_contain_text("a.txt")
+    assert (project / "a.txt").read_text() == "by hand\n"
+    run.get_by_role("button", name="Revert anyway", exact=True).click()
+    expect(reverted).to_have_count(4)
+    assert (project / "a.txt").read_text() == "one\n" and not (project / "b.txt").exists()
+
+
 def test_a_retry_shows_on_its_run_and_a_reset_drops_the_streamed_text(
     fake, live_factory, project, page, monkeypatch
 ):

@@ -35,19 +35,23 @@ const state = {
   source: null,
   down: false,
   signedIn: true,
+  diffs: new Map(),    // run id -> {open, text, error}: the runs whose diff is shown
+  reverting: null,     // {run, files} while a revert waits for "Revert anyway"
 };
 
 class ApiError extends Error {
-  constructor(status, code, message) {
+  constructor(status, code, message, files = []) {
     super(message);
     this.status = status;
     this.code = code;
+    this.files = files; // workspace_changed: the files that changed
   }
 }
 
 // ---------------------------------------------------------------- HTTP
 
-async function api(method, path, body) {
+// JSON in and out; with as = "text" a successful answer is returned as text.
+async function api(method, path, body, as = "json") {
   const init = { method, credentials: "same-origin", cache: "no-store", headers: {} };
   if (body !== undefined) {
     init.headers["Content-Type"] = "application/json";
@@ -65,10 +69,11 @@ async function api(method, path, body) {
     throw new ApiError(401, "unauthorized", "sign in first");
   }
   if (response.status === 204 || response.status === 304) return null;
+  if (response.ok && as === "text") return response.text();
   const data = await response.json().catch(() => null);
   if (!response.ok) {
     const error = (data && data.error) || {};
-    throw new ApiError(response.status, error.code || "error", error.message || response.statusText);
+    throw new ApiError(response.status, error.code || "error", error.message || response.statusText, error.files || []);
   }
   return data;
 }
@@ -404,6 +409,13 @@ function handleEvent(event) {
     case "session.compacted":
       if (inSession) reloadSession().catch(() => null);
       return;
+    case "run.diff":
+      if (inSession && state.diffs.get(p.run_id)?.open) loadDiff(p.run_id).catch(() => null);
+      return;
+    case "session.reverted":
+    case "session.unreverted":
+      if (inSession) reloadSession().catch(() => null);
+      return;
     default:
       return;
   }
@@ -671,8 +683,8 @@ function messageNode(message) {
   const who = message.role === "user" ? "You"
     : message.role === "tool" ? "Tools"
     : `Assistant${message.model ? ` · ${message.model}` : ""}`;
-  const node = el("article", { class: `msg ${message.role}`, "data-message-id": message.id, "aria-label": who },
-    el("div", { class: "who" }, who));
+  const node = el("article", { class: `msg ${message.role}${message.reverted ? " reverted" : ""}`, "data-message-id": message.id, "aria-label": who },
+    el("div", { class: "who" }, who, message.reverted ? " · reverted" : null));
   for (const part of message.parts) {
     const child = partNode(part);
     if (child) node.append(child);
@@ -729,12 +741,112 @@ function renderRuns() {
           : `Retried ${retry.attempt}× (${retry.error})`) : null,
       el("div", {}, prompt),
       run.error && run.status !== "completed" ? el("div", { class: "error" }, run.error) : null,
+      runCheckpointNodes(run),
     );
   }));
+  renderUnrevert();
 }
 
 function renderCancel() {
   $("cancel").disabled = !cancellable();
+}
+
+// ---------------------------------------------------------------- checkpoints
+//
+// A run's diff (what its tool calls changed in the workspace's files), a
+// Revert button per run (its files back as they were before it, its
+// messages marked reverted) and Undo revert for the session's latest one.
+
+function revertedRun(run) {
+  const first = state.messages.find((m) => m.run_id === run.id);
+  return Boolean(first && first.reverted);
+}
+
+function runCheckpointNodes(run) {
+  if (run.status === "queued" || run.kind === "compact") return null;
+  const shown = state.diffs.get(run.id);
+  const pending = state.reverting && state.reverting.run === run.id ? state.reverting : null;
+  const actions = el("div", { class: "row actions" },
+    el("button", { type: "button", "aria-expanded": shown && shown.open ? "true" : "false",
+      onclick: () => toggleDiff(run.id) }, "Diff"),
+    revertedRun(run) ? badge("reverted", "cancelled")
+      : el("button", { type: "button", disabled: ACTIVE.has(run.status) || null,
+        onclick: () => revertTo(run.id, false) }, "Revert"));
+  return el("div", {},
+    actions,
+    pending ? el("div", { class: "error", role: "alert" },
+      "Changed since crushd recorded them: ", pending.files.join(", "), " ",
+      el("button", { type: "button", onclick: () => revertTo(run.id, true) }, "Revert anyway")) : null,
+    shown && shown.open ? diffNode(shown) : null);
+}
+
+function diffNode(shown) {
+  if (shown.error) return el("div", { class: "error" }, shown.error);
+  if (shown.text === null) return el("p", { class: "meta" }, "Loading the diff…");
+  if (!shown.text) return el("p", { class: "meta" }, "No file changed.");
+  const pre = el("pre", { class: "diff", "aria-label": "Diff" });
+  for (const line of shown.text.split("\n")) {
+    const kind = line.startsWith("+++") || line.startsWith("---") ? "file"
+      : line.startsWith("+") ? "add" : line.startsWith("-") ? "del" : line.startsWith("@@") ? "hunk" : "";
+    pre.append(el("span", { class: kind }, line), "\n");
+  }
+  return pre;
+}
+
+async function loadDiff(runId) {
+  const shown = state.diffs.get(runId) || { open: true, text: null, error: null };
+  state.diffs.set(runId, shown);
+  try {
+    shown.text = await api("GET", ws(`/runs/${encodeURIComponent(runId)}/diff`), undefined, "text");
+    shown.error = null;
+  } catch (err) {
+    shown.error = err.message;
+  }
+  renderRuns();
+}
+
+function toggleDiff(runId) {
+  const shown = state.diffs.get(runId);
+  if (shown && shown.open) {
+    shown.open = false;
+    renderRuns();
+    return;
+  }
+  state.diffs.set(runId, { open: true, text: null, error: null });
+  renderRuns();
+  loadDiff(runId).catch(() => null);
+}
+
+async function revertTo(runId, force) {
+  const note = $("revert-note");
+  note.textContent = "";
+  state.reverting = null;
+  try {
+    const body = { run_id: runId };
+    if (force) body.force = true;
+    const revert = await api("POST", ws(`/sessions/${encodeURIComponent(state.sessionId)}/revert`), body);
+    note.textContent = `Reverted: ${revert.files.length} files restored, ${revert.messages.length} messages reverted.`;
+  } catch (err) {
+    if (err.code === "workspace_changed") state.reverting = { run: runId, files: err.files };
+    else note.textContent = err.message;
+  }
+  await reloadSession().catch(() => null);
+}
+
+async function unrevert() {
+  const note = $("revert-note");
+  note.textContent = "";
+  try {
+    const revert = await api("POST", ws(`/sessions/${encodeURIComponent(state.sessionId)}/unrevert`), {});
+    note.textContent = `Revert undone: ${revert.files.length} files back.`;
+  } catch (err) {
+    note.textContent = err.message;
+  }
+  await reloadSession().catch(() => null);
+}
+
+function renderUnrevert() {
+  $("unrevert").hidden = !state.messages.some((m) => m.reverted);
 }
 
 // ---------------------------------------------------------------- start
@@ -745,6 +857,7 @@ function start() {
   $("register-form").addEventListener("submit", register);
   $("prompt-form").addEventListener("submit", send);
   $("cancel").addEventListener("click", cancel);
+  $("unrevert").addEventListener("click", unrevert);
   $("new-session").addEventListener("click", () => {
     selectSession(null);
     $("prompt").focus();
