@@ -4,8 +4,13 @@
 (the shadow git repository under the data directory) behind a workspace:
 
 * **Recording.**  A run hands a snapshot of the work tree to the
-  checkpoint worker as it starts and does not wait for it, so its first
-  delta is not delayed (``scripts/bench.py checkpoint`` measures it).
+  checkpoint worker once its first delta is out (or at its first tool
+  call, whichever comes first) and does not wait for it.  Handed over as
+  the run starts, the first snapshot of a large tree (its Python side
+  competing for the GIL) delayed that run's first delta by 15 ms in
+  ``scripts/bench.py checkpoint``; after the first delta nothing waits for
+  it, and no tool of the run has run yet, so the tree is still the one
+  before the run.
   Before a tool call that can change files (``bash``, ``write``, ``edit``,
   MCP tools: :attr:`crushd.tools.base.Tool.changes_files`) it waits until
   the worker has done everything handed to it so far (the run's first
@@ -410,9 +415,10 @@ class WorkspaceCheckpoints:
         """What a run (or one of its tool calls) changed: the unified diff,
         or with ``stat`` ``{"run_id", "tool_call_id", "files", "note"}``.
 
-        A run without a checkpoint yet (queued) changed nothing recorded:
-        empty; for one that started, what the worker still has to do is
-        waited for first (its first snapshot may be under way).  NotFound for an unknown
+        A run without a checkpoint (queued, or one that streamed nothing
+        and called no tool) changed nothing recorded: empty; for one that
+        started, what the worker still has to do is waited for first (its
+        first snapshot may be under way).  NotFound for an unknown
         run or tool call, CheckpointExpired once retention dropped its trees.
         """
         store = self.require()
@@ -425,10 +431,10 @@ class WorkspaceCheckpoints:
             with contextlib.suppress(CheckpointClosed):
                 self.call(self._barrier)
             record = self.records.checkpoint_run(run_id)
-        if record is None:
-            if run["status"] in ("queued", "running"):
-                return _diff_answer(run_id, tool_call_id, [], "", stat)
-            raise NotFound(f"run {run_id} has no checkpoint (it ran with checkpoints off)")
+        if record is None:  # it recorded nothing: queued, no delta nor tool call, checkpoints off
+            if tool_call_id is not None:
+                raise NotFound(f"run {run_id} recorded no tool call {tool_call_id}")
+            return _diff_answer(run_id, tool_call_id, [], "", stat)
         if record["expired"]:
             raise CheckpointExpired(f"the checkpoints of run {run_id} were pruned")
         steps = self.records.checkpoint_steps(run_id=run_id)
@@ -490,7 +496,8 @@ class RunCheckpoint:
         self._begun = False
 
     def begin(self) -> None:
-        """Hand the run's first snapshot to the worker; does not wait."""
+        """Hand the run's first snapshot to the worker, once; does not wait.
+        The run calls it after its first delta (see the module docstring)."""
         if self.owner is None or self._begun:
             return
         self._begun = True

@@ -236,8 +236,6 @@ class Run:
             if self.user_message is not None:
                 self.publish(EventType.MESSAGE_CREATED, self.user_message)
             self.publish(EventType.MESSAGE_CREATED, self._first_message)
-            if not self.compact:  # the tree before it, written while the model answers
-                self.checkpoint.begin()
             self._open_step(self._first_message)
             # An unknown model (configuration changed while it was queued)
             # or a missing key fails the run here, with a message that says so.
@@ -458,9 +456,13 @@ class Run:
         """Apply one stream event; return the step's finish reason so far."""
         if isinstance(event, TextDelta):
             writer.delta(kind, event.text)
+            if kind == "text":  # the tree before the run, once its first delta is out
+                self.checkpoint.begin()
             return reason
         if isinstance(event, ReasoningDelta):
             writer.delta("reasoning", event.text)
+            if kind == "text":
+                self.checkpoint.begin()
             return reason
         writer.release()  # text read before this event is published before it
         if isinstance(event, ToolCallStart):

@@ -41,6 +41,12 @@
     requests at once with httpx (a client and a thread each) to the fake
     model; latency and CPU per request of each, and the first-text p50 they
     leave possible when prompts are accepted before runs start.
+(l) ``checkpoint``: against the fake model of (h), a run's first
+    ``message.delta`` after its submit, with checkpoints on and off, on a
+    workspace of 3,000 files (30 MB): the first run (its snapshot hashes
+    the whole tree while the model streams), then 20 more one after
+    another; and the snapshot itself timed in process, the first one and
+    one after a single file changed.
 
 A single burst varies by a fifth from one run to the next on a small
 machine; ``--repeat N`` runs (h) and (i) N times (alternating the two
@@ -1046,6 +1052,80 @@ def bare_streams(base_url: str, runs: int) -> dict:
     }
 
 
+def checkpoint_tree(path: Path, files: int, size: int) -> int:
+    """A project-like tree: ``files`` files of ``size`` bytes in 30 directories."""
+    total = 0
+    for i in range(files):
+        folder = path / f"pkg{i % 30:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        data = (f"line {i} " * (size // 8 + 1)).encode()[:size]
+        (folder / f"mod{i:05d}.py").write_bytes(data)
+        total += len(data)
+    return total
+
+
+def checkpoint_first_deltas(root: Path, fake, tree: Path, runs: int, *flags: str) -> dict:
+    """First-delta latency of ``runs`` prompts one after another on ``tree``."""
+    daemon = Daemon(
+        root,
+        *("--provider", "openai", "--model", "bench", "--base-url", fake.openai_base_url),
+        *flags,
+    )
+    try:
+        with httpx.Client(base_url=daemon.url, timeout=60) as http:
+            workspace = http.post("/v1/workspaces", json={"path": str(tree)}).json()["id"]
+        target = CrushdTarget(daemon.url, workspace, daemon.proc.pid)
+        subscriber = target.subscriber()
+        connection = Connection(daemon.url)
+        firsts = []
+        try:
+            for _ in range(runs + 1):
+                began = time.perf_counter()
+                session = target.submit(connection)
+                subscriber.wait_done([session], 60)
+                firsts.append(subscriber.first_delta[session] - began)
+        finally:
+            connection.close()
+            subscriber.close()
+    finally:
+        daemon.stop()
+    return {"first_run_ms": ms(firsts[0]), "first_delta": spread(firsts[1:])}
+
+
+def bench_checkpoint(root: Path, quick: bool) -> dict:
+    from crushd.checkpoints import CheckpointStore
+
+    files, size, runs = (600, 10_000, 5) if quick else (3000, 10_000, 20)
+    tree = root / "tree"
+    nbytes = checkpoint_tree(tree, files, size)
+    results: dict = {"files": files, "bytes": nbytes, "runs": runs}
+    with FakeModel() as fake:
+        for name, flags in (("off", ("--no-checkpoints",)), ("on", ())):
+            (root / name).mkdir()
+            results[name] = checkpoint_first_deltas(root / name, fake, tree, runs, *flags)
+    results["first_delta_added_p50_ms"] = round(
+        results["on"]["first_delta"]["p50_ms"] - results["off"]["first_delta"]["p50_ms"], 1
+    )
+    results["first_run_added_ms"] = round(
+        results["on"]["first_run_ms"] - results["off"]["first_run_ms"], 1
+    )
+    store = CheckpointStore(root / "direct.git", tree)
+    try:
+        began = time.perf_counter()
+        store.snapshot()
+        first = time.perf_counter() - began
+        after_change = []
+        for i in range(20):
+            (tree / "pkg00" / "mod00000.py").write_text(f"changed {i}\n")
+            began = time.perf_counter()
+            store.snapshot(pin=f"runs/bench/{i}")
+            after_change.append(time.perf_counter() - began)
+    finally:
+        store.close()
+    results["snapshot"] = {"first_ms": ms(first), "after_one_change": spread(after_change)}
+    return results
+
+
 def bench_floor(root: Path, quick: bool) -> dict:
     """(k): what the burst costs the stack crushd is built on, with none of
     crushd's work: Flask on waitress accepting, httpx streaming.  Accepted
@@ -1136,6 +1216,7 @@ BENCHES = {
     "peer": bench_peer,
     "provider": bench_provider,
     "floor": bench_floor,
+    "checkpoint": bench_checkpoint,
 }
 REPEATABLE = {"burst", "peer"}
 
