@@ -281,8 +281,19 @@ class CheckpointRecords:
                     revert_id,
                     message_id,
                 )
+            self._context_changed(revert_id)
             self._set_latest(after_tree)
             return self._revert(revert_id)
+
+    def _context_changed(self, revert_id: str) -> None:
+        """The revert's session sends other messages now: the compaction
+        threshold waits for the next request's size, as after a compaction.
+        Holds the connection, in a write."""
+        self._changed(
+            "UPDATE session SET context_tokens = 0 WHERE id = "
+            "(SELECT session_id FROM checkpoint_revert WHERE id = ?)",
+            revert_id,
+        )
 
     def fail_revert(self, revert_id: str, error: str) -> None:
         """A revert whose files were not changed after all (it stopped before,
@@ -318,6 +329,7 @@ class CheckpointRecords:
                 revert_id,
             )
             self._changed("UPDATE message SET reverted_by = NULL WHERE reverted_by = ?", revert_id)
+            self._context_changed(revert_id)
             self._set_latest(undo_after_tree)
             return self._revert(revert_id)
 

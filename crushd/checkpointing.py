@@ -222,8 +222,8 @@ class WorkspaceCheckpoints:
             interrupted = self.store.init()
             self.latest = self.records.latest_checkpoint_tree()
             recover(self, interrupted)
-        except (CheckpointError, StorageUnavailable) as exc:
-            logger.error(
+        except Exception as exc:  # recovery never stops the daemon: off until the next start
+            logger.exception(
                 "event=checkpoints_start_failed workspace=%s error=%r", self.workspace_id, exc
             )
             self.disabled_reason = f"the checkpoint store failed to start: {exc}"

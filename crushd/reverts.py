@@ -247,7 +247,7 @@ def _fork(
                 plan,
                 session_id=new_session,
                 run_id=None,
-                message_id=message_id,
+                message_id=None,  # it reverts no message of its session
                 from_pk=None,
                 force=force,
             )

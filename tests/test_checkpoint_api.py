@@ -379,6 +379,10 @@ def test_checkpoints_off_for_one_workspace(fake, agent, project, tmp_path):
         on = register(http, other, yolo=True)
         done = run_to_end(http, on, "nothing to change")
         assert diff(http, on, done["id"]).text == ""
+        # A home directory itself is never recorded, whatever the settings say.
+        home = register(http, Path.home())
+        error = refused(diff(http, home, done["id"]), 409, "checkpoints_disabled")
+        assert "home directory" in error["message"]
     assert not git_dir(tmp_path / "data", off).exists()
     assert git_dir(tmp_path / "data", on).is_dir()
     assert make_config(tmp_path, checkpoints=False).checkpoints_for(other) is False
