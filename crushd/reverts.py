@@ -207,7 +207,7 @@ def _unrevert(
         after_tree = latest or EMPTY_TREE
         owner.records.begin_unrevert(record["id"], after_tree)
     done = owner.records.finish_unrevert(
-        record["id"], after_tree, _result(restored, restored.overridden), error
+        record["id"], after_tree, _result(restored, {*restored.overridden, *conflicts}), error
     )
     answer = revert_json(done)
     logger.info(
@@ -407,7 +407,7 @@ def _apply(
         after = store.snapshot(pin=f"{group}/after", note=f"after revert {revert_id}")
         owner.latest = after_tree = after.tree
     lost = {s.path for s in before.skipped} if before else set()
-    result = _result(restored, restored.overridden, lost)
+    result = _result(restored, {*restored.overridden, *(plan.conflicts if force else ())}, lost)
     record = owner.records.finish_revert(revert_id, after_tree, result, error)
     logger.info(
         "event=session_reverted workspace=%s session=%s revert=%s files=%d messages=%d forced=%d",

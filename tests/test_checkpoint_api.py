@@ -291,7 +291,8 @@ def test_a_later_run_of_another_session_on_the_same_file_is_refused(fake, agent,
             "workspace_changed",
         )
         assert error["files"] == ["shared.txt"]
-        ok(act(http, wid, run_a["session_id"], "revert", run_id=run_a["id"], force=True))
+        forced = ok(act(http, wid, run_a["session_id"], "revert", run_id=run_a["id"], force=True))
+        assert forced["restored"]["overridden"] == ["shared.txt"]
         assert files_of(project) == {"shared.txt": "base\n", "mine.txt": "mine\n"}
 
 
