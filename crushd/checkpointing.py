@@ -70,6 +70,7 @@ from crushd.errors import (
     CheckpointExpired,
     CheckpointsDisabled,
     NotFound,
+    RequestError,
     StorageUnavailable,
 )
 from crushd.events import EventHub, EventType
@@ -296,8 +297,14 @@ class WorkspaceCheckpoints:
             return
         try:
             result = job.work()
-        except BaseException as exc:  # thread boundary: the waiter gets it
-            if not isinstance(exc, CheckpointError | StorageUnavailable | Cancelled):
+        except Exception as exc:  # thread boundary: the waiter gets it
+            if isinstance(exc, CheckpointError | StorageUnavailable) and not _answer(exc):
+                # A fault of the store or the database: a run's snapshot, which
+                # nobody may wait for, is only ever reported here.
+                logger.warning(
+                    "event=checkpoint_job_failed workspace=%s error=%r", self.workspace_id, exc
+                )
+            elif not _answer(exc):
                 logger.exception("event=checkpoint_job_failed workspace=%s", self.workspace_id)
             job.future.set_exception(exc)
         else:
@@ -461,6 +468,12 @@ def _diff_answer(
     if not stat:
         return ""
     return {"run_id": run_id, "tool_call_id": tool_call_id, "files": files, "note": note}
+
+
+def _answer(exc: Exception) -> bool:
+    """Whether ``exc`` is a refusal its request answers (a revert refused
+    for a busy session, files changed since, nothing to revert), not a fault."""
+    return isinstance(exc, RequestError) and not isinstance(exc, StorageUnavailable)
 
 
 def _inside(root: Path, paths: Iterable[str]) -> tuple[str, ...]:
