@@ -4,6 +4,7 @@ package's long description): they must render without a docutils warning."""
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import docutils.core
@@ -29,3 +30,17 @@ def test_no_merge_leftovers():
             continue
         for number, line in enumerate(path.read_text().splitlines(), 1):
             assert not line.startswith(("<<<<<<< ", ">>>>>>> ")), f"{path}:{number}"
+
+
+def test_layout_lists_every_module():
+    """README's Layout table has one row per module of the package, and no
+    row for a module that is gone."""
+    text = (ROOT / "README.rst").read_text()
+    layout = text[text.index("Layout\n======") :]
+    listed = set(re.findall(r"^``(crushd/\S+\.py)``", layout, re.MULTILINE))
+    modules = {
+        str(path.relative_to(ROOT))
+        for path in (ROOT / "crushd").rglob("*.py")
+        if path.name not in ("__init__.py", "__main__.py")
+    }
+    assert listed == modules
