@@ -45,7 +45,8 @@ def root_secret() -> Iterator[Path]:
         shutil.rmtree(path.parent)
 
 
-def model_daemon(daemon_factory, fake, *args: str, **options):
+def model_daemon(daemon_factory, fake, *args: str, env: dict | None = None, **options):
+    """A crushd serve whose model is the fake, with ``env`` added to its own."""
     return daemon_factory(
         "--provider",
         "openai",
@@ -54,7 +55,7 @@ def model_daemon(daemon_factory, fake, *args: str, **options):
         "--model",
         "m",
         *args,
-        env={"OPENAI_API_KEY": "sk-test"},
+        env={"OPENAI_API_KEY": "sk-test", **(env or {})},
         **options,
     )
 
@@ -173,17 +174,12 @@ def test_bash_sees_an_allowlisted_environment(fake, daemon_factory, project):
     fake.script([Text("ok")])
     fake.script([ToolCall("bash", {"command": "env | sort", "unsandboxed": True})])
     fake.script([Text("ok")])
-    daemon = daemon_factory(
-        "--provider",
-        "openai",
-        "--base-url",
-        fake.openai_base_url,
-        "--model",
-        "m",
+    daemon = model_daemon(
+        daemon_factory,
+        fake,
         "--sandbox-env",
         "MY_BUILD_*",
         env={
-            "OPENAI_API_KEY": "sk-test",
             "AWS_SECRET_ACCESS_KEY": "aws-secret-value",
             "GITHUB_TOKEN": "ghp-secret-value",
             "MY_BUILD_FLAGS": "-O2",
