@@ -115,6 +115,9 @@ def pin_group(run_id: str) -> str:
 class _Job:
     work: Callable[[], Any]
     future: Future[Any] = field(default_factory=Future)
+    # A run's first snapshot: jobs of this kind queued one after another
+    # share one snapshot (see WorkspaceCheckpoints._work).
+    starts: RunTrees | None = None
 
 
 @dataclass
@@ -260,7 +263,13 @@ class WorkspaceCheckpoints:
     def submit(self, work: Callable[[], T]) -> Future[T]:
         """Queue ``work`` for the worker; its future has the result.  Raises
         CheckpointClosed once closing (or when checkpoints are off)."""
-        job = _Job(work)
+        return self._queue(_Job(work))
+
+    def submit_start(self, run: RunTrees) -> Future[None]:
+        """Queue a run's first snapshot (the tree before it)."""
+        return self._queue(_Job(lambda: self._record_starts([run]), starts=run))
+
+    def _queue(self, job: _Job) -> Future[Any]:
         with self._lock:
             if self._closed or self._thread is None:
                 raise CheckpointClosed("the checkpoint worker is stopped")
@@ -287,10 +296,57 @@ class WorkspaceCheckpoints:
                 if self._clock() - self._last_prune >= PRUNE_INTERVAL and not self.active_runs():
                     self._run(_Job(self._prune))
                 continue
-            if job is _STOP:
-                return
-            self._run(job)
+            while job is not None:
+                if job is _STOP:
+                    return
+                job = self._run_next(job)
             measured = False
+
+    def _run_next(self, job: _Job) -> _Job | object | None:
+        """Run ``job``; return the next one already taken from the queue, if any.
+
+        First snapshots queued one after another (a burst of runs starting)
+        are taken as one: nothing of crushd's ran between them, so one tree
+        is every one's "before", and a hundred runs starting at once cost
+        one snapshot instead of a hundred git processes.
+        """
+        if job.starts is None:
+            self._run(job)
+            return None
+        jobs, following = [job], None
+        while following is None:
+            try:
+                following = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(following, _Job) and following.starts is not None:
+                jobs.append(following)
+                following = None
+        runs = [j.starts for j in jobs if j.future.set_running_or_notify_cancel()]
+        if runs:
+            together = _Job(lambda: self._record_starts(runs))
+            together.future.set_running_or_notify_cancel()
+            self._run_started(together, jobs)
+        return following
+
+    def _run_started(self, together: _Job, jobs: list[_Job]) -> None:
+        """Run the shared first snapshot; every job it stands for gets its outcome."""
+        try:
+            together.work()
+        except Exception as exc:  # thread boundary: the waiters get it
+            logger.warning(
+                "event=checkpoint_job_failed workspace=%s runs=%d error=%r",
+                self.workspace_id,
+                len(jobs),
+                exc,
+            )
+            for job in jobs:
+                if job.future.running():
+                    job.future.set_exception(exc)
+            return
+        for job in jobs:
+            if job.future.running():
+                job.future.set_result(None)
 
     def _run(self, job: _Job) -> None:
         if not job.future.set_running_or_notify_cancel():
@@ -316,20 +372,25 @@ class WorkspaceCheckpoints:
 
     # -- recording (worker jobs) ---------------------------------------------
 
-    def _record_start(self, run: RunTrees) -> None:
+    def _record_starts(self, runs: list[RunTrees]) -> None:
+        """One snapshot, the tree before each of ``runs``, pinned and recorded for each."""
         store = self.require()
-        snap = store.snapshot(pin=f"{run.group}/0", note=f"before run {run.run_id}")
+        first, *others = runs
+        snap = store.snapshot(pin=f"{first.group}/0", note=f"before run {first.run_id}")
         self.latest = snap.tree
-        run.trees.add(snap.tree)
-        self.records.record_checkpoint_run(
-            run.run_id, run.session_id, run.group, snap.tree, snap.note(), snap.truncated
-        )
-        run.recorded = True
+        for run in runs:
+            if run is not first:
+                store.pin(f"{run.group}/0", snap.tree, note=f"before run {run.run_id}")
+            run.trees.add(snap.tree)
+            self.records.record_checkpoint_run(
+                run.run_id, run.session_id, run.group, snap.tree, snap.note(), snap.truncated
+            )
+            run.recorded = True
         if snap.truncated or snap.skipped:
             logger.info(
-                "event=checkpoint_left_out workspace=%s run=%s skipped=%d truncated=%s",
+                "event=checkpoint_left_out workspace=%s runs=%s skipped=%d truncated=%s",
                 self.workspace_id,
-                run.run_id,
+                ",".join(run.run_id for run in runs),
                 len(snap.skipped),
                 snap.truncated,
             )
@@ -514,8 +575,10 @@ class RunCheckpoint:
         if self.owner is None or self._begun:
             return
         self._begun = True
-        owner, trees = self.owner, self._trees
-        self._submit(lambda: owner._record_start(trees))
+        try:
+            self.owner.submit_start(self._trees)
+        except CheckpointClosed:  # the workspace is closing: nothing more is recorded
+            logger.debug("event=checkpoint_skipped_closed run=%s", self.run_id)
 
     @contextlib.contextmanager
     def around(self, tool: Tool, call_id: str) -> Iterator[None]:

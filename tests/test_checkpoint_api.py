@@ -587,3 +587,32 @@ def test_disk_grows_by_what_changed_and_retention_expires_old_runs(
         sid = first["session_id"]
         refused(act(http, wid, sid, "revert", run_id=first["id"]), 410, "checkpoint_expired")
     assert disk_use(store) <= after_first + (1 << 20)
+
+
+def test_runs_starting_together_share_one_first_snapshot(fake, agent, project):
+    """A burst of runs costs one "before" snapshot, not one each, and every
+    run still has its checkpoint: its diff answers."""
+    seed(project, {"a.txt": "a\n"})
+    live = agent()
+    with api(live.url) as http:
+        wid = register(http, project, yolo=True)
+        checkpoints = live.server.get(wid).checkpoints
+        taken: list[str] = []
+        snapshot = checkpoints.store.snapshot
+
+        def counted(*args, **kwargs):
+            taken.append(kwargs.get("note", ""))
+            return snapshot(*args, **kwargs)
+
+        checkpoints.store.snapshot = counted
+        busy, release = threading.Event(), threading.Event()
+        checkpoints.submit(lambda: (busy.set(), release.wait(10)))
+        assert busy.wait(5)
+        for _ in range(5):
+            fake.script([Text("done")])
+        runs = [submit(http, wid, f"run {n}") for n in range(5)]
+        for run in runs:
+            assert wait_terminal(http, wid, run["id"])["status"] == "completed"
+        release.set()
+        wait_for(lambda: all(diff(http, wid, r["id"]).status_code == 200 for r in runs), 10)
+    assert len(taken) == 1, taken
