@@ -736,7 +736,9 @@ def test_stale_git_locks_from_a_killed_git_are_cleared(tmp_path, work):
         again.close()
 
 
-def test_close_and_timeouts_kill_the_git_in_flight(tmp_path, work):
+def slow_git(tmp_path: Path) -> tuple[Path, Path]:
+    """A git whose ``ls-files`` (a snapshot's first step) hangs, writing its
+    pid to the file returned first; every other command is the real git."""
     pids = tmp_path / "pids"
     wrapper = write(
         tmp_path / "slow-git",
@@ -744,6 +746,11 @@ def test_close_and_timeouts_kill_the_git_in_flight(tmp_path, work):
         'exec git "$@"\n',
         mode=0o755,
     )
+    return pids, wrapper
+
+
+def test_close_and_timeouts_kill_the_git_in_flight(tmp_path, work):
+    pids, wrapper = slow_git(tmp_path)
     store = CheckpointStore(tmp_path / "s.git", work, git=str(wrapper), timeout=0.5)
     started = time.monotonic()
     with pytest.raises(GitTimeout):
@@ -778,13 +785,7 @@ def test_close_and_timeouts_kill_the_git_in_flight(tmp_path, work):
 
 
 def test_a_diff_does_not_wait_for_a_slow_snapshot(tmp_path, work):
-    pids = tmp_path / "pids"
-    wrapper = write(
-        tmp_path / "slow-git",
-        f'#!/bin/sh\nif [ "$1" = ls-files ]; then echo $$ >> {pids}; exec sleep 30; fi\n'
-        'exec git "$@"\n',
-        mode=0o755,
-    )
+    pids, wrapper = slow_git(tmp_path)
     store = CheckpointStore(tmp_path / "s.git", work, git=str(wrapper))
     store.init()
     pids.write_text("")
