@@ -130,19 +130,29 @@ def main(argv: list[str]) -> int:
     if _pidfile:
         with open(_pidfile, "w") as f:
             f.write(str(os.getpid()))
-    supervisor = os.getpid()
-    if slirp4netns is not None:
-        child = _start_networked(command, slirp4netns, own_userns)
-    else:
-        child = os.fork()
-        if child == 0:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            _exec_server(command, supervisor)
+    child = _start_server(command, slirp4netns, own_userns)
     # The server holds the pipes now; our copies would keep them open after it exits.
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
     os.close(devnull)
+    return _wait_for(child)
+
+
+def _start_server(command: list[str], slirp4netns: str | None, own_userns: bool) -> int:
+    """Start the server (a sandbox with a network, or exec'd in a fork); its pid."""
+    if slirp4netns is not None:
+        return _start_networked(command, slirp4netns, own_userns)
+    supervisor = os.getpid()
+    child = os.fork()
+    if child == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _exec_server(command, supervisor)
+    return child
+
+
+def _wait_for(child: int) -> int:
+    """Wait for the server to end, stop its network; its exit status."""
     while True:
         try:
             _, status = os.waitpid(child, 0)
