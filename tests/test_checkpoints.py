@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 
 from crushd import atomicfs
 from crushd.checkpoints import (
@@ -749,6 +750,26 @@ def slow_git(tmp_path: Path) -> tuple[Path, Path]:
     return pids, wrapper
 
 
+def snapshot_until_git_hangs(
+    store: CheckpointStore, pids: Path
+) -> tuple[threading.Thread, list[BaseException]]:
+    """Start ``store.snapshot()`` on a thread and return once the slow git
+    hangs in it; the list receives what the snapshot raises."""
+    errors: list[BaseException] = []
+
+    def snapshot() -> None:
+        try:
+            store.snapshot()
+        except BaseException as exc:  # the test looks at it
+            errors.append(exc)
+
+    pids.write_text("")
+    thread = threading.Thread(target=snapshot)
+    thread.start()
+    wait_for(pids.read_text, 10, message="the snapshot never reached git")
+    return thread, errors
+
+
 def test_close_and_timeouts_kill_the_git_in_flight(tmp_path, work):
     pids, wrapper = slow_git(tmp_path)
     store = CheckpointStore(tmp_path / "s.git", work, git=str(wrapper), timeout=0.5)
@@ -762,20 +783,7 @@ def test_close_and_timeouts_kill_the_git_in_flight(tmp_path, work):
     store.close()
 
     store = CheckpointStore(tmp_path / "s.git", work, git=str(wrapper), timeout=60)
-    errors: list[BaseException] = []
-
-    def snapshot() -> None:
-        try:
-            store.snapshot()
-        except BaseException as exc:  # the test looks at it
-            errors.append(exc)
-
-    thread = threading.Thread(target=snapshot)
-    pids.write_text("")
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not pids.read_text() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    thread, errors = snapshot_until_git_hangs(store, pids)
     store.close()
     thread.join(5)
     assert not thread.is_alive()
@@ -788,22 +796,8 @@ def test_a_diff_does_not_wait_for_a_slow_snapshot(tmp_path, work):
     pids, wrapper = slow_git(tmp_path)
     store = CheckpointStore(tmp_path / "s.git", work, git=str(wrapper))
     store.init()
-    pids.write_text("")
-    errors: list[BaseException] = []
-
-    def snapshot() -> None:
-        try:
-            store.snapshot()
-        except BaseException as exc:  # the test looks at it
-            errors.append(exc)
-
-    thread = threading.Thread(target=snapshot)
-    thread.start()
+    thread, errors = snapshot_until_git_hangs(store, pids)
     try:
-        deadline = time.monotonic() + 10
-        while not pids.read_text() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert pids.read_text(), "the snapshot never started"
         started = time.monotonic()
         assert store.stat(EMPTY_TREE, EMPTY_TREE) == []
         assert time.monotonic() - started < 2
