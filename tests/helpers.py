@@ -181,6 +181,10 @@ EVERYTHING = shutil.which("mcp-server-everything") or "mcp-server-everything"
 
 TIME_SERVER = str(Path(sys.executable).with_name("mcp-server-time"))
 
+#: What a sandboxed "bash -c 'mcp-server-time'" needs to see wherever the
+#: virtualenv and its Python are (the sandbox hides homes and /tmp).
+PYTHON_DIRS = sorted({sys.prefix, sys.base_prefix})
+
 
 def alive(pid: int) -> bool:
     try:

@@ -19,6 +19,7 @@ import httpx
 from conftest import AGENT_KEY_ENV, make_config, wait_for
 from fakeprovider import Text, ToolCall
 from helpers import (
+    PYTHON_DIRS,
     TEST_SERVER,
     api,
     decide,
@@ -34,8 +35,6 @@ from helpers import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from crushd.restore import JOURNAL, TEMP_PREFIX
-
-PYTHON_DIRS = sorted({sys.prefix, sys.base_prefix})
 
 
 def seed(root: Path, files: dict[str, str]) -> None:

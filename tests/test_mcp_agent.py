@@ -18,6 +18,7 @@ from conftest import AGENT_KEY_ENV, wait_for
 from fakeprovider import Text, ToolCall
 from helpers import (
     EVERYTHING,
+    PYTHON_DIRS,
     TEST_SERVER,
     TIME_SERVER,
     alive,
@@ -36,9 +37,6 @@ from helpers import (
 )
 
 KEY_ENV = AGENT_KEY_ENV
-#: What a sandboxed "bash -c 'mcp-server-time'" needs to see wherever the
-#: virtualenv and its Python are (the sandbox hides homes and /tmp).
-PYTHON_DIRS = sorted({sys.prefix, sys.base_prefix})
 
 
 @pytest.fixture
